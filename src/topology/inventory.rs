@@ -1,0 +1,199 @@
+//! The Inventory: what discovery found on one node, as plain data. Everything downstream
+//! (pairing, slices, claim preparation) reads this and nothing else about the machine.
+
+use super::address::PciAddress;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Facts every PCI function carries, whatever its kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PciFunction {
+    pub address: PciAddress,
+    pub vendor_id: u16,
+    pub device_id: u16,
+    /// The 24-bit class code (`0x030200`).
+    pub class: u32,
+    pub subsystem_vendor_id: Option<u16>,
+    pub subsystem_device_id: Option<u16>,
+    /// Names from the PCI ID database, where it knows the IDs.
+    pub vendor_name: Option<String>,
+    pub device_name: Option<String>,
+    /// NUMA node; `None` when neither `numa_node` nor `local_cpulist` tells.
+    pub numa_node: Option<u32>,
+    pub numa_source: NumaSource,
+    pub local_cpulist: Option<String>,
+    /// `pciDDDD:BB`, the first element below `/sys/devices`.
+    pub pcie_root: String,
+    /// Bridges from the root port down to (not including) this function.
+    pub bridges: Vec<PciAddress>,
+    pub link_speed: Option<String>,
+    pub link_width: Option<u32>,
+    /// Bound kernel driver (`nvidia`, `mlx5_core`, `vfio-pci`); `None` when unbound.
+    pub driver: Option<String>,
+    pub iommu_group: Option<u32>,
+    pub sriov: Option<Sriov>,
+    /// The physical function, on an SR-IOV virtual function.
+    pub physfn: Option<PciAddress>,
+    /// `TOTAL_ERR_FATAL` from `aer_dev_fatal`, where AER is enabled.
+    pub aer_fatal: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum NumaSource {
+    /// The function's own `numa_node` file.
+    Sysfs,
+    /// `numa_node` said -1; the node was derived from `local_cpulist`.
+    LocalCpulist,
+    Unknown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Sriov {
+    pub total_vfs: u32,
+    pub num_vfs: u32,
+}
+
+/// A character device the container needs, with the numbers read from sysfs `dev` files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CharDevice {
+    /// Path relative to the dev root (`nvidia0`, `infiniband/uverbs3`, `dri/renderD128`).
+    pub path: String,
+    pub major: u32,
+    pub minor: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AcceleratorKind {
+    NvidiaGpu,
+    AmdGpu,
+    /// A class 0x12 processing accelerator (Gaudi, TPU, ...) from any vendor.
+    ProcessingAccelerator,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Accelerator {
+    pub pci: PciFunction,
+    pub kind: AcceleratorKind,
+    /// Marketing name: from the driver where it tells (NVIDIA `Model:`, AMD `product_name`),
+    /// else the PCI database, else the raw IDs.
+    pub model: String,
+    pub uuid: Option<String>,
+    /// NVIDIA device minor (`/dev/nvidia<minor>`).
+    pub minor: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    /// Bound to vfio-pci: handed out as `/dev/vfio/<group>` rather than through its driver.
+    pub vfio: bool,
+    /// Device nodes of this accelerator alone (shared nodes such as nvidiactl live in HostInfo).
+    pub char_devices: Vec<CharDevice>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Netdev {
+    pub name: String,
+    pub mac: Option<String>,
+    pub mtu: Option<u32>,
+    pub operstate: Option<String>,
+    /// Mb/s; `None` when the kernel reports -1 (link down) or nothing.
+    pub speed_mbps: Option<u64>,
+    /// ARPHRD type: 1 Ethernet, 32 InfiniBand (IPoIB).
+    pub if_type: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RdmaPort {
+    pub number: u32,
+    /// `ACTIVE`, `DOWN`, ... (the text after `4: `).
+    pub state: Option<String>,
+    pub phys_state: Option<String>,
+    /// `InfiniBand` or `Ethernet`.
+    pub link_layer: Option<String>,
+    /// Gb/s, parsed from `400 Gb/sec (4X NDR)`.
+    pub rate_gbps: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RdmaDevice {
+    /// The ibdev name (`mlx5_0`, `rdmap16s27`).
+    pub name: String,
+    pub node_guid: Option<String>,
+    pub ports: Vec<RdmaPort>,
+    /// `infiniband/uverbsN`, `infiniband/umadN`, `infiniband/issmN`.
+    pub char_devices: Vec<CharDevice>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Nic {
+    pub pci: PciFunction,
+    /// Netdevs of this function, sorted by name; empty for RDMA-only devices such as EFA.
+    pub netdevs: Vec<Netdev>,
+    pub rdma: Option<RdmaDevice>,
+}
+
+impl Nic {
+    pub fn is_rdma(&self) -> bool {
+        self.rdma.is_some()
+    }
+    /// The interface a person would name this NIC by.
+    pub fn if_name(&self) -> Option<&str> {
+        self.netdevs.first().map(|n| n.name.as_str())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NumaNode {
+    pub id: u32,
+    pub cpulist: String,
+    /// SLIT row from `distance`, indexed by node id.
+    pub distances: Vec<u32>,
+}
+
+/// Machine-wide facts that claim preparation needs beside the devices.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostInfo {
+    /// `/proc/driver/nvidia/version`, first line's version number.
+    pub nvidia_driver_version: Option<String>,
+    /// Shared device nodes: nvidiactl, nvidia-uvm(-tools), infiniband/rdma_cm, kfd.
+    pub shared_char_devices: Vec<CharDevice>,
+}
+
+/// Something discovery could not read or understand. The device it concerns (if any) may be
+/// missing from the inventory or have a fact left empty; the rest of the machine is unaffected.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiscoveryProblem {
+    pub device: Option<PciAddress>,
+    pub path: PathBuf,
+    pub message: String,
+}
+
+impl std::fmt::Display for DiscoveryProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.device {
+            Some(d) => write!(f, "{d}: {}: {}", self.path.display(), self.message),
+            None => write!(f, "{}: {}", self.path.display(), self.message),
+        }
+    }
+}
+
+/// Everything discovery found. Devices are sorted by PCI address.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Inventory {
+    pub accelerators: Vec<Accelerator>,
+    pub nics: Vec<Nic>,
+    pub numa_nodes: Vec<NumaNode>,
+    pub host: HostInfo,
+    pub problems: Vec<DiscoveryProblem>,
+}
