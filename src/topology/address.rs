@@ -60,7 +60,9 @@ impl FromStr for PciAddress {
     type Err = InvalidPciAddress;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || InvalidPciAddress { input: s.to_string() };
+        let err = || InvalidPciAddress {
+            input: s.to_string(),
+        };
         let (domain, rest) = s.split_once(':').ok_or_else(err)?;
         let (bus, rest) = rest.split_once(':').ok_or_else(err)?;
         let (device, function) = rest.split_once('.').ok_or_else(err)?;
@@ -104,7 +106,10 @@ pub fn is_root_name(name: &str) -> bool {
     };
     (4..=8).contains(&domain.len())
         && bus.len() == 2
-        && domain.bytes().chain(bus.bytes()).all(|b| b.is_ascii_hexdigit())
+        && domain
+            .bytes()
+            .chain(bus.bytes())
+            .all(|b| b.is_ascii_hexdigit())
 }
 
 #[cfg(test)]
@@ -121,7 +126,14 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "0000:18:00", "0000:18:00.8", "0000:18:20.0", "zz:18:00.0", "0000:180:00.0"] {
+        for bad in [
+            "",
+            "0000:18:00",
+            "0000:18:00.8",
+            "0000:18:20.0",
+            "zz:18:00.0",
+            "0000:180:00.0",
+        ] {
             assert!(bad.parse::<PciAddress>().is_err(), "{bad}");
         }
     }

@@ -197,3 +197,49 @@ pub struct Inventory {
     pub host: HostInfo,
     pub problems: Vec<DiscoveryProblem>,
 }
+
+/// One device of the inventory, whichever kind.
+#[derive(Clone, Copy, Debug)]
+pub enum DeviceRef<'a> {
+    Accelerator(&'a Accelerator),
+    Nic(&'a Nic),
+}
+
+impl DeviceRef<'_> {
+    pub fn pci(&self) -> &PciFunction {
+        match self {
+            DeviceRef::Accelerator(a) => &a.pci,
+            DeviceRef::Nic(n) => &n.pci,
+        }
+    }
+}
+
+impl Inventory {
+    pub fn accelerator(&self, address: &PciAddress) -> Option<&Accelerator> {
+        self.accelerators.iter().find(|a| &a.pci.address == address)
+    }
+
+    pub fn nic(&self, address: &PciAddress) -> Option<&Nic> {
+        self.nics.iter().find(|n| &n.pci.address == address)
+    }
+
+    /// Looks a device up by its published name (`gpu-0000-18-00-0`, `nic-0000-18-00-0`).
+    pub fn device_by_name(&self, name: &str) -> Option<DeviceRef<'_>> {
+        let (kind, dashed) = name.split_once('-')?;
+        let address = address_from_dashed(dashed)?;
+        match kind {
+            "gpu" => self.accelerator(&address).map(DeviceRef::Accelerator),
+            "nic" => self.nic(&address).map(DeviceRef::Nic),
+            _ => None,
+        }
+    }
+}
+
+/// Parses `dddd-bb-dd-f` back into an address; anything else (dots, slashes, extra parts) is None.
+fn address_from_dashed(dashed: &str) -> Option<PciAddress> {
+    let parts: Vec<&str> = dashed.split('-').collect();
+    let [domain, bus, device, function] = parts.as_slice() else {
+        return None;
+    };
+    format!("{domain}:{bus}:{device}.{function}").parse().ok()
+}

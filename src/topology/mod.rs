@@ -2,7 +2,22 @@
 //! the GPU-NIC pairing and pair groups. Pure functions only; no I/O.
 
 pub mod address;
+pub mod affinity;
+pub mod groups;
+pub mod health;
 pub mod inventory;
+pub mod pairing;
+pub mod report;
 
 pub use address::PciAddress;
+pub use affinity::{Affinity, affinity, nearest_switch};
+pub use groups::pair_groups;
+pub use health::{HealthIssue, device_issues};
 pub use inventory::*;
+pub use pairing::{Pair, Pairing, pair_devices, pair_node};
+
+/// The latest inventory, as rescans publish it. Readers clone the Arc and never block a rescan.
+pub type InventoryWatch = tokio::sync::watch::Receiver<std::sync::Arc<Inventory>>;
+
+#[cfg(test)]
+mod tests;

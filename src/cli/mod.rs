@@ -1,0 +1,72 @@
+//! Command-line interface: argument parsing and dispatch to the library. Each subcommand
+//! lives in its own file.
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+pub mod controller;
+pub mod demo;
+pub mod fixture;
+pub mod machine;
+pub mod plugin;
+pub mod topo;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tandem",
+    version,
+    about = "DRA driver for GPU + RDMA NIC pairs"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show the node's accelerators, NICs, affinity matrix and pairs.
+    Topo(topo::TopoArgs),
+    /// Write a fixture machine (sysfs/procfs/devfs tree) to a directory.
+    Fixture(fixture::FixtureArgs),
+    /// Run the node agent the kubelet talks to (registration, DRA gRPC, health).
+    Plugin(Box<plugin::PluginArgs>),
+    /// Run the cluster controller (device classes, fleet labels, rails; leader-elected).
+    Controller(controller::ControllerArgs),
+    /// Run the whole node path on a built-in fixture machine, no cluster or root needed.
+    Demo(demo::DemoArgs),
+    /// Print version information.
+    Version,
+}
+
+impl Command {
+    /// Log level when RUST_LOG is unset: the long-running agents log their work; the commands
+    /// a person runs at a terminal print their own output and log only what went wrong.
+    pub fn default_log_level(&self) -> &'static str {
+        match self {
+            Command::Plugin(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Topo(args) => topo::run(args),
+        Command::Fixture(args) => fixture::run(args),
+        Command::Plugin(args) => plugin::run(*args),
+        Command::Controller(args) => controller::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Version => {
+            println!("tandem {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}

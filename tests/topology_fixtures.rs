@@ -1,0 +1,297 @@
+//! The pairs a person would check by hand on each built-in fixture machine, read through the
+//! real discovery code from trees in the kernel's layout, and `tandem topo` end to end.
+
+use std::process::Command;
+use tandem::fixture::{builtin, builtin_names, write_machine};
+use tandem::names::{accelerator_device_name, nic_device_name};
+use tandem::sysfs::discover;
+use tandem::topology::{Affinity, Inventory, Pairing, PciAddress, pair_groups, pair_node};
+
+fn machine(name: &str) -> (tempfile::TempDir, Inventory) {
+    let dir = tandem::fixture::scratch_dir().unwrap();
+    let description = builtin(name).unwrap_or_else(|| panic!("no builtin fixture {name}"));
+    let roots = write_machine(&description, dir.path()).unwrap();
+    let inventory = discover(&roots).unwrap();
+    (dir, inventory)
+}
+
+fn a(s: &str) -> PciAddress {
+    s.parse().unwrap()
+}
+
+/// (GPU BDF, NIC BDF, level) for every pair.
+fn pairs_of(p: &Pairing) -> Vec<(String, String, Affinity)> {
+    p.pairs
+        .iter()
+        .map(|p| (p.accelerator.to_string(), p.nic.to_string(), p.affinity))
+        .collect()
+}
+
+fn rdma_name(inv: &Inventory, nic: &PciAddress) -> String {
+    inv.nic(nic)
+        .and_then(|n| n.rdma.as_ref())
+        .map(|r| r.name.clone())
+        .unwrap_or_default()
+}
+
+#[test]
+fn dgx_h100_pairs_each_gpu_with_its_rail_hca_at_pix() {
+    let (_dir, inv) = machine("dgx-h100");
+    assert_eq!(inv.accelerators.len(), 8);
+    assert!(inv.problems.is_empty(), "{:?}", inv.problems);
+    let pairing = pair_node(&inv);
+    let rails = [
+        ("0000:1b:00.0", "mlx5_0"),
+        ("0000:43:00.0", "mlx5_3"),
+        ("0000:52:00.0", "mlx5_4"),
+        ("0000:61:00.0", "mlx5_5"),
+        ("0000:9d:00.0", "mlx5_6"),
+        ("0000:c3:00.0", "mlx5_9"),
+        ("0000:d1:00.0", "mlx5_10"),
+        ("0000:df:00.0", "mlx5_11"),
+    ];
+    assert_eq!(pairing.pairs.len(), 8);
+    for (gpu, hca) in rails {
+        let pair = pairing.nic_for(&a(gpu)).unwrap();
+        assert_eq!(rdma_name(&inv, &pair.nic), hca, "GPU {gpu}");
+        assert_eq!(pair.affinity, Affinity::Pix, "GPU {gpu}");
+    }
+    // GPU1 goes with mlx5_3, the check from the DGX H100 user guide.
+    assert_eq!(pairing.pairs[1].nic, a("0000:40:00.0"));
+    // Storage HCAs and the management NIC stay unpaired.
+    for spare in [
+        "0000:29:00.0",
+        "0000:29:00.1",
+        "0000:aa:00.0",
+        "0000:aa:00.1",
+        "0000:0b:00.0",
+    ] {
+        assert!(pairing.unpaired_nics.contains(&a(spare)), "{spare}");
+    }
+    // Each rail is its own pair group, shared by exactly its GPU and HCA.
+    let groups = pair_groups(&inv);
+    for p in &pairing.pairs {
+        let group = &groups[&p.accelerator];
+        assert_eq!(group, &groups[&p.nic]);
+        assert!(group.starts_with("switch-"), "{group}");
+        assert_eq!(groups.values().filter(|g| *g == group).count(), 2);
+    }
+    // The management NIC has no RDMA, so it takes no part in pairing and has no group.
+    assert!(!groups.contains_key(&a("0000:0b:00.0")));
+    assert_eq!(groups[&a("0000:29:00.0")], "numa-0");
+}
+
+#[test]
+fn aws_p4d_gpus_share_the_efa_of_their_root() {
+    let (_dir, inv) = machine("aws-p4d");
+    let pairing = pair_node(&inv);
+    assert_eq!(
+        pairs_of(&pairing)[..2],
+        [
+            ("0000:10:1c.0".into(), "0000:10:1b.0".into(), Affinity::Phb),
+            ("0000:10:1d.0".into(), "0000:10:1b.0".into(), Affinity::Phb),
+        ]
+    );
+    assert_eq!(pairing.pairs.len(), 8);
+    for p in &pairing.pairs {
+        assert_eq!(p.affinity, Affinity::Phb);
+        assert_eq!(p.accelerator.bus, p.nic.bus, "same root complex");
+        assert!(
+            inv.nic(&p.nic).unwrap().netdevs.is_empty(),
+            "EFA has no netdev"
+        );
+    }
+    // ENA interfaces are not RDMA and stay out.
+    assert_eq!(pairing.unpaired_nics.len(), 4);
+    // numa_node is -1 in the VM; the node comes from local_cpulist.
+    let gpu = inv.accelerator(&a("0000:90:1c.0")).unwrap();
+    assert_eq!(gpu.pci.numa_node, Some(1));
+    let groups = pair_groups(&inv);
+    assert_eq!(groups[&a("0000:10:1c.0")], "pci0000-10");
+    assert_eq!(groups[&a("0000:10:1b.0")], "pci0000-10");
+}
+
+#[test]
+fn gb200_pairs_by_numa_node() {
+    let (_dir, inv) = machine("gb200");
+    let pairing = pair_node(&inv);
+    assert_eq!(
+        pairs_of(&pairing),
+        vec![
+            ("0008:06:00.0".into(), "0000:03:00.0".into(), Affinity::Node),
+            ("0009:06:00.0".into(), "0000:03:00.1".into(), Affinity::Node),
+            ("0018:06:00.0".into(), "0010:03:00.0".into(), Affinity::Node),
+            ("0019:06:00.0".into(), "0010:03:00.1".into(), Affinity::Node),
+        ]
+    );
+    // pcieRoot never matches here; the pair group is the NUMA node.
+    let groups = pair_groups(&inv);
+    assert_eq!(groups[&a("0008:06:00.0")], "numa-0");
+    assert_eq!(groups[&a("0002:03:00.1")], "numa-0");
+    assert_eq!(groups[&a("0019:06:00.0")], "numa-1");
+}
+
+#[test]
+fn gke_a4_pairs_gpu_n_with_gpu_n_rdma0() {
+    let (_dir, inv) = machine("gke-a4");
+    let pairing = pair_node(&inv);
+    assert_eq!(pairing.pairs.len(), 8);
+    for (i, p) in pairing.pairs.iter().enumerate() {
+        assert_eq!(p.affinity, Affinity::Pix);
+        let nic = inv.nic(&p.nic).unwrap();
+        assert_eq!(nic.if_name(), Some(format!("gpu{i}rdma0").as_str()));
+    }
+    assert_eq!(
+        pairing.unpaired_nics,
+        vec![a("0000:00:04.0")],
+        "gVNIC stays out"
+    );
+}
+
+#[test]
+fn workstation_pairs_its_ethernet_nic() {
+    let (_dir, inv) = machine("workstation");
+    let pairing = pair_node(&inv);
+    assert_eq!(
+        pairs_of(&pairing),
+        vec![("0000:01:00.0".into(), "0000:05:00.0".into(), Affinity::Phb)]
+    );
+    assert!(pairing.reason.unwrap().contains("no RDMA NIC"));
+}
+
+#[test]
+fn gpu_only_has_no_pairs_and_says_why() {
+    let (_dir, inv) = machine("gpu-only");
+    assert_eq!(inv.accelerators.len(), 5);
+    assert!(inv.nics.is_empty());
+    let pairing = pair_node(&inv);
+    assert!(pairing.pairs.is_empty());
+    assert!(pairing.reason.unwrap().contains("no network interfaces"));
+    assert!(pair_groups(&inv).is_empty());
+}
+
+#[test]
+fn large_pairs_every_gpu_once() {
+    let (_dir, inv) = machine("large");
+    assert!(inv.accelerators.len() >= 64 && inv.nics.len() >= 64);
+    let pairing = pair_node(&inv);
+    assert_eq!(pairing.pairs.len(), inv.accelerators.len());
+    let mut nics: Vec<_> = pairing.pairs.iter().map(|p| p.nic).collect();
+    nics.sort();
+    nics.dedup();
+    assert_eq!(nics.len(), pairing.pairs.len(), "one NIC per GPU");
+    let counts = pairing.level_counts();
+    assert!(
+        counts[0] > 0 && counts[0] < pairing.pairs.len(),
+        "{counts:?}"
+    );
+}
+
+#[test]
+fn every_builtin_fixture_discovers_without_problems() {
+    for name in builtin_names() {
+        let (_dir, inv) = machine(name);
+        assert!(inv.problems.is_empty(), "{name}: {:?}", inv.problems);
+        assert!(!inv.accelerators.is_empty(), "{name}");
+    }
+}
+
+fn tandem(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn topo_json_on_a_tree_written_by_tandem_fixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    let written = tandem(&["fixture", "dgx-h100", "--out", out.to_str().unwrap()]);
+    assert!(written.status.success(), "{written:?}");
+    let sys = out.join("sys");
+    let proc = out.join("proc");
+    let dev = out.join("dev");
+    let topo = tandem(&[
+        "topo",
+        "--sysfs-root",
+        sys.to_str().unwrap(),
+        "--proc-root",
+        proc.to_str().unwrap(),
+        "--dev-root",
+        dev.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert!(topo.status.success(), "{topo:?}");
+    let json: serde_json::Value = serde_json::from_slice(&topo.stdout).unwrap();
+    assert_eq!(json["gpus"].as_array().unwrap().len(), 8);
+    assert_eq!(json["nics"].as_array().unwrap().len(), 13);
+    let gpu1 = accelerator_device_name(&a("0000:43:00.0"));
+    let pair = json["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["gpu"] == gpu1.as_str())
+        .unwrap();
+    assert_eq!(pair["nic"], nic_device_name(&a("0000:40:00.0")).as_str());
+    assert_eq!(pair["affinity"], "PIX");
+    let first_gpu = &json["gpus"][0];
+    for key in ["name", "pciBusID", "pcieRoot", "numaNode"] {
+        assert!(!first_gpu[key].is_null(), "gpu {key}");
+    }
+    let first_nic = &json["nics"][0];
+    for key in ["name", "pciBusID", "pcieRoot", "numaNode", "ifName"] {
+        assert!(!first_nic[key].is_null(), "nic {key}");
+    }
+    assert!(first_nic.get("rdmaDevice").is_some());
+}
+
+#[test]
+fn topo_text_on_a_fixture_shows_matrix_and_pairs() {
+    let topo = tandem(&["topo", "--fixture", "dgx-h100"]);
+    assert!(topo.status.success(), "{topo:?}");
+    let text = String::from_utf8(topo.stdout).unwrap();
+    assert!(text.contains("Affinity"), "{text}");
+    assert!(text.contains("GPU1"), "{text}");
+    let gpu1_pair = text
+        .lines()
+        .find(|l| l.contains("gpu-0000-43-00-0 <->"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        gpu1_pair.contains("mlx5_3") && gpu1_pair.contains("PIX"),
+        "{gpu1_pair}"
+    );
+}
+
+#[test]
+fn topo_on_an_empty_root_fails_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let topo = tandem(&["topo", "--sysfs-root", dir.path().to_str().unwrap()]);
+    assert!(!topo.status.success());
+    let err = String::from_utf8_lossy(&topo.stderr);
+    assert!(err.contains(dir.path().to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn topo_on_a_machine_without_accelerators_says_so_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("sys/bus/pci/devices")).unwrap();
+    let topo = tandem(&[
+        "topo",
+        "--sysfs-root",
+        dir.path().join("sys").to_str().unwrap(),
+        "--proc-root",
+        dir.path().join("proc").to_str().unwrap(),
+    ]);
+    assert!(topo.status.success(), "{topo:?}");
+    assert!(String::from_utf8_lossy(&topo.stdout).contains("no accelerators"));
+}
+
+#[test]
+fn unknown_fixture_lists_the_valid_names() {
+    let topo = tandem(&["topo", "--fixture", "nope"]);
+    assert!(!topo.status.success());
+    let err = String::from_utf8_lossy(&topo.stderr);
+    assert!(err.contains("dgx-h100") && err.contains("gb200"), "{err}");
+}
