@@ -1,0 +1,768 @@
+//! An in-process Kubernetes apiserver on loopback HTTP, faithful enough to test against:
+//! resourceVersions, conflicts, status subresources, selectors, watches and the real validation
+//! of resource.k8s.io/v1 objects. Used by every test that talks to Kubernetes and by `tandem demo`.
+
+mod kinds;
+mod selectors;
+mod status;
+mod store;
+mod validation;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use kinds::{KINDS, find_kind};
+use selectors::{FieldSelector, LabelSelector};
+use serde_json::{Value, json};
+use status::ApiError;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use store::{ObjectRef, PatchType, Store, StoredEvent, WriteContext};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// Requests remembered for `requests()`; a long `tandem demo` must not grow without bound.
+const MAX_REQUEST_LOG: usize = 100_000;
+/// The real apiserver picks a random watch timeout around `--min-request-timeout` (1800 s).
+const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
+
+type ResponseBody = BoxBody<Bytes, Infallible>;
+
+/// What an injected failure answers instead of serving the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectedFailure {
+    /// 500 InternalError.
+    InternalError,
+    /// 409 Conflict, as if someone else had written the object first.
+    Conflict,
+}
+
+struct FailureRule {
+    method: Option<Method>,
+    path_contains: String,
+    remaining: u32,
+    failure: InjectedFailure,
+}
+
+struct Shared {
+    store: Mutex<Store>,
+    /// The latest resourceVersion; watches wake on every change.
+    changes: watch::Sender<u64>,
+    writes: AtomicU64,
+    failures: Mutex<Vec<FailureRule>>,
+    requests: Mutex<Vec<String>>,
+    shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// The store lock; a panic elsewhere while holding it leaves data that is still consistent
+    /// per write, so a poisoned lock is taken over rather than propagated.
+    fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The fake apiserver: a hyper HTTP/1 server on `127.0.0.1:<ephemeral>` in its own task.
+pub struct FakeApiServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: JoinHandle<()>,
+}
+
+impl FakeApiServer {
+    pub async fn start() -> std::io::Result<FakeApiServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (changes, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            store: Mutex::new(Store::default()),
+            changes,
+            writes: AtomicU64::new(0),
+            failures: Mutex::new(Vec::new()),
+            requests: Mutex::new(Vec::new()),
+            shutdown: CancellationToken::new(),
+        });
+        let server = tokio::spawn(serve(listener, shared.clone()));
+        tracing::debug!(%addr, "fake apiserver listening");
+        Ok(FakeApiServer {
+            addr,
+            shared,
+            server,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kube client for this server (namespace `default`, no auth). Needs a tokio runtime.
+    pub fn client(&self) -> kube::Client {
+        let uri: hyper::Uri = match self.url().parse() {
+            Ok(uri) => uri,
+            // A SocketAddr always prints as a valid authority.
+            Err(e) => unreachable!("loopback url does not parse: {e}"),
+        };
+        match kube::Client::try_from(kube::Config::new(uri)) {
+            Ok(client) => client,
+            // Only TLS or auth settings can fail, and a plain-http config has none.
+            Err(e) => unreachable!("plain-http kube config rejected: {e}"),
+        }
+    }
+
+    /// Successful create/update/patch/delete requests so far (dry runs excluded). A no-op
+    /// update counts: it is still a write request the caller need not have sent.
+    pub fn write_count(&self) -> u64 {
+        self.shared.writes.load(Ordering::SeqCst)
+    }
+
+    /// The current global resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.store().resource_version()
+    }
+
+    /// Forgets the write history (etcd compaction): watches from an older resourceVersion
+    /// get 410 Expired and must list again, as kube's watcher does.
+    pub fn compact(&self) {
+        self.shared.store().compact();
+    }
+
+    /// Recent requests (up to the last 100,000) as `METHOD /path?query`, oldest first.
+    pub fn requests(&self) -> Vec<String> {
+        self.shared
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Answers the next `count` requests whose method matches (`None`: any) and whose path
+    /// contains `path_contains` with `failure` instead of serving them.
+    pub fn inject_failures(
+        &self,
+        method: Option<&str>,
+        path_contains: &str,
+        count: u32,
+        failure: InjectedFailure,
+    ) {
+        let method = method.and_then(|m| Method::from_bytes(m.as_bytes()).ok());
+        self.shared
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(FailureRule {
+                method,
+                path_contains: path_contains.to_string(),
+                remaining: count,
+                failure,
+            });
+    }
+
+    /// Stops accepting, ends every watch and connection, and waits for the server task.
+    pub async fn shutdown(mut self) {
+        self.shared.shutdown.cancel();
+        if let Err(e) = (&mut self.server).await {
+            tracing::warn!(error = %e, "fake apiserver task ended abnormally");
+        }
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let shared = shared.clone();
+                    connections.spawn(async move {
+                        let service = hyper::service::service_fn(move |req| handle(shared.clone(), req));
+                        if let Err(e) = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                        {
+                            tracing::debug!(error = %e, "fake apiserver connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "fake apiserver accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    connections.shutdown().await;
+}
+
+fn json_response(code: u16, value: &Value) -> Response<ResponseBody> {
+    let body = Full::new(Bytes::from(value.to_string())).boxed();
+    let mut response = Response::new(body);
+    *response.status_mut() =
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(raw: &str) -> Self {
+        Query(
+            raw.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| match p.split_once('=') {
+                    Some((k, v)) => (percent_decode(k), percent_decode(v)),
+                    None => (percent_decode(p), String::new()),
+                })
+                .collect(),
+        )
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn flag(&self, key: &str) -> bool {
+        matches!(self.get(key), Some("true" | "1"))
+    }
+}
+
+/// What a URL names: a kind, maybe a namespace, a name and the status subresource.
+struct Target {
+    kind: usize,
+    namespace: Option<String>,
+    name: Option<String>,
+    status: bool,
+}
+
+fn parse_target(path: &str) -> Result<Target, ApiError> {
+    let segments: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let (group, version, rest) = match segments.as_slice() {
+        ["api", version, rest @ ..] => ("", *version, rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
+        _ => return Err(ApiError::no_such_resource()),
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+        _ => (None, rest),
+    };
+    let (plural, name, sub) = match rest {
+        [plural] => (*plural, None, None),
+        [plural, name] => (*plural, Some(name.to_string()), None),
+        [plural, name, sub] => (*plural, Some(name.to_string()), Some(*sub)),
+        _ => return Err(ApiError::no_such_resource()),
+    };
+    let kind = find_kind(group, version, plural).ok_or_else(ApiError::no_such_resource)?;
+    let info = &KINDS[kind];
+    if namespace.is_some() && !info.namespaced {
+        return Err(ApiError::no_such_resource());
+    }
+    if info.namespaced && namespace.is_none() && name.is_some() {
+        return Err(ApiError::no_such_resource());
+    }
+    let status = match sub {
+        None => false,
+        Some("status") if info.status_subresource => true,
+        Some(_) => return Err(ApiError::no_such_resource()),
+    };
+    Ok(Target {
+        kind,
+        namespace,
+        name,
+        status,
+    })
+}
+
+fn take_injected_failure(shared: &Shared, method: &Method, path: &str) -> Option<ApiError> {
+    let mut rules = shared.failures.lock().unwrap_or_else(|p| p.into_inner());
+    let rule = rules.iter_mut().find(|r| {
+        r.remaining > 0
+            && r.method.as_ref().is_none_or(|m| m == method)
+            && path.contains(&r.path_contains)
+    })?;
+    rule.remaining -= 1;
+    let failure = rule.failure;
+    rules.retain(|r| r.remaining > 0);
+    Some(match failure {
+        InjectedFailure::InternalError => ApiError::internal("injected failure"),
+        InjectedFailure::Conflict => ApiError {
+            code: 409,
+            reason: "Conflict",
+            message: format!(
+                "Operation cannot be fulfilled on {path}: the object has been modified; please apply your changes to the latest version and try again"
+            ),
+            details: None,
+        },
+    })
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let raw_query = request.uri().query().unwrap_or("").to_string();
+    {
+        let mut requests = shared.requests.lock().unwrap_or_else(|p| p.into_inner());
+        if requests.len() >= MAX_REQUEST_LOG {
+            requests.drain(..MAX_REQUEST_LOG / 2);
+        }
+        requests.push(format!("{method} {path}?{raw_query}"));
+    }
+    let header = |name: hyper::header::HeaderName| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let content_type = header(hyper::header::CONTENT_TYPE);
+    let user_agent = header(hyper::header::USER_AGENT);
+    let body = match Limited::new(request.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => return Ok(json_response(413, &ApiError::too_large().to_status())),
+    };
+    if let Some(error) = take_injected_failure(&shared, &method, &path) {
+        return Ok(json_response(error.code, &error.to_status()));
+    }
+    let query = Query::parse(&raw_query);
+    let response = match route(
+        &shared,
+        &method,
+        &path,
+        &query,
+        &content_type,
+        &user_agent,
+        &body,
+    ) {
+        Ok(Reply::Json(code, value)) => json_response(code, &value),
+        Ok(Reply::Watch(watch)) => watch_response(&shared, watch),
+        Err(error) => json_response(error.code, &error.to_status()),
+    };
+    Ok(response)
+}
+
+enum Reply {
+    Json(u16, Value),
+    Watch(WatchRequest),
+}
+
+struct WatchRequest {
+    kind: usize,
+    namespace: Option<String>,
+    labels: LabelSelector,
+    fields: FieldSelector,
+    /// Send the matching objects as ADDED first (no resourceVersion, "0", or sendInitialEvents).
+    initial_events: bool,
+    initial_events_end_bookmark: bool,
+    from: u64,
+    timeout: Duration,
+}
+
+fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+    if body.is_empty() {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+}
+
+fn route(
+    shared: &Shared,
+    method: &Method,
+    path: &str,
+    query: &Query,
+    content_type: &str,
+    user_agent: &str,
+    body: &Bytes,
+) -> Result<Reply, ApiError> {
+    if path == "/version" && method == Method::GET {
+        return Ok(Reply::Json(
+            200,
+            json!({"major": "1", "minor": "34", "gitVersion": "v1.34.0-tandem-fake", "platform": "linux/amd64"}),
+        ));
+    }
+    let target = parse_target(path)?;
+    let info = &KINDS[target.kind];
+    let labels = LabelSelector::parse(query.get("labelSelector").unwrap_or(""))
+        .map_err(ApiError::bad_request)?;
+    let fields = FieldSelector::parse(query.get("fieldSelector").unwrap_or(""), info)
+        .map_err(ApiError::bad_request)?;
+    let manager = query
+        .get("fieldManager")
+        .map(str::to_string)
+        .unwrap_or_else(|| user_agent.split('/').next().unwrap_or("").to_string());
+    let ctx = WriteContext {
+        dry_run: query.get("dryRun") == Some("All"),
+        manager,
+        operation: "Update",
+    };
+    let namespace = target.namespace.clone().unwrap_or_default();
+    let name = target.name.clone();
+
+    let reply = match (method.clone(), name) {
+        (Method::GET, None) if query.flag("watch") => {
+            let rv = query.get("resourceVersion").unwrap_or("");
+            let send_initial = query.flag("sendInitialEvents");
+            let from = match rv {
+                "" | "0" => 0,
+                other => other.parse().map_err(|_| {
+                    ApiError::bad_request(format!("invalid resource version {other:?}"))
+                })?,
+            };
+            let timeout =
+                match query.get("timeoutSeconds") {
+                    Some(t) => Duration::from_secs(t.parse().map_err(|_| {
+                        ApiError::bad_request(format!("invalid timeoutSeconds {t:?}"))
+                    })?),
+                    None => DEFAULT_WATCH_TIMEOUT,
+                };
+            return Ok(Reply::Watch(WatchRequest {
+                kind: target.kind,
+                namespace: target.namespace,
+                labels,
+                fields,
+                initial_events: send_initial || from == 0,
+                initial_events_end_bookmark: send_initial && query.flag("allowWatchBookmarks"),
+                from,
+                timeout,
+            }));
+        }
+        (Method::GET, None) => {
+            let limit = match query.get("limit") {
+                Some(l) => Some(
+                    l.parse::<usize>()
+                        .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
+                ),
+                None => None,
+            };
+            let list = shared.store().list(
+                target.kind,
+                target.namespace.as_deref(),
+                &labels,
+                &fields,
+                limit,
+                query.get("continue").filter(|c| !c.is_empty()),
+            )?;
+            return Ok(Reply::Json(200, list));
+        }
+        (Method::GET, Some(name)) => {
+            return Ok(Reply::Json(
+                200,
+                shared.store().get(target.kind, &namespace, &name)?,
+            ));
+        }
+        (Method::POST, None) => {
+            if info.namespaced && target.namespace.is_none() {
+                return Err(ApiError::method_not_allowed("POST"));
+            }
+            let body = parse_body(body)?;
+            Reply::Json(
+                201,
+                shared.store().create(target.kind, &namespace, body, &ctx)?,
+            )
+        }
+        (Method::PUT, Some(name)) => {
+            let body = parse_body(body)?;
+            Reply::Json(
+                200,
+                shared.store().replace(
+                    ObjectRef {
+                        kind: target.kind,
+                        namespace: &namespace,
+                        name: &name,
+                    },
+                    body,
+                    target.status,
+                    &ctx,
+                )?,
+            )
+        }
+        (Method::PATCH, Some(name)) => {
+            let media = content_type.split(';').next().unwrap_or("").trim();
+            let patch_type = match media {
+                "application/merge-patch+json" => PatchType::Merge,
+                "application/strategic-merge-patch+json" => PatchType::StrategicMerge,
+                "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
+                    if query.get("fieldManager").is_none_or(str::is_empty) {
+                        return Err(ApiError::bad_request(
+                            "PATCH /apply requires fieldManager (the fieldManager query parameter is required for apply requests)",
+                        ));
+                    }
+                    PatchType::Apply
+                }
+                other => return Err(ApiError::unsupported_media_type(other)),
+            };
+            let patch = parse_body(body)?;
+            let (object, created) = shared.store().patch(
+                ObjectRef {
+                    kind: target.kind,
+                    namespace: &namespace,
+                    name: &name,
+                },
+                patch_type,
+                patch,
+                target.status,
+                &ctx,
+            )?;
+            Reply::Json(if created { 201 } else { 200 }, object)
+        }
+        (Method::DELETE, Some(name)) => {
+            let options = parse_body(body)?;
+            Reply::Json(
+                200,
+                shared
+                    .store()
+                    .delete(target.kind, &namespace, &name, &options, &ctx)?,
+            )
+        }
+        (Method::DELETE, None) => Reply::Json(
+            200,
+            shared.store().delete_collection(
+                target.kind,
+                target.namespace.as_deref(),
+                &labels,
+                &fields,
+                &ctx,
+            )?,
+        ),
+        (other, _) => return Err(ApiError::method_not_allowed(other.as_str())),
+    };
+    if !ctx.dry_run {
+        shared.writes.fetch_add(1, Ordering::SeqCst);
+        let rv = shared.store().resource_version();
+        shared.changes.send_replace(rv);
+    }
+    Ok(reply)
+}
+
+fn event_line(event_type: &str, object: &Value) -> Bytes {
+    let mut line = json!({"type": event_type, "object": object}).to_string();
+    line.push('\n');
+    Bytes::from(line)
+}
+
+/// The event a selector-filtered watch sees for one write, if any: objects moving into the
+/// selection arrive as ADDED and objects leaving it as DELETED, as the real watch cache does.
+fn filtered_event(watch: &WatchRequest, event: &StoredEvent) -> Option<Bytes> {
+    if event.kind != watch.kind
+        || watch
+            .namespace
+            .as_ref()
+            .is_some_and(|ns| *ns != event.namespace)
+    {
+        return None;
+    }
+    let selected = |o: &Value| watch.labels.matches(o) && watch.fields.matches(o);
+    let now = selected(&event.object);
+    let before = event.previous.as_ref().map(selected);
+    let event_type = match (event.event_type, before, now) {
+        ("MODIFIED", Some(true), true) => "MODIFIED",
+        ("MODIFIED", Some(false), true) => "ADDED",
+        ("MODIFIED", Some(true), false) => "DELETED",
+        (t, None, true) => t,
+        _ => return None,
+    };
+    Some(event_line(event_type, &event.object))
+}
+
+fn watch_response(shared: &Arc<Shared>, watch: WatchRequest) -> Response<ResponseBody> {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(256);
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let mut changes = shared.changes.subscribe();
+        let info = &KINDS[watch.kind];
+        let (initial, cursor) = {
+            let store = shared.store();
+            let initial: Vec<Bytes> = if watch.initial_events {
+                store
+                    .matching(
+                        watch.kind,
+                        watch.namespace.as_deref(),
+                        &watch.labels,
+                        &watch.fields,
+                    )
+                    .map(|(_, o)| event_line("ADDED", o))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            if !watch.initial_events && store.is_compacted(watch.from) {
+                // As the real apiserver: the watch opens, then one ERROR event with 410.
+                let expired = ApiError {
+                    code: 410,
+                    reason: "Expired",
+                    message: format!(
+                        "too old resource version: {} ({})",
+                        watch.from,
+                        store.resource_version()
+                    ),
+                    details: None,
+                };
+                (vec![event_line("ERROR", &expired.to_status())], None)
+            } else {
+                let cursor = if watch.initial_events {
+                    store.resource_version()
+                } else {
+                    watch.from
+                };
+                (initial, Some(cursor))
+            }
+        };
+        for line in initial {
+            if tx.send(line).await.is_err() {
+                return;
+            }
+        }
+        let Some(mut cursor) = cursor else {
+            return;
+        };
+        if watch.initial_events_end_bookmark {
+            let bookmark = json!({
+                "apiVersion": info.api_version(),
+                "kind": info.kind,
+                "metadata": {
+                    "resourceVersion": cursor.to_string(),
+                    "annotations": {"k8s.io/initial-events-end": "true"},
+                },
+            });
+            if tx.send(event_line("BOOKMARK", &bookmark)).await.is_err() {
+                return;
+            }
+        }
+        let deadline = tokio::time::sleep(watch.timeout);
+        tokio::pin!(deadline);
+        loop {
+            let lines: Vec<Bytes> = {
+                let store = shared.store();
+                let events = store.events_since(cursor);
+                if let Some(last) = events.last() {
+                    cursor = last.resource_version;
+                }
+                events
+                    .iter()
+                    .filter_map(|e| filtered_event(&watch, e))
+                    .collect()
+            };
+            for line in lines {
+                if tx.send(line).await.is_err() {
+                    return;
+                }
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = &mut deadline => return,
+                _ = shared.shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    let frames =
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))));
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_map_to_kinds_scopes_and_subresources() {
+        let t = parse_target("/apis/resource.k8s.io/v1/namespaces/ns1/resourceclaims/c1/status")
+            .unwrap();
+        assert_eq!(KINDS[t.kind].kind, "ResourceClaim");
+        assert_eq!(
+            (t.namespace.as_deref(), t.name.as_deref(), t.status),
+            (Some("ns1"), Some("c1"), true)
+        );
+        let t = parse_target("/apis/resource.k8s.io/v1/resourceslices").unwrap();
+        assert_eq!((KINDS[t.kind].kind, t.name), ("ResourceSlice", None));
+        assert!(parse_target("/apis/resource.k8s.io/v1/namespaces/x/resourceslices").is_err());
+        assert!(parse_target("/apis/resource.k8s.io/v1/resourceslices/a/status").is_err());
+        assert!(
+            parse_target("/api/v1/configmaps/x").is_err(),
+            "namespaced item needs a namespace"
+        );
+        let t = parse_target("/api/v1/namespaces/default/configmaps").unwrap();
+        assert_eq!(KINDS[t.kind].kind, "ConfigMap");
+    }
+
+    #[test]
+    fn query_strings_decode_like_form_urlencoding() {
+        let q = Query::parse(
+            "&watch=true&fieldSelector=spec.driver%3Dtandem.dev%2Cspec.nodeName%3Dn1&labelSelector=a+in+(x)",
+        );
+        assert!(q.flag("watch"));
+        assert_eq!(
+            q.get("fieldSelector"),
+            Some("spec.driver=tandem.dev,spec.nodeName=n1")
+        );
+        assert_eq!(q.get("labelSelector"), Some("a in (x)"));
+        assert_eq!(percent_decode("100%"), "100%");
+    }
+}
