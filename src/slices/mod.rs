@@ -1,0 +1,12 @@
+//! ResourceSlices for this node: building them from the Inventory (pure), publishing them with
+//! the fewest apiserver writes and repairing them when someone else edits or deletes them.
+
+pub mod build;
+pub mod publish;
+pub mod rescan;
+
+pub use build::{
+    NodeIdentity, SliceOptions, build_devices, build_slices, build_slices_from_devices,
+};
+pub use publish::{PublishError, PublishReport, Publisher, node_identity};
+pub use rescan::{GoneTracker, run_rescans, run_slice_builder, spawn_link_watcher};

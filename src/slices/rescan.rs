@@ -1,0 +1,260 @@
+//! Keeps the inventory and the desired slices current: rediscovery every period and soon after
+//! netlink link events (debounced), and `gone` tracking, which keeps a vanished device in the
+//! slices for one period with a NoExecute taint so running pods learn it fell off the bus.
+
+use super::build::{
+    NodeIdentity, SliceOptions, build_devices, build_slices_from_devices, gone_taint,
+};
+use crate::sysfs::{MachineRoots, discover};
+use crate::topology::{Inventory, InventoryWatch};
+use k8s_openapi::api::resource::v1::{Device, ResourceSlice};
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Link events come in bursts (a port flapping, a bond re-forming): one rescan per burst.
+pub const RESCAN_DEBOUNCE: Duration = Duration::from_millis(250);
+/// `RTMGRP_LINK`: the rtnetlink multicast group of link (netdev) changes.
+const RTMGRP_LINK: u32 = 1;
+
+/// Rediscovers the machine every `period`, and `RESCAN_DEBOUNCE` after `trigger` fires, and
+/// publishes the inventory when it differs from the last one. A failed discovery keeps the last
+/// inventory: a transient sysfs read error must not make every device vanish.
+pub async fn run_rescans(
+    roots: MachineRoots,
+    period: Duration,
+    trigger: Arc<Notify>,
+    inventory: watch::Sender<Arc<Inventory>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+            _ = trigger.notified() => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(RESCAN_DEBOUNCE) => {}
+                }
+            }
+        }
+        let scan_roots = roots.clone();
+        match tokio::task::spawn_blocking(move || discover(&scan_roots)).await {
+            Ok(Ok(found)) => {
+                let changed = inventory.send_if_modified(|current| {
+                    if **current == found {
+                        return false;
+                    }
+                    *current = Arc::new(found);
+                    true
+                });
+                if changed {
+                    tracing::info!(sysfs = %roots.sys.display(), "inventory changed");
+                }
+            }
+            Ok(Err(error)) => tracing::warn!(%error, "rescan failed; keeping the last inventory"),
+            Err(error) => tracing::warn!(%error, "rescan task failed; keeping the last inventory"),
+        }
+    }
+}
+
+/// Fires `trigger` on every rtnetlink link message (netdev up/down/added/removed). The socket
+/// only listens to the kernel; it reads no host files.
+pub fn spawn_link_watcher(
+    trigger: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> std::io::Result<JoinHandle<()>> {
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, socket,
+    };
+    let fd: OwnedFd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, RTMGRP_LINK))?;
+    // SAFETY: the OwnedFd moves into the AsyncFd and is closed only when the AsyncFd drops,
+    // so the registered descriptor stays open and the same for the AsyncFd's whole life.
+    let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }?;
+    Ok(tokio::spawn(async move {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let mut guard = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                ready = fd.readable() => match ready {
+                    Ok(guard) => guard,
+                    Err(error) => {
+                        tracing::warn!(%error, "netlink link watch failed; relying on periodic rescans");
+                        return;
+                    }
+                },
+            };
+            match guard.try_io(|inner| {
+                recv(inner.get_ref().as_raw_fd(), &mut buffer, MsgFlags::empty())
+                    .map_err(std::io::Error::from)
+            }) {
+                Ok(Ok(_)) => trigger.notify_one(),
+                // The kernel dropped messages for us: something changed, rescan.
+                Ok(Err(error)) if error.raw_os_error() == Some(nix::libc::ENOBUFS) => {
+                    trigger.notify_one()
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "netlink link watch failed; relying on periodic rescans");
+                    return;
+                }
+                Err(_would_block) => continue,
+            }
+        }
+    }))
+}
+
+/// Remembers the devices of the last build so a device that disappears stays published, with
+/// the `gone` taint, for `hold` (one rescan period).
+#[derive(Debug)]
+pub struct GoneTracker {
+    hold: Duration,
+    previous: BTreeMap<String, Device>,
+    gone: BTreeMap<String, (Device, Instant)>,
+}
+
+impl GoneTracker {
+    pub fn new(hold: Duration) -> Self {
+        Self {
+            hold,
+            previous: BTreeMap::new(),
+            gone: BTreeMap::new(),
+        }
+    }
+
+    /// `current` plus the recently vanished devices, sorted by name like `build_devices`.
+    pub fn devices(&mut self, current: Vec<Device>, driver: &str, now: Instant) -> Vec<Device> {
+        let present: BTreeMap<String, Device> =
+            current.into_iter().map(|d| (d.name.clone(), d)).collect();
+        let hold = self.hold;
+        self.gone.retain(|name, (_, since)| {
+            !present.contains_key(name) && now.duration_since(*since) < hold
+        });
+        for (name, device) in &self.previous {
+            if !present.contains_key(name) && !self.gone.contains_key(name) {
+                let mut vanished = device.clone();
+                vanished.taints = Some(vec![gone_taint(driver)]);
+                tracing::warn!(device = %name, "device vanished from the PCI bus");
+                self.gone.insert(name.clone(), (vanished, now));
+            }
+        }
+        self.previous = present.clone();
+        let mut merged: BTreeMap<String, Device> = present;
+        for (name, (device, _)) in &self.gone {
+            merged.insert(name.clone(), device.clone());
+        }
+        merged.into_values().collect()
+    }
+
+    /// When the oldest gone entry expires, if any.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.gone
+            .values()
+            .map(|(_, since)| *since + self.hold)
+            .min()
+    }
+}
+
+/// Rebuilds the desired slices on every inventory change (and when a gone entry expires) and
+/// publishes them for `Publisher::run` when they differ.
+pub async fn run_slice_builder(
+    mut inventory: InventoryWatch,
+    node: NodeIdentity,
+    driver: String,
+    options: SliceOptions,
+    gone_hold: Duration,
+    desired: watch::Sender<Arc<Vec<ResourceSlice>>>,
+    shutdown: CancellationToken,
+) {
+    let mut tracker = GoneTracker::new(gone_hold);
+    loop {
+        let current = inventory.borrow_and_update().clone();
+        let mut devices = build_devices(&current, &driver, &options);
+        if options.device_taints {
+            devices = tracker.devices(devices, &driver, Instant::now());
+        }
+        let slices = build_slices_from_devices(devices, &node, &driver, &options);
+        desired.send_if_modified(|published| {
+            if **published == slices {
+                return false;
+            }
+            *published = Arc::new(slices);
+            true
+        });
+        let expiry = tracker.next_expiry();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = inventory.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(name: &str) -> Device {
+        Device {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn vanished_devices_stay_tainted_for_one_hold_period() {
+        let start = Instant::now();
+        let hold = Duration::from_secs(30);
+        let mut tracker = GoneTracker::new(hold);
+        let both = tracker.devices(vec![device("gpu-a"), device("nic-b")], "tandem.dev", start);
+        assert_eq!(both.len(), 2);
+        assert!(both.iter().all(|d| d.taints.is_none()));
+
+        let later = start + Duration::from_secs(10);
+        let after = tracker.devices(vec![device("gpu-a")], "tandem.dev", later);
+        let names: Vec<&str> = after.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["gpu-a", "nic-b"]);
+        let taint = &after[1].taints.as_ref().unwrap()[0];
+        assert_eq!(
+            (taint.key.as_str(), taint.effect.as_str()),
+            ("tandem.dev/gone", "NoExecute")
+        );
+        assert_eq!(tracker.next_expiry(), Some(later + hold));
+
+        let still = tracker.devices(
+            vec![device("gpu-a")],
+            "tandem.dev",
+            later + Duration::from_secs(29),
+        );
+        assert_eq!(still.len(), 2, "within the hold period");
+        let expired = tracker.devices(vec![device("gpu-a")], "tandem.dev", later + hold);
+        assert_eq!(expired.len(), 1);
+        assert_eq!(tracker.next_expiry(), None);
+    }
+
+    #[test]
+    fn a_returning_device_loses_the_gone_taint() {
+        let start = Instant::now();
+        let mut tracker = GoneTracker::new(Duration::from_secs(30));
+        tracker.devices(vec![device("nic-b")], "tandem.dev", start);
+        tracker.devices(vec![], "tandem.dev", start + Duration::from_secs(1));
+        let back = tracker.devices(
+            vec![device("nic-b")],
+            "tandem.dev",
+            start + Duration::from_secs(2),
+        );
+        assert_eq!(back.len(), 1);
+        assert!(back[0].taints.is_none());
+    }
+}
