@@ -1,0 +1,504 @@
+//! The on-disk record of prepared claims (`<state_dir>/checkpoint.json`): versioned, check-
+//! summed, tagged with the boot ID, written atomically. It is the only state preparation keeps,
+//! so that a restarted plugin, or the other instance during a rolling update, sees it all.
+
+use super::cdi::CdiSpec;
+use super::fsutil;
+use super::topology_file::ClaimTopology;
+use super::{PreparedDevice, RecordedDevice};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub const CHECKPOINT_FILE: &str = "checkpoint.json";
+pub const CURRENT_VERSION: u32 = 1;
+/// The state directory holds claim details; only root needs to read it.
+const STATE_FILE_MODE: u32 = 0o600;
+const STATE_DIR_MODE: u32 = 0o700;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClaimState {
+    /// Recorded before the first side effect: files may exist partially.
+    PrepareStarted,
+    /// Every file is written and the kubelet may have been answered.
+    PrepareCompleted,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimEntry {
+    pub namespace: String,
+    pub name: String,
+    pub state: ClaimState,
+    /// The boot the claim was prepared in; empty when unknown (migrated from version 0).
+    pub boot_id: String,
+    pub devices: Vec<RecordedDevice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdi_spec_path: Option<PathBuf>,
+    /// The spec as written, to write it again when it disappears (a reboot empties
+    /// /var/run/cdi) without asking the apiserver or the inventory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdi_spec: Option<CdiSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<ClaimTopology>,
+    /// Per-claim files besides the CDI spec (the topology file).
+    #[serde(default)]
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The boot ID of the last writer.
+    pub boot_id: String,
+    /// By claim UID.
+    pub claims: BTreeMap<String, ClaimEntry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct CheckpointError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+/// What loading found besides the claims.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadOutcome {
+    /// No checkpoint yet.
+    Fresh,
+    /// Read; `migrated_from` is the older format version it was upgraded from.
+    Loaded { migrated_from: Option<u32> },
+    /// The file could not be trusted and was renamed to `set_aside_to`; we start empty.
+    SetAside {
+        set_aside_to: PathBuf,
+        reason: String,
+    },
+}
+
+pub fn checkpoint_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(CHECKPOINT_FILE)
+}
+
+/// The part of the file the checksum covers: everything but the checksum, serialised the way
+/// `save` writes it (struct fields in declaration order, claims sorted by UID).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ChecksummedBody<'a> {
+    version: u32,
+    boot_id: &'a str,
+    claims: &'a BTreeMap<String, ClaimEntry>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FileOut<'a> {
+    version: u32,
+    boot_id: &'a str,
+    checksum: String,
+    claims: &'a BTreeMap<String, ClaimEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FileV1 {
+    version: u32,
+    boot_id: String,
+    checksum: String,
+    claims: BTreeMap<String, ClaimEntry>,
+}
+
+/// Version 0: the pre-release layout, kept readable so that no prepared claim is ever
+/// forgotten by an upgrade. It had no version, checksum or boot ID, listed claims in an array
+/// with a `prepared` flag, and did not keep the spec content:
+/// `{"claims":[{"uid":"..","namespace":"..","name":"..","prepared":true,
+///   "devices":[{"requestNames":[..],"poolName":"..","deviceName":"..","cdiDeviceIds":[..]}],
+///   "cdiSpecPath":"/var/run/cdi/tandem.dev-claim_<uid>.json"}]}`
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FileV0 {
+    claims: Vec<ClaimV0>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ClaimV0 {
+    uid: String,
+    namespace: String,
+    name: String,
+    prepared: bool,
+    devices: Vec<PreparedDevice>,
+    cdi_spec_path: Option<PathBuf>,
+}
+
+/// FNV-1a, 64 bit. The checksum guards against torn writes, bit rot and hand edits, not
+/// against an attacker (who can write the file can write a matching hash), so a cryptographic
+/// hash buys nothing; std's `DefaultHasher` cannot be used because its algorithm may change
+/// between Rust releases, and the value must survive an upgrade.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+fn checksum(boot_id: &str, claims: &BTreeMap<String, ClaimEntry>) -> Result<String, String> {
+    let body = ChecksummedBody {
+        version: CURRENT_VERSION,
+        boot_id,
+        claims,
+    };
+    let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+    Ok(format!("fnv1a64:{:016x}", fnv1a64(&bytes)))
+}
+
+/// Brings any known format version up to the current one. Returns the checkpoint and the
+/// version it was read as; an unknown version is an error (a newer Tandem wrote it).
+pub fn migrate(value: serde_json::Value) -> Result<(Checkpoint, u32), String> {
+    let version = match value.get("version") {
+        None => 0,
+        Some(v) => v
+            .as_u64()
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| format!("version {v} is not a format version number"))?,
+    };
+    match version {
+        0 => {
+            let old: FileV0 =
+                serde_json::from_value(value).map_err(|e| format!("version 0: {e}"))?;
+            let claims = old
+                .claims
+                .into_iter()
+                .map(|c| {
+                    let entry = ClaimEntry {
+                        namespace: c.namespace,
+                        name: c.name,
+                        state: if c.prepared {
+                            ClaimState::PrepareCompleted
+                        } else {
+                            ClaimState::PrepareStarted
+                        },
+                        // Unknown boot: the next prepare of the claim rebuilds it in full,
+                        // which also rebuilds the spec content version 0 did not keep.
+                        boot_id: String::new(),
+                        devices: c
+                            .devices
+                            .into_iter()
+                            .map(|device| RecordedDevice {
+                                device,
+                                admin_access: false,
+                            })
+                            .collect(),
+                        cdi_spec_path: c.cdi_spec_path,
+                        cdi_spec: None,
+                        topology: None,
+                        files: Vec::new(),
+                    };
+                    (c.uid, entry)
+                })
+                .collect();
+            Ok((
+                Checkpoint {
+                    boot_id: String::new(),
+                    claims,
+                },
+                0,
+            ))
+        }
+        1 => {
+            let file: FileV1 =
+                serde_json::from_value(value).map_err(|e| format!("version 1: {e}"))?;
+            debug_assert_eq!(file.version, 1);
+            let expected = checksum(&file.boot_id, &file.claims)?;
+            if expected != file.checksum {
+                return Err(format!(
+                    "checksum mismatch: file says {}, content hashes to {expected}",
+                    file.checksum
+                ));
+            }
+            Ok((
+                Checkpoint {
+                    boot_id: file.boot_id,
+                    claims: file.claims,
+                },
+                1,
+            ))
+        }
+        newer => Err(format!(
+            "format version {newer} is newer than this Tandem understands ({CURRENT_VERSION})"
+        )),
+    }
+}
+
+/// Reads the checkpoint. A file that cannot be trusted (unreadable, not JSON, checksum
+/// mismatch, unknown version) is renamed aside with an error log and an empty checkpoint is
+/// returned: refusing to start would crash-loop the plugin and block every pod on the node.
+/// Only failing to move the bad file aside is an error.
+pub fn load(state_dir: &Path) -> Result<(Checkpoint, LoadOutcome), CheckpointError> {
+    let path = checkpoint_path(state_dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok((Checkpoint::default(), LoadOutcome::Fresh));
+        }
+        Err(e) => Err(format!("unreadable: {e}")),
+    };
+    let parsed = bytes.and_then(|bytes| {
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| format!("not JSON: {e}"))?;
+        migrate(value)
+    });
+    match parsed {
+        Ok((checkpoint, version)) => {
+            let migrated_from = (version != CURRENT_VERSION).then_some(version);
+            Ok((checkpoint, LoadOutcome::Loaded { migrated_from }))
+        }
+        Err(reason) => {
+            let set_aside_to = set_aside(&path)?;
+            tracing::error!(
+                checkpoint = %path.display(),
+                set_aside_to = %set_aside_to.display(),
+                %reason,
+                "checkpoint cannot be trusted; moved aside, starting with no prepared claims"
+            );
+            Ok((
+                Checkpoint::default(),
+                LoadOutcome::SetAside {
+                    set_aside_to,
+                    reason,
+                },
+            ))
+        }
+    }
+}
+
+/// Reads the checkpoint without repairing anything: `None` when it is missing or cannot be
+/// trusted. For decisions that the locked section re-checks against a proper `load`.
+pub fn load_read_only(state_dir: &Path) -> Option<Checkpoint> {
+    let bytes = std::fs::read(checkpoint_path(state_dir)).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    migrate(value).ok().map(|(checkpoint, _)| checkpoint)
+}
+
+/// Renames `path` to `<path>.corrupt-<unix seconds>` (with a counter if that exists).
+fn set_aside(path: &Path) -> Result<PathBuf, CheckpointError> {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let base = format!("{}.corrupt-{seconds}", path.display());
+    let mut target = PathBuf::from(&base);
+    let mut n = 1;
+    while target.exists() {
+        target = PathBuf::from(format!("{base}-{n}"));
+        n += 1;
+    }
+    let io_error = |source| CheckpointError {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::rename(path, &target).map_err(io_error)?;
+    if let Some(dir) = path.parent() {
+        fsutil::sync_dir(dir).map_err(io_error)?;
+    }
+    Ok(target)
+}
+
+/// Writes the checkpoint atomically in the current format.
+pub fn save(state_dir: &Path, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+    let path = checkpoint_path(state_dir);
+    let io_error = |source| CheckpointError {
+        path: path.clone(),
+        source,
+    };
+    let invalid = |e: String| io_error(io::Error::new(io::ErrorKind::InvalidData, e));
+    let file = FileOut {
+        version: CURRENT_VERSION,
+        boot_id: &checkpoint.boot_id,
+        checksum: checksum(&checkpoint.boot_id, &checkpoint.claims).map_err(invalid)?,
+        claims: &checkpoint.claims,
+    };
+    let bytes = serde_json::to_vec_pretty(&file).map_err(|e| invalid(e.to_string()))?;
+    fsutil::ensure_dir(state_dir, STATE_DIR_MODE).map_err(io_error)?;
+    fsutil::write_atomic(&path, &bytes, STATE_FILE_MODE).map_err(io_error)
+}
+
+/// The kernel's boot ID (`<proc>/sys/kernel/random/boot_id`). It tells whether a completed
+/// claim was prepared in this boot; an unreadable one is logged and treated as unknown (empty).
+pub fn read_boot_id(proc_root: &Path) -> String {
+    let path = proc_root.join("sys/kernel/random/boot_id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) => id.trim().to_string(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the boot ID");
+            String::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(state: ClaimState) -> ClaimEntry {
+        ClaimEntry {
+            namespace: "ml".into(),
+            name: "train".into(),
+            state,
+            boot_id: "boot-1".into(),
+            devices: vec![RecordedDevice {
+                device: PreparedDevice {
+                    request_names: vec!["gpus".into()],
+                    pool_name: "node-a".into(),
+                    device_name: "gpu-0000-1b-00-0".into(),
+                    cdi_device_ids: vec!["tandem.dev/claim=u1-gpu-0000-1b-00-0".into()],
+                    share_id: None,
+                },
+                admin_access: false,
+            }],
+            cdi_spec_path: Some("/var/run/cdi/tandem.dev-claim_u1.json".into()),
+            cdi_spec: None,
+            topology: None,
+            files: vec![],
+        }
+    }
+
+    fn sample() -> Checkpoint {
+        Checkpoint {
+            boot_id: "boot-1".into(),
+            claims: [("u1".to_string(), entry(ClaimState::PrepareCompleted))].into(),
+        }
+    }
+
+    #[test]
+    fn fnv_matches_the_published_test_vectors() {
+        assert_eq!(fnv1a64(b""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x85944171f73967e8);
+    }
+
+    #[test]
+    fn save_then_load_round_trips_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &sample()).unwrap();
+        let (loaded, outcome) = load(dir.path()).unwrap();
+        assert_eq!(loaded, sample());
+        assert_eq!(
+            outcome,
+            LoadOutcome::Loaded {
+                migrated_from: None
+            }
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(checkpoint_path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let raw: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(checkpoint_path(dir.path())).unwrap()).unwrap();
+        assert_eq!(raw["version"], 1);
+        assert_eq!(raw["bootId"], "boot-1");
+        assert_eq!(raw["claims"]["u1"]["state"], "PrepareCompleted");
+        assert!(raw["checksum"].as_str().unwrap().starts_with("fnv1a64:"));
+    }
+
+    #[test]
+    fn missing_file_is_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let (loaded, outcome) = load(dir.path()).unwrap();
+        assert!(loaded.claims.is_empty());
+        assert_eq!(outcome, LoadOutcome::Fresh);
+    }
+
+    #[test]
+    fn edited_content_fails_the_checksum_and_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &sample()).unwrap();
+        let path = checkpoint_path(dir.path());
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("gpu-0000-1b-00-0", "gpu-0000-1c-00-0")).unwrap();
+        let (loaded, outcome) = load(dir.path()).unwrap();
+        assert!(loaded.claims.is_empty());
+        let LoadOutcome::SetAside {
+            set_aside_to,
+            reason,
+        } = outcome
+        else {
+            panic!("expected set aside, got {outcome:?}");
+        };
+        assert!(reason.contains("checksum"), "{reason}");
+        assert!(
+            set_aside_to
+                .to_string_lossy()
+                .contains("checkpoint.json.corrupt-")
+        );
+        assert!(set_aside_to.exists());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn garbage_and_newer_versions_are_set_aside_not_fatal() {
+        for content in [
+            "{\"version\":1,",
+            "\u{0}\u{1}binary",
+            r#"{"version":7,"claims":{}}"#,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(checkpoint_path(dir.path()), content).unwrap();
+            let (loaded, outcome) = load(dir.path()).unwrap();
+            assert!(loaded.claims.is_empty());
+            assert!(
+                matches!(outcome, LoadOutcome::SetAside { .. }),
+                "{content}: {outcome:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn version_0_is_read_and_upgraded_never_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let v0 = r#"{"claims":[
+            {"uid":"u1","namespace":"ml","name":"train","prepared":true,
+             "devices":[{"requestNames":["gpus"],"poolName":"node-a","deviceName":"gpu-0000-1b-00-0",
+                         "cdiDeviceIds":["tandem.dev/claim=u1-gpu-0000-1b-00-0"]}],
+             "cdiSpecPath":"/var/run/cdi/tandem.dev-claim_u1.json"},
+            {"uid":"u2","namespace":"ml","name":"half","prepared":false,"devices":[],"cdiSpecPath":null}
+        ]}"#;
+        std::fs::write(checkpoint_path(dir.path()), v0).unwrap();
+        let (loaded, outcome) = load(dir.path()).unwrap();
+        assert_eq!(
+            outcome,
+            LoadOutcome::Loaded {
+                migrated_from: Some(0)
+            }
+        );
+        let u1 = &loaded.claims["u1"];
+        assert_eq!(u1.state, ClaimState::PrepareCompleted);
+        assert_eq!(u1.boot_id, "");
+        assert_eq!(u1.devices[0].device.device_name, "gpu-0000-1b-00-0");
+        assert_eq!(loaded.claims["u2"].state, ClaimState::PrepareStarted);
+        // Saving writes the current format, which loads without migration.
+        save(dir.path(), &loaded).unwrap();
+        let (again, outcome) = load(dir.path()).unwrap();
+        assert_eq!(
+            outcome,
+            LoadOutcome::Loaded {
+                migrated_from: None
+            }
+        );
+        assert_eq!(again, loaded);
+    }
+
+    #[test]
+    fn boot_id_is_read_under_the_proc_root() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_boot_id(dir.path()), "");
+        std::fs::create_dir_all(dir.path().join("sys/kernel/random")).unwrap();
+        std::fs::write(dir.path().join("sys/kernel/random/boot_id"), "abc-123\n").unwrap();
+        assert_eq!(read_boot_id(dir.path()), "abc-123");
+    }
+}

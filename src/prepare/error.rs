@@ -1,0 +1,119 @@
+//! Why a claim could not be prepared or unprepared. Every claim error names the claim as
+//! `namespace/name (uid)` and, where one is at fault, the device or field.
+
+use super::config::ConfigError;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("claim {claim}: invalid claim UID: {reason}")]
+    InvalidClaimUid { claim: String, reason: String },
+
+    #[error("claim {claim}: ResourceClaim not found in the apiserver")]
+    ClaimNotFound { claim: String },
+
+    #[error("claim {claim}: fetching the ResourceClaim: {source}")]
+    ApiServer {
+        claim: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    #[error(
+        "claim {claim}: the apiserver holds UID {found:?} under this name: the claim was replaced"
+    )]
+    UidMismatch { claim: String, found: String },
+
+    #[error("claim {claim}: not allocated (status.allocation is empty)")]
+    NotAllocated { claim: String },
+
+    #[error("claim {claim}: device {device:?}: {reason}")]
+    InvalidDeviceName {
+        claim: String,
+        device: String,
+        reason: String,
+    },
+
+    #[error(
+        "claim {claim}: device {device}: allocated from pool {pool:?}, but this node's pool is {node:?}"
+    )]
+    WrongPool {
+        claim: String,
+        device: String,
+        pool: String,
+        node: String,
+    },
+
+    #[error("claim {claim}: device {device}: not in this node's inventory")]
+    DeviceNotFound { claim: String, device: String },
+
+    #[error("claim {claim}: device {device}: unhealthy ({issues})")]
+    DeviceUnhealthy {
+        claim: String,
+        device: String,
+        issues: String,
+    },
+
+    #[error("claim {claim}: device {device}: already prepared for claim {other}")]
+    DeviceInUse {
+        claim: String,
+        device: String,
+        other: String,
+    },
+
+    #[error("claim {claim}: {source}")]
+    Config {
+        claim: String,
+        #[source]
+        source: ConfigError,
+    },
+
+    #[error("claim {claim}: conflicting configuration: {reason}")]
+    ConflictingConfig { claim: String, reason: String },
+
+    #[error(
+        "claim {claim}: device {device}: device node {path:?} from the inventory is not a plain path below the dev root"
+    )]
+    BadDeviceNodePath {
+        claim: String,
+        device: String,
+        path: String,
+    },
+
+    #[error("claim {claim}: the checkpoint records this UID for claim {recorded}")]
+    ClaimIdentityMismatch { claim: String, recorded: String },
+
+    #[error("claim {claim}: {path}: {source}")]
+    Io {
+        claim: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("claim {claim}: checkpoint {path}: {message}")]
+    Checkpoint {
+        claim: String,
+        path: PathBuf,
+        message: String,
+    },
+
+    #[error("claim {claim}: its checkpoint entry changed while the claim was being fetched; retry")]
+    Retry { claim: String },
+
+    #[error("claim {claim}: preparation task failed: {reason}")]
+    Internal { claim: String, reason: String },
+
+    #[error("checkpoint {path}: {message}")]
+    State { path: PathBuf, message: String },
+
+    #[error("{path}: {source}")]
+    StateIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("invalid prepare configuration: {field}: {reason}")]
+    InvalidConfig { field: &'static str, reason: String },
+}

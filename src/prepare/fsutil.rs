@@ -1,0 +1,112 @@
+//! Crash-safe file writes and removals for the CDI and state directories: a reader (the
+//! container runtime, a restarted plugin) sees either the old file or the new one, never half.
+
+use std::fs::{self, File, Permissions};
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+/// Suffix of our temporary files. CDI loads only `*.json`/`*.yaml`, so a half-written temp file
+/// left by a crash is never read by the runtime; `recover()` deletes it.
+pub(crate) const TEMP_SUFFIX: &str = ".tmp";
+
+/// Writes `contents` to `path` through a temp file in the same directory: write, fsync, set
+/// the mode, rename over the target, fsync the directory so the rename itself is durable.
+pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let (dir, file_name) = split_path(path)?;
+    let mut temp = tempfile::Builder::new()
+        .prefix(&format!(".{file_name}."))
+        .suffix(TEMP_SUFFIX)
+        .tempfile_in(dir)?;
+    // fchmod rather than the create mode: the process umask must not decide who can read a
+    // CDI spec (the runtime) or the checkpoint (root only).
+    temp.as_file()
+        .set_permissions(Permissions::from_mode(mode))?;
+    temp.write_all(contents)?;
+    temp.as_file().sync_all()?;
+    temp.persist(path).map_err(|e| e.error)?;
+    sync_dir(dir)
+}
+
+/// Removes a file; a file that is already gone counts as removed (unprepare is idempotent).
+/// Returns whether something was removed.
+pub(crate) fn remove_file_if_present(path: &Path) -> io::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes a directory tree; a missing one counts as removed.
+pub(crate) fn remove_dir_if_present(path: &Path) -> io::Result<bool> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes renames and unlinks in `dir` durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates a directory (and parents) with the given mode when it does not exist yet.
+pub(crate) fn ensure_dir(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn split_path(path: &Path) -> io::Result<(&Path, String)> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let name = path.file_name().and_then(|n| n.to_str());
+    match (dir, name) {
+        (Some(dir), Some(name)) => Ok((dir, name.to_string())),
+        (None, Some(name)) => Ok((Path::new("."), name.to_string())),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a file path", path.display()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_content_sets_mode_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spec.json");
+        write_atomic(&path, b"old", 0o600).unwrap();
+        write_atomic(&path, b"new", 0o644).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("spec.json")]);
+    }
+
+    #[test]
+    fn removing_missing_files_is_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!remove_file_if_present(&dir.path().join("gone")).unwrap());
+        assert!(!remove_dir_if_present(&dir.path().join("gone-dir")).unwrap());
+        let file = dir.path().join("here");
+        fs::write(&file, b"x").unwrap();
+        assert!(remove_file_if_present(&file).unwrap());
+        assert!(!file.exists());
+    }
+}

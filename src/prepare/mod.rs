@@ -1,0 +1,83 @@
+//! Claim preparation: turns an allocated ResourceClaim into a CDI spec, container environment
+//! and a mounted per-claim topology file, with every step recorded in an on-disk checkpoint so
+//! that a crash at any point is rolled back on the next start. The kubelet gRPC server calls
+//! [`Preparer`]; everything here works on files and the apiserver, never on sockets.
+
+pub mod cdi;
+pub mod checkpoint;
+pub mod claim;
+pub mod config;
+pub mod env;
+mod error;
+mod fsutil;
+pub mod plan;
+mod preparer;
+pub mod topology_file;
+
+pub use claim::ClaimRef;
+pub use error::PrepareError;
+pub use preparer::{Preparer, RecoveryReport};
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// One prepared device as the kubelet's `Device` message carries it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreparedDevice {
+    /// Main request names (`req`, never `req/sub`); empty would mean "all requests".
+    pub request_names: Vec<String>,
+    pub pool_name: String,
+    pub device_name: String,
+    pub cdi_device_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_id: Option<String>,
+}
+
+/// A prepared device as the checkpoint keeps it: what the kubelet got, plus what decides
+/// whether another claim may hold the same device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordedDevice {
+    #[serde(flatten)]
+    pub device: PreparedDevice,
+    #[serde(default)]
+    pub admin_access: bool,
+}
+
+/// Where preparation writes and what it calls itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrepareConfig {
+    /// The DRA driver name (`tandem.dev`); also the CDI vendor.
+    pub driver_name: String,
+    /// This node's name, which is also the pool name of its devices.
+    pub node_name: String,
+    /// Where CDI specs go (`/var/run/cdi`); the runtime reads them from the same path.
+    pub cdi_dir: PathBuf,
+    /// The checkpoint and per-claim files; must be the same path on the host, because the
+    /// topology file is bind-mounted into containers from there.
+    pub state_dir: PathBuf,
+    /// Where device nodes appear in containers (`/dev`).
+    pub dev_root_in_container: PathBuf,
+    /// Reserved for the `tandem hook` binary of the netdev-attach step for exclusively
+    /// allocated NICs; claim preparation in this version hands out RDMA char devices only and
+    /// does not reference it.
+    pub hook_path: Option<PathBuf>,
+    /// procfs root (`/proc`), for the boot ID.
+    pub proc_root: PathBuf,
+}
+
+impl PrepareConfig {
+    /// The defaults a DaemonSet pod uses: `/var/run/cdi`, `/var/lib/tandem`, `/dev`, `/proc`.
+    pub fn new(driver_name: impl Into<String>, node_name: impl Into<String>) -> Self {
+        Self {
+            driver_name: driver_name.into(),
+            node_name: node_name.into(),
+            cdi_dir: PathBuf::from("/var/run/cdi"),
+            state_dir: PathBuf::from("/var/lib/tandem"),
+            dev_root_in_container: PathBuf::from("/dev"),
+            hook_path: None,
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
+}

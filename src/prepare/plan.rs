@@ -1,0 +1,712 @@
+//! What preparing one claim means, computed without side effects: checks each allocated device
+//! against the inventory and the other prepared claims, pairs GPUs with NICs, and builds the
+//! CDI spec, environment and topology file. The preparer only writes what this returns.
+
+use super::cdi::{self, CdiDevice, CdiSpec, ContainerEdits, DeviceNode, Mount};
+use super::claim::{AllocatedDevice, ClaimRef, OurAllocation};
+use super::config::{self, EnvFlavour, NicAttach};
+use super::env::claim_env;
+use super::error::PrepareError;
+use super::topology_file::{ClaimTopology, TopologyGpu, TopologyNic, TopologyPair};
+use super::{PreparedDevice, RecordedDevice};
+use crate::names::{CONTAINER_TOPOLOGY_FILE, accelerator_device_name, nic_device_name};
+use crate::topology::{
+    Accelerator, AcceleratorKind, CharDevice, DeviceRef, Inventory, Nic, PciAddress, PciFunction,
+    device_issues, pair_devices, pair_node,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path};
+
+/// Shared device nodes (HostInfo) each accelerator kind needs beside its own nodes.
+const NVIDIA_SHARED_NODES: &[&str] = &["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"];
+const AMD_SHARED_NODES: &[&str] = &["kfd"];
+const VFIO_SHARED_NODES: &[&str] = &["vfio/vfio"];
+const RDMA_CM_NODE: &str = "infiniband/rdma_cm";
+/// A NIC attached in shared mode gets its verbs device only: umad and issm are management
+/// interfaces (MADs, subnet-manager capability) that a pod sharing the NIC must not hold.
+const SHARED_NIC_NODE_PREFIX: &str = "infiniband/uverbs";
+
+/// Who already holds a device, from the checkpoint and from claims prepared earlier in the same
+/// call.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceHolders {
+    holders: BTreeMap<String, Vec<Holder>>,
+}
+
+#[derive(Clone, Debug)]
+struct Holder {
+    claim_uid: String,
+    claim: String,
+    share_id: bool,
+    admin_access: bool,
+}
+
+impl DeviceHolders {
+    pub fn add(&mut self, claim: &ClaimRef, devices: &[RecordedDevice]) {
+        for d in devices {
+            self.holders
+                .entry(d.device.device_name.clone())
+                .or_default()
+                .push(Holder {
+                    claim_uid: claim.uid.clone(),
+                    claim: claim.to_string(),
+                    share_id: d.device.share_id.is_some(),
+                    admin_access: d.admin_access,
+                });
+        }
+    }
+
+    /// Another claim whose hold on `device` excludes this allocation. Admin access coexists
+    /// with anything (it is for monitoring and repair); shares coexist with shares.
+    fn conflicting(&self, claim_uid: &str, device: &AllocatedDevice) -> Option<&str> {
+        self.holders
+            .get(&device.device)?
+            .iter()
+            .filter(|h| h.claim_uid != claim_uid)
+            .find(|h| {
+                let compatible = device.admin_access
+                    || h.admin_access
+                    || (device.share_id.is_some() && h.share_id);
+                !compatible
+            })
+            .map(|h| h.claim.as_str())
+    }
+}
+
+/// Where things go: from the preparer's configuration.
+pub struct PlanContext<'a> {
+    pub driver_name: &'a str,
+    pub dev_root_in_container: &'a Path,
+    /// Host path of this claim's topology file (`<state_dir>/claims/<uid>/topology.json`).
+    pub topology_host_path: &'a Path,
+    pub inventory: &'a Inventory,
+}
+
+/// The outcome of planning one claim.
+#[derive(Clone, Debug)]
+pub struct ClaimPlan {
+    pub devices: Vec<RecordedDevice>,
+    pub topology: ClaimTopology,
+    /// `None` when the claim holds no device of ours: nothing to hand to the runtime.
+    pub spec: Option<CdiSpec>,
+}
+
+pub fn plan_claim(
+    ctx: &PlanContext<'_>,
+    claim: &ClaimRef,
+    allocation: &OurAllocation,
+    holders: &DeviceHolders,
+) -> Result<ClaimPlan, PrepareError> {
+    let mut accelerators: Vec<(&AllocatedDevice, &Accelerator)> = Vec::new();
+    let mut nics: Vec<(&AllocatedDevice, &Nic)> = Vec::new();
+    for allocated in &allocation.devices {
+        let found = ctx
+            .inventory
+            .device_by_name(&allocated.device)
+            .ok_or_else(|| PrepareError::DeviceNotFound {
+                claim: claim.to_string(),
+                device: allocated.device.clone(),
+            })?;
+        let issues = device_issues(found);
+        // Admin access is how an operator reaches a broken device to diagnose it.
+        if !issues.is_empty() && !allocated.admin_access {
+            let issues: Vec<String> = issues.iter().map(|i| format!("{i:?}")).collect();
+            return Err(PrepareError::DeviceUnhealthy {
+                claim: claim.to_string(),
+                device: allocated.device.clone(),
+                issues: issues.join(", "),
+            });
+        }
+        if let Some(other) = holders.conflicting(&claim.uid, allocated) {
+            return Err(PrepareError::DeviceInUse {
+                claim: claim.to_string(),
+                device: allocated.device.clone(),
+                other: other.to_string(),
+            });
+        }
+        match found {
+            DeviceRef::Accelerator(a) => accelerators.push((allocated, a)),
+            DeviceRef::Nic(n) => nics.push((allocated, n)),
+        }
+    }
+    accelerators.sort_by_key(|(_, a)| a.pci.address);
+    nics.sort_by_key(|(_, n)| n.pci.address);
+
+    let requests: Vec<&str> = allocation
+        .devices
+        .iter()
+        .flat_map(|d| d.requests.iter().map(String::as_str))
+        .collect();
+    let per_request =
+        config::resolve(ctx.driver_name, &allocation.config, &requests).map_err(|source| {
+            PrepareError::Config {
+                claim: claim.to_string(),
+                source,
+            }
+        })?;
+    let flavour = claim_flavour(claim, &per_request)?;
+
+    // Pair within the claim; a GPU-only claim may borrow the node's best NICs in shared mode.
+    let accel_pcis: Vec<&PciFunction> = accelerators.iter().map(|(_, a)| &a.pci).collect();
+    let nic_pcis: Vec<&PciFunction> = nics.iter().map(|(_, n)| &n.pci).collect();
+    let mut shared_nics: Vec<&Nic> = Vec::new();
+    let pairing = if nics.is_empty() && !accelerators.is_empty() {
+        let wants_shared: BTreeSet<PciAddress> = accelerators
+            .iter()
+            .filter(|(allocated, _)| {
+                allocated.requests.iter().any(|r| {
+                    per_request
+                        .get(r)
+                        .is_some_and(|c| c.nic_attach == NicAttach::Shared)
+                })
+            })
+            .map(|(_, a)| a.pci.address)
+            .collect();
+        if wants_shared.is_empty() {
+            pair_devices(&accel_pcis, &nic_pcis)
+        } else {
+            shared_pairing(ctx.inventory, &accel_pcis, &wants_shared, &mut shared_nics)
+        }
+    } else {
+        pair_devices(&accel_pcis, &nic_pcis)
+    };
+
+    let topology = ClaimTopology {
+        claim_uid: claim.uid.clone(),
+        namespace: claim.namespace.clone(),
+        name: claim.name.clone(),
+        gpus: accelerators.iter().map(|(_, a)| topology_gpu(a)).collect(),
+        nics: nics
+            .iter()
+            .map(|(_, n)| topology_nic(n, false))
+            .chain(shared_nics.iter().map(|n| topology_nic(n, true)))
+            .collect(),
+        pairs: pairing
+            .pairs
+            .iter()
+            .map(|p| TopologyPair {
+                gpu: accelerator_device_name(&p.accelerator),
+                nic: nic_device_name(&p.nic),
+                affinity: p.affinity,
+            })
+            .collect(),
+        unpaired_gpus: pairing
+            .unpaired_accelerators
+            .iter()
+            .map(accelerator_device_name)
+            .collect(),
+        unpaired_nics: if shared_nics.is_empty() {
+            pairing.unpaired_nics.iter().map(nic_device_name).collect()
+        } else {
+            // Node-wide unpaired NICs are not this claim's business.
+            Vec::new()
+        },
+        reason: pairing.reason.clone(),
+    };
+
+    if allocation.devices.is_empty() {
+        return Ok(ClaimPlan {
+            devices: Vec::new(),
+            topology,
+            spec: None,
+        });
+    }
+
+    let kind = crate::names::cdi_claim_kind(ctx.driver_name);
+    let mut cdi_devices = Vec::new();
+    let mut recorded = Vec::new();
+    for (allocated, accelerator) in &accelerators {
+        let edits = accelerator_edits(ctx, claim, allocated, accelerator)?;
+        push_device(
+            &kind,
+            claim,
+            allocated,
+            edits,
+            &mut cdi_devices,
+            &mut recorded,
+        );
+    }
+    for (allocated, nic) in &nics {
+        let edits = nic_edits(ctx, claim, allocated, nic, false)?;
+        push_device(
+            &kind,
+            claim,
+            allocated,
+            edits,
+            &mut cdi_devices,
+            &mut recorded,
+        );
+    }
+    // The topology mount goes on every device rather than on the spec: CDI rejects a device
+    // with empty edits (a plain Ethernet NIC has no device node), and runtimes replace a mount
+    // of the same container path, so repeating it costs nothing.
+    let topology_mount = Mount {
+        host_path: path_string(claim, "topology file", ctx.topology_host_path)?,
+        container_path: CONTAINER_TOPOLOGY_FILE.to_string(),
+        options: ["ro", "nosuid", "nodev", "bind"].map(String::from).to_vec(),
+    };
+    for device in &mut cdi_devices {
+        device.container_edits.mounts.push(topology_mount.clone());
+    }
+    let mut claim_edits = ContainerEdits {
+        env: claim_env(flavour, &topology),
+        ..ContainerEdits::default()
+    };
+    for nic in &shared_nics {
+        let name = nic_device_name(&nic.pci.address);
+        let shared_allocated = AllocatedDevice {
+            requests: Vec::new(),
+            pool: String::new(),
+            device: name,
+            share_id: None,
+            admin_access: false,
+        };
+        let edits = nic_edits(ctx, claim, &shared_allocated, nic, true)?;
+        for node in edits.device_nodes {
+            push_node(&mut claim_edits.device_nodes, node);
+        }
+    }
+    let mut spec = CdiSpec {
+        cdi_version: String::new(),
+        kind,
+        devices: cdi_devices,
+        container_edits: claim_edits,
+    };
+    spec.cdi_version = cdi::minimum_version(&spec).to_string();
+    Ok(ClaimPlan {
+        devices: recorded,
+        topology,
+        spec: Some(spec),
+    })
+}
+
+/// One env flavour per claim: the environment is claim-wide, so requests that ask for
+/// different flavours contradict each other.
+fn claim_flavour(
+    claim: &ClaimRef,
+    per_request: &BTreeMap<String, config::RequestConfig>,
+) -> Result<EnvFlavour, PrepareError> {
+    let mut chosen: Option<(&str, EnvFlavour)> = None;
+    for (request, config) in per_request {
+        match chosen {
+            None => chosen = Some((request, config.env)),
+            Some((first, env)) if env != config.env => {
+                return Err(PrepareError::ConflictingConfig {
+                    claim: claim.to_string(),
+                    reason: format!(
+                        "request {first:?} asks for env {env:?} but request {request:?} for {:?}; \
+                         the environment is claim-wide",
+                        config.env
+                    ),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(chosen.map(|(_, env)| env).unwrap_or_default())
+}
+
+/// Pairs the claim's GPUs with the NICs the node-wide pairing gives them, for GPUs whose
+/// request asked for shared attach. A NIC that is unhealthy is left out with a reason rather
+/// than failing the claim: the GPUs are usable without it.
+fn shared_pairing<'a>(
+    inventory: &'a Inventory,
+    accelerators: &[&PciFunction],
+    wants_shared: &BTreeSet<PciAddress>,
+    shared_nics: &mut Vec<&'a Nic>,
+) -> crate::topology::Pairing {
+    let node = pair_node(inventory);
+    let mut pairing = crate::topology::Pairing::default();
+    let mut skipped = Vec::new();
+    for accelerator in accelerators {
+        let address = accelerator.address;
+        let pair = wants_shared
+            .contains(&address)
+            .then(|| node.nic_for(&address))
+            .flatten();
+        let nic = pair.and_then(|p| inventory.nic(&p.nic).map(|n| (p, n)));
+        match nic {
+            Some((pair, nic)) if device_issues(DeviceRef::Nic(nic)).is_empty() => {
+                pairing.pairs.push(*pair);
+                if !shared_nics.iter().any(|n| n.pci.address == nic.pci.address) {
+                    shared_nics.push(nic);
+                }
+            }
+            Some((_, nic)) => {
+                skipped.push(nic_device_name(&nic.pci.address));
+                pairing.unpaired_accelerators.push(address);
+            }
+            None => pairing.unpaired_accelerators.push(address),
+        }
+    }
+    shared_nics.sort_by_key(|n| n.pci.address);
+    pairing.reason = if !skipped.is_empty() {
+        Some(format!(
+            "shared NIC(s) {} unhealthy, not attached",
+            skipped.join(", ")
+        ))
+    } else if !pairing.unpaired_accelerators.is_empty() {
+        node.reason
+            .clone()
+            .or_else(|| Some("no NIC to attach".to_string()))
+    } else {
+        None
+    };
+    pairing
+}
+
+fn push_device(
+    kind: &str,
+    claim: &ClaimRef,
+    allocated: &AllocatedDevice,
+    edits: ContainerEdits,
+    cdi_devices: &mut Vec<CdiDevice>,
+    recorded: &mut Vec<RecordedDevice>,
+) {
+    let name = cdi::device_name(&claim.uid, &allocated.device);
+    recorded.push(RecordedDevice {
+        device: PreparedDevice {
+            request_names: allocated.base_request_names(),
+            pool_name: allocated.pool.clone(),
+            device_name: allocated.device.clone(),
+            cdi_device_ids: vec![cdi::qualified_name(kind, &name)],
+            share_id: allocated.share_id.clone(),
+        },
+        admin_access: allocated.admin_access,
+    });
+    cdi_devices.push(CdiDevice {
+        name,
+        container_edits: edits,
+    });
+}
+
+fn accelerator_edits(
+    ctx: &PlanContext<'_>,
+    claim: &ClaimRef,
+    allocated: &AllocatedDevice,
+    accelerator: &Accelerator,
+) -> Result<ContainerEdits, PrepareError> {
+    let shared: &[&str] = if accelerator.vfio {
+        VFIO_SHARED_NODES
+    } else {
+        match accelerator.kind {
+            AcceleratorKind::NvidiaGpu => NVIDIA_SHARED_NODES,
+            AcceleratorKind::AmdGpu => AMD_SHARED_NODES,
+            AcceleratorKind::ProcessingAccelerator => &[],
+        }
+    };
+    let mut nodes = Vec::new();
+    let own = accelerator.char_devices.iter();
+    let host = host_nodes(ctx.inventory, shared);
+    for char_device in own.chain(host) {
+        push_node(
+            &mut nodes,
+            device_node(ctx, claim, &allocated.device, char_device)?,
+        );
+    }
+    Ok(ContainerEdits {
+        device_nodes: nodes,
+        ..ContainerEdits::default()
+    })
+}
+
+fn nic_edits(
+    ctx: &PlanContext<'_>,
+    claim: &ClaimRef,
+    allocated: &AllocatedDevice,
+    nic: &Nic,
+    shared: bool,
+) -> Result<ContainerEdits, PrepareError> {
+    let mut nodes = Vec::new();
+    let Some(rdma) = nic.rdma.as_ref() else {
+        // A plain Ethernet NIC has no char device; its netdev stays on the host.
+        return Ok(ContainerEdits::default());
+    };
+    let own = rdma
+        .char_devices
+        .iter()
+        .filter(|c| !shared || c.path.starts_with(SHARED_NIC_NODE_PREFIX));
+    for char_device in own.chain(host_nodes(ctx.inventory, &[RDMA_CM_NODE])) {
+        push_node(
+            &mut nodes,
+            device_node(ctx, claim, &allocated.device, char_device)?,
+        );
+    }
+    Ok(ContainerEdits {
+        device_nodes: nodes,
+        ..ContainerEdits::default()
+    })
+}
+
+fn host_nodes<'a>(
+    inventory: &'a Inventory,
+    names: &'a [&str],
+) -> impl Iterator<Item = &'a CharDevice> {
+    inventory
+        .host
+        .shared_char_devices
+        .iter()
+        .filter(move |c| names.contains(&c.path.as_str()))
+}
+
+fn push_node(nodes: &mut Vec<DeviceNode>, node: DeviceNode) {
+    if !nodes.iter().any(|n| n.path == node.path) {
+        nodes.push(node);
+    }
+}
+
+/// A CDI device node for a char device of the inventory. The numbers come from sysfs (never a
+/// stat of /dev, which may be a different mount namespace); the path must stay below the dev
+/// root whatever the inventory says.
+fn device_node(
+    ctx: &PlanContext<'_>,
+    claim: &ClaimRef,
+    device: &str,
+    char_device: &CharDevice,
+) -> Result<DeviceNode, PrepareError> {
+    let relative = Path::new(&char_device.path);
+    let plain = !char_device.path.is_empty()
+        && relative
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)));
+    let bad = || PrepareError::BadDeviceNodePath {
+        claim: claim.to_string(),
+        device: device.to_string(),
+        path: char_device.path.clone(),
+    };
+    if !plain {
+        return Err(bad());
+    }
+    let path = ctx.dev_root_in_container.join(relative);
+    let path = path.to_str().ok_or_else(bad)?.to_string();
+    Ok(DeviceNode::char_device(
+        path,
+        char_device.major,
+        char_device.minor,
+    ))
+}
+
+fn path_string(claim: &ClaimRef, what: &str, path: &Path) -> Result<String, PrepareError> {
+    path.to_str()
+        .map(String::from)
+        .ok_or_else(|| PrepareError::Io {
+            claim: claim.to_string(),
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{what} path is not UTF-8"),
+            ),
+        })
+}
+
+fn topology_gpu(a: &Accelerator) -> TopologyGpu {
+    TopologyGpu {
+        name: accelerator_device_name(&a.pci.address),
+        pci_bus_id: a.pci.address.to_string(),
+        pcie_root: a.pci.pcie_root.clone(),
+        numa_node: a.pci.numa_node,
+        model: a.model.clone(),
+        uuid: a.uuid.clone(),
+    }
+}
+
+fn topology_nic(n: &Nic, shared: bool) -> TopologyNic {
+    let rdma = n.rdma.as_ref();
+    let port = rdma.and_then(|r| {
+        r.ports
+            .iter()
+            .find(|p| p.state.as_deref() == Some("ACTIVE"))
+            .or_else(|| r.ports.first())
+            .map(|p| p.number)
+    });
+    TopologyNic {
+        name: nic_device_name(&n.pci.address),
+        pci_bus_id: n.pci.address.to_string(),
+        pcie_root: n.pci.pcie_root.clone(),
+        numa_node: n.pci.numa_node,
+        if_name: n.if_name().map(String::from),
+        rdma_device: rdma.map(|r| r.name.clone()),
+        rdma_port: port,
+        shared,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::resource::v1::{
+        DeviceAllocationConfiguration, OpaqueDeviceConfiguration,
+    };
+    use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
+    use std::path::PathBuf;
+
+    fn inventory() -> (tempfile::TempDir, Inventory) {
+        let dir = tempfile::tempdir().unwrap();
+        let desc = crate::fixture::builtin("dgx-h100").unwrap();
+        let roots = crate::fixture::write_machine(&desc, dir.path()).unwrap();
+        let inventory = crate::sysfs::discover(&roots).unwrap();
+        (dir, inventory)
+    }
+
+    fn claim(uid: &str) -> ClaimRef {
+        ClaimRef {
+            namespace: "ml".into(),
+            name: format!("claim-{uid}"),
+            uid: uid.into(),
+        }
+    }
+
+    fn allocated(request: &str, device: &str) -> AllocatedDevice {
+        AllocatedDevice {
+            requests: vec![request.into()],
+            pool: "node-a".into(),
+            device: device.into(),
+            share_id: None,
+            admin_access: false,
+        }
+    }
+
+    fn plan(
+        inventory: &Inventory,
+        uid: &str,
+        allocation: &OurAllocation,
+        holders: &DeviceHolders,
+    ) -> Result<ClaimPlan, PrepareError> {
+        let topology = PathBuf::from("/var/lib/tandem/claims/u/topology.json");
+        let ctx = PlanContext {
+            driver_name: "tandem.dev",
+            dev_root_in_container: Path::new("/dev"),
+            topology_host_path: &topology,
+            inventory,
+        };
+        plan_claim(&ctx, &claim(uid), allocation, holders)
+    }
+
+    fn recorded(device: &AllocatedDevice) -> RecordedDevice {
+        RecordedDevice {
+            device: PreparedDevice {
+                request_names: device.base_request_names(),
+                pool_name: device.pool.clone(),
+                device_name: device.device.clone(),
+                cdi_device_ids: Vec::new(),
+                share_id: device.share_id.clone(),
+            },
+            admin_access: device.admin_access,
+        }
+    }
+
+    #[test]
+    fn exclusive_holds_conflict_shares_and_admin_access_do_not() {
+        let (_dir, inventory) = inventory();
+        let gpu = "gpu-0000-1b-00-0";
+        let exclusive = allocated("gpus", gpu);
+        let shared = AllocatedDevice {
+            share_id: Some("s1".into()),
+            ..allocated("gpus", gpu)
+        };
+        let admin = AllocatedDevice {
+            admin_access: true,
+            ..allocated("gpus", gpu)
+        };
+        let only = |d: &AllocatedDevice| OurAllocation {
+            devices: vec![d.clone()],
+            config: Vec::new(),
+        };
+        let held_by = |d: &AllocatedDevice| {
+            let mut holders = DeviceHolders::default();
+            holders.add(&claim("first"), &[recorded(d)]);
+            holders
+        };
+        let in_use =
+            |r: Result<ClaimPlan, PrepareError>| matches!(r, Err(PrepareError::DeviceInUse { .. }));
+        assert!(in_use(plan(
+            &inventory,
+            "second",
+            &only(&exclusive),
+            &held_by(&exclusive)
+        )));
+        assert!(in_use(plan(
+            &inventory,
+            "second",
+            &only(&shared),
+            &held_by(&exclusive)
+        )));
+        assert!(in_use(plan(
+            &inventory,
+            "second",
+            &only(&exclusive),
+            &held_by(&shared)
+        )));
+        assert!(plan(&inventory, "second", &only(&shared), &held_by(&shared)).is_ok());
+        assert!(plan(&inventory, "second", &only(&admin), &held_by(&exclusive)).is_ok());
+        assert!(plan(&inventory, "second", &only(&exclusive), &held_by(&admin)).is_ok());
+        // A claim never conflicts with its own earlier record (re-prepare after a reboot).
+        assert!(plan(&inventory, "first", &only(&exclusive), &held_by(&exclusive)).is_ok());
+    }
+
+    #[test]
+    fn inventory_device_paths_that_leave_the_dev_root_are_refused() {
+        let (_dir, mut inventory) = inventory();
+        inventory.accelerators[0].char_devices[0].path = "../sda".into();
+        let allocation = OurAllocation {
+            devices: vec![allocated("gpus", "gpu-0000-1b-00-0")],
+            config: Vec::new(),
+        };
+        let e = plan(&inventory, "u", &allocation, &DeviceHolders::default()).unwrap_err();
+        assert!(matches!(e, PrepareError::BadDeviceNodePath { .. }), "{e}");
+        assert!(e.to_string().contains("gpu-0000-1b-00-0"), "{e}");
+    }
+
+    #[test]
+    fn requests_asking_for_different_env_flavours_conflict() {
+        let (_dir, inventory) = inventory();
+        let env = |request: &str, flavour: &str| DeviceAllocationConfiguration {
+            source: "FromClaim".into(),
+            requests: Some(vec![request.into()]),
+            opaque: Some(OpaqueDeviceConfiguration {
+                driver: "tandem.dev".into(),
+                parameters: RawExtension(serde_json::json!({
+                    "apiVersion": "tandem.dev/v1alpha1", "kind": "ClaimConfig", "env": flavour
+                })),
+            }),
+        };
+        let allocation = OurAllocation {
+            devices: vec![
+                allocated("gpus", "gpu-0000-1b-00-0"),
+                allocated("nics", "nic-0000-18-00-0"),
+            ],
+            config: vec![env("gpus", "nccl"), env("nics", "ucx")],
+        };
+        let e = plan(&inventory, "u", &allocation, &DeviceHolders::default()).unwrap_err();
+        assert!(matches!(e, PrepareError::ConflictingConfig { .. }), "{e}");
+    }
+
+    #[test]
+    fn admin_access_reaches_an_unhealthy_device() {
+        let (_dir, mut inventory) = inventory();
+        inventory.accelerators[0].pci.aer_fatal = Some(2);
+        let mut device = allocated("gpus", "gpu-0000-1b-00-0");
+        let allocation = |d: &AllocatedDevice| OurAllocation {
+            devices: vec![d.clone()],
+            config: Vec::new(),
+        };
+        let e = plan(
+            &inventory,
+            "u",
+            &allocation(&device),
+            &DeviceHolders::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, PrepareError::DeviceUnhealthy { .. }), "{e}");
+        device.admin_access = true;
+        assert!(
+            plan(
+                &inventory,
+                "u",
+                &allocation(&device),
+                &DeviceHolders::default()
+            )
+            .is_ok()
+        );
+    }
+}

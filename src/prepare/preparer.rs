@@ -1,0 +1,786 @@
+//! The Preparer: prepare, unprepare and start-up recovery over the checkpoint. Claims are
+//! fetched concurrently; the checkpoint read-modify-write runs under one lock, in a blocking
+//! task, and re-reads the file every time so another plugin instance's writes are never missed.
+
+use super::cdi::{self, CdiSpec};
+use super::checkpoint::{self, ClaimEntry, ClaimState, LoadOutcome};
+use super::claim::{self, ClaimRef};
+use super::error::PrepareError;
+use super::fsutil;
+use super::plan::{self, ClaimPlan, DeviceHolders, PlanContext};
+use super::topology_file::ClaimTopology;
+use super::{PrepareConfig, PreparedDevice};
+use crate::topology::InventoryWatch;
+use k8s_openapi::api::resource::v1::ResourceClaim;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The runtime (any user) reads CDI specs and the mounted topology file.
+const PUBLIC_FILE_MODE: u32 = 0o644;
+const CDI_DIR_MODE: u32 = 0o755;
+const PRIVATE_DIR_MODE: u32 = 0o700;
+const CLAIMS_SUBDIR: &str = "claims";
+const TOPOLOGY_FILE_NAME: &str = "topology.json";
+
+pub type PrepareResults = BTreeMap<String, Result<Vec<PreparedDevice>, PrepareError>>;
+pub type UnprepareResults = BTreeMap<String, Result<(), PrepareError>>;
+
+/// What `recover()` found and did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub checkpoint: LoadOutcome,
+    /// Claims that were PrepareStarted: their files were removed and their entries dropped.
+    pub rolled_back: Vec<String>,
+    /// CDI specs of our kind that no checkpoint entry owns.
+    pub orphan_specs_removed: Vec<PathBuf>,
+    /// Per-claim state directories that no checkpoint entry owns.
+    pub orphan_claim_dirs_removed: Vec<PathBuf>,
+    /// Temp files of interrupted atomic writes.
+    pub temp_files_removed: Vec<PathBuf>,
+    /// Completed claims of this boot whose files had vanished (an unprepare that died after
+    /// removing them, an operator's cleanup) and were written again from the checkpoint: a
+    /// claim the kubelet was told is prepared stays usable until it is told otherwise.
+    pub restored: Vec<String>,
+    /// Claims still prepared after recovery.
+    pub prepared_claims: usize,
+}
+
+pub struct Preparer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: PrepareConfig,
+    cdi_kind: String,
+    client: kube::Client,
+    inventory: InventoryWatch,
+    /// Serialises this process's checkpoint read-modify-writes. Another process (rolling
+    /// update) is kept out by the caller's file lock.
+    lock: Mutex<()>,
+}
+
+impl Preparer {
+    pub fn new(
+        config: PrepareConfig,
+        client: kube::Client,
+        inventory: InventoryWatch,
+    ) -> Result<Self, PrepareError> {
+        validate_config(&config)?;
+        let state_io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| PrepareError::StateIo { path, source }
+        };
+        fsutil::ensure_dir(&config.cdi_dir, CDI_DIR_MODE).map_err(state_io(&config.cdi_dir))?;
+        fsutil::ensure_dir(&config.state_dir, PRIVATE_DIR_MODE)
+            .map_err(state_io(&config.state_dir))?;
+        let claims_dir = config.state_dir.join(CLAIMS_SUBDIR);
+        fsutil::ensure_dir(&claims_dir, PRIVATE_DIR_MODE).map_err(state_io(&claims_dir))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cdi_kind: crate::names::cdi_claim_kind(&config.driver_name),
+                config,
+                client,
+                inventory,
+                lock: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Start-up recovery. PrepareStarted claims are rolled back rather than finished: rolling
+    /// back needs nothing but the checkpoint, and the kubelet retries the prepare it never got
+    /// an answer for, which then starts clean. Orphan CDI specs of our kind and per-claim
+    /// directories are deleted; a corrupt checkpoint is set aside.
+    pub async fn recover(&self) -> Result<RecoveryReport, PrepareError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.recover_locked())
+            .await
+            .map_err(|e| PrepareError::State {
+                path: checkpoint::checkpoint_path(&self.inner.config.state_dir),
+                message: format!("recovery task failed: {e}"),
+            })?
+    }
+
+    /// Prepares each distinct claim; one entry per claim UID, whatever happens to the others.
+    pub async fn prepare(&self, claims: &[ClaimRef]) -> PrepareResults {
+        let (mut results, unique) = distinct_valid_claims(claims);
+        if unique.is_empty() {
+            return results;
+        }
+
+        // Claims completed in this boot are answered from the checkpoint alone; only the
+        // others are fetched, before taking the lock, so the apiserver round trips of
+        // concurrent calls overlap. The locked section re-checks against a fresh read.
+        let config = &self.inner.config;
+        let boot_id = checkpoint::read_boot_id(&config.proc_root);
+        let peeked = checkpoint::load_read_only(&config.state_dir);
+        let fetches = unique.iter().map(|c| {
+            let current = peeked
+                .as_ref()
+                .and_then(|cp| cp.claims.get(&c.uid))
+                .is_some_and(|e| is_current(e, &boot_id));
+            let client = self.inner.client.clone();
+            async move {
+                if current {
+                    None
+                } else {
+                    Some(claim::fetch_claim(&client, c).await)
+                }
+            }
+        });
+        let fetched = futures::future::join_all(fetches).await;
+        let work: Vec<(ClaimRef, Option<Result<ResourceClaim, PrepareError>>)> =
+            unique.into_iter().zip(fetched).collect();
+        let uids: Vec<(String, String)> = work
+            .iter()
+            .map(|(c, _)| (c.uid.clone(), c.to_string()))
+            .collect();
+
+        let inner = self.inner.clone();
+        match tokio::task::spawn_blocking(move || inner.prepare_locked(work, &boot_id)).await {
+            Ok(answers) => results.extend(answers),
+            Err(e) => {
+                for (uid, claim) in uids {
+                    let reason = e.to_string();
+                    results.insert(uid, Err(PrepareError::Internal { claim, reason }));
+                }
+            }
+        }
+        results
+    }
+
+    /// Unprepares each distinct claim from the checkpoint alone. Unknown claims succeed.
+    pub async fn unprepare(&self, claims: &[ClaimRef]) -> UnprepareResults {
+        let (mut results, unique) = distinct_valid_claims(claims);
+        if unique.is_empty() {
+            return results;
+        }
+        let uids: Vec<(String, String)> = unique
+            .iter()
+            .map(|c| (c.uid.clone(), c.to_string()))
+            .collect();
+        let inner = self.inner.clone();
+        match tokio::task::spawn_blocking(move || inner.unprepare_locked(unique)).await {
+            Ok(answers) => results.extend(answers),
+            Err(e) => {
+                for (uid, claim) in uids {
+                    let reason = e.to_string();
+                    results.insert(uid, Err(PrepareError::Internal { claim, reason }));
+                }
+            }
+        }
+        results
+    }
+}
+
+/// Whether a checkpoint entry can answer a prepare as it is. A claim completed in an earlier
+/// boot is kept (its devices stay reserved and unprepare still finds it) but is prepared again
+/// in full on the next prepare: the kubelet re-prepares every claim after a reboot, and by then
+/// dynamic device numbers (nvidia-uvm, rdma_cm) may have changed and /var/run/cdi is empty,
+/// so the spec is rebuilt from the current inventory rather than copied from the old one.
+fn is_current(entry: &ClaimEntry, boot_id: &str) -> bool {
+    entry.state == ClaimState::PrepareCompleted
+        && entry.boot_id == boot_id
+        && (entry.cdi_spec.is_some() || entry.devices.is_empty())
+}
+
+/// The claims to work on: the first occurrence of each UID (the kubelet may repeat a claim;
+/// it gets one answer and the work is done once), and an error answer for each invalid UID.
+fn distinct_valid_claims<T>(
+    claims: &[ClaimRef],
+) -> (BTreeMap<String, Result<T, PrepareError>>, Vec<ClaimRef>) {
+    let mut rejected = BTreeMap::new();
+    let mut unique: Vec<ClaimRef> = Vec::new();
+    for c in claims {
+        if rejected.contains_key(&c.uid) || unique.iter().any(|u| u.uid == c.uid) {
+            continue;
+        }
+        match claim::validate_claim_uid(c) {
+            Ok(()) => unique.push(c.clone()),
+            Err(e) => {
+                rejected.insert(c.uid.clone(), Err(e));
+            }
+        }
+    }
+    (rejected, unique)
+}
+
+fn validate_config(config: &PrepareConfig) -> Result<(), PrepareError> {
+    let driver = &config.driver_name;
+    let driver_ok =
+        !driver.is_empty() && driver.len() <= 63 && driver.split('.').all(claim::is_dns_label);
+    if !driver_ok {
+        return Err(PrepareError::InvalidConfig {
+            field: "driver_name",
+            reason: format!("{driver:?} is not a DNS subdomain of at most 63 characters"),
+        });
+    }
+    if config.node_name.is_empty() || config.node_name.contains('/') {
+        return Err(PrepareError::InvalidConfig {
+            field: "node_name",
+            reason: format!("{:?} is not a node name", config.node_name),
+        });
+    }
+    // The runtime resolves the CDI spec's mount source on the host: a relative state
+    // directory would name nothing there.
+    for (field, path) in [
+        ("cdi_dir", &config.cdi_dir),
+        ("state_dir", &config.state_dir),
+    ] {
+        if !path.is_absolute() {
+            return Err(PrepareError::InvalidConfig {
+                field,
+                reason: format!("{} is not absolute", path.display()),
+            });
+        }
+    }
+    if !config.dev_root_in_container.is_absolute() {
+        return Err(PrepareError::InvalidConfig {
+            field: "dev_root_in_container",
+            reason: format!("{} is not absolute", config.dev_root_in_container.display()),
+        });
+    }
+    Ok(())
+}
+
+/// A claim that passed planning and waits for its files.
+struct Planned {
+    claim: ClaimRef,
+    plan: ClaimPlan,
+}
+
+impl Inner {
+    fn claim_dir(&self, uid: &str) -> PathBuf {
+        self.config.state_dir.join(CLAIMS_SUBDIR).join(uid)
+    }
+
+    fn spec_path(&self, uid: &str) -> PathBuf {
+        self.config
+            .cdi_dir
+            .join(cdi::spec_file_name(&self.config.driver_name, uid))
+    }
+
+    fn checkpoint_error(&self, claim: &ClaimRef, e: &checkpoint::CheckpointError) -> PrepareError {
+        PrepareError::Checkpoint {
+            claim: claim.to_string(),
+            path: e.path.clone(),
+            message: e.source.to_string(),
+        }
+    }
+
+    fn prepare_locked(
+        &self,
+        work: Vec<(ClaimRef, Option<Result<ResourceClaim, PrepareError>>)>,
+        boot_id: &str,
+    ) -> PrepareResults {
+        let _guard = self
+            .lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut answers = PrepareResults::new();
+        let (mut cp, _) = match checkpoint::load(&self.config.state_dir) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                for (claim, _) in work {
+                    answers.insert(claim.uid.clone(), Err(self.checkpoint_error(&claim, &e)));
+                }
+                return answers;
+            }
+        };
+        let inventory = self.inventory.borrow().clone();
+        let mut holders = DeviceHolders::default();
+        for (uid, entry) in &cp.claims {
+            let holder = ClaimRef {
+                namespace: entry.namespace.clone(),
+                name: entry.name.clone(),
+                uid: uid.clone(),
+            };
+            holders.add(&holder, &entry.devices);
+        }
+        let mut planned: Vec<Planned> = Vec::new();
+        let mut dirty = false;
+
+        for (claim, fetched) in work {
+            let uid = claim.uid.clone();
+            if let Some(entry) = cp.claims.get(&uid) {
+                if entry.namespace != claim.namespace || entry.name != claim.name {
+                    let recorded = format!("{}/{}", entry.namespace, entry.name);
+                    answers.insert(
+                        uid,
+                        Err(PrepareError::ClaimIdentityMismatch {
+                            claim: claim.to_string(),
+                            recorded,
+                        }),
+                    );
+                    continue;
+                }
+                if is_current(entry, boot_id) {
+                    let answer = self
+                        .restore_missing_files(&claim, entry)
+                        .map(|()| entry.devices.iter().map(|d| d.device.clone()).collect());
+                    answers.insert(uid, answer);
+                    continue;
+                }
+                if entry.state == ClaimState::PrepareStarted {
+                    // A previous attempt died half-way (and recover() has not run, e.g. the
+                    // other instance of a rolling update crashed): start clean.
+                    if let Err(e) = self.remove_claim_files(&uid, entry) {
+                        answers.insert(uid, Err(io_error(&claim, e)));
+                        continue;
+                    }
+                    cp.claims.remove(&uid);
+                    dirty = true;
+                }
+            }
+            let answer = fetched
+                .unwrap_or_else(|| {
+                    Err(PrepareError::Retry {
+                        claim: claim.to_string(),
+                    })
+                })
+                .and_then(|resource| {
+                    claim::our_allocation(
+                        &claim,
+                        &resource,
+                        &self.config.driver_name,
+                        &self.config.node_name,
+                    )
+                })
+                .and_then(|allocation| {
+                    let topology_path = self.claim_dir(&uid).join(TOPOLOGY_FILE_NAME);
+                    let ctx = PlanContext {
+                        driver_name: &self.config.driver_name,
+                        dev_root_in_container: &self.config.dev_root_in_container,
+                        topology_host_path: &topology_path,
+                        inventory: &inventory,
+                    };
+                    plan::plan_claim(&ctx, &claim, &allocation, &holders)
+                });
+            match answer {
+                Err(e) => {
+                    tracing::warn!(claim = %claim, error = %e, "claim not prepared");
+                    answers.insert(uid, Err(e));
+                }
+                Ok(plan) if plan.spec.is_none() => {
+                    // Nothing of ours in the claim: nothing to write or remember.
+                    answers.insert(uid, Ok(Vec::new()));
+                }
+                Ok(plan) => {
+                    holders.add(&claim, &plan.devices);
+                    let entry = ClaimEntry {
+                        namespace: claim.namespace.clone(),
+                        name: claim.name.clone(),
+                        state: ClaimState::PrepareStarted,
+                        boot_id: boot_id.to_string(),
+                        devices: plan.devices.clone(),
+                        cdi_spec_path: Some(self.spec_path(&uid)),
+                        cdi_spec: plan.spec.clone(),
+                        topology: Some(plan.topology.clone()),
+                        files: vec![self.claim_dir(&uid).join(TOPOLOGY_FILE_NAME)],
+                    };
+                    cp.claims.insert(uid, entry);
+                    planned.push(Planned { claim, plan });
+                }
+            }
+        }
+
+        if planned.is_empty() && !dirty {
+            return answers;
+        }
+        // Record PrepareStarted for the whole batch before the first file is written.
+        cp.boot_id = boot_id.to_string();
+        if let Err(e) = checkpoint::save(&self.config.state_dir, &cp) {
+            for p in planned {
+                answers.insert(
+                    p.claim.uid.clone(),
+                    Err(self.checkpoint_error(&p.claim, &e)),
+                );
+            }
+            return answers;
+        }
+        if planned.is_empty() {
+            return answers;
+        }
+
+        let mut written: Vec<Planned> = Vec::new();
+        for p in planned {
+            let uid = p.claim.uid.clone();
+            match self.write_claim_files(&p.claim, &p.plan) {
+                Ok(()) => {
+                    if let Some(entry) = cp.claims.get_mut(&uid) {
+                        entry.state = ClaimState::PrepareCompleted;
+                    }
+                    written.push(p);
+                }
+                Err(e) => {
+                    tracing::warn!(claim = %p.claim, error = %e, "writing claim files failed");
+                    if let Some(entry) = cp.claims.remove(&uid)
+                        && let Err(cleanup) = self.remove_claim_files(&uid, &entry)
+                    {
+                        tracing::warn!(claim = %p.claim, error = %cleanup.1, "cleanup failed; recover() retries");
+                    }
+                    answers.insert(uid, Err(e));
+                }
+            }
+        }
+        if let Err(e) = checkpoint::save(&self.config.state_dir, &cp) {
+            // The entries stay PrepareStarted on disk; undo the files so the kubelet's retry
+            // (or recover()) finds a clean slate.
+            for p in written {
+                if let Some(entry) = cp.claims.get(&p.claim.uid)
+                    && let Err(cleanup) = self.remove_claim_files(&p.claim.uid, entry)
+                {
+                    tracing::warn!(claim = %p.claim, error = %cleanup.1, "cleanup failed; recover() retries");
+                }
+                answers.insert(
+                    p.claim.uid.clone(),
+                    Err(self.checkpoint_error(&p.claim, &e)),
+                );
+            }
+            return answers;
+        }
+        for p in written {
+            let devices: Vec<PreparedDevice> =
+                p.plan.devices.iter().map(|d| d.device.clone()).collect();
+            tracing::info!(
+                claim = %p.claim,
+                devices = ?devices.iter().map(|d| d.device_name.as_str()).collect::<Vec<_>>(),
+                "claim prepared"
+            );
+            answers.insert(p.claim.uid.clone(), Ok(devices));
+        }
+        answers
+    }
+
+    fn write_claim_files(&self, claim: &ClaimRef, plan: &ClaimPlan) -> Result<(), PrepareError> {
+        self.write_topology(claim, &plan.topology)?;
+        if let Some(spec) = &plan.spec {
+            self.write_spec(claim, &self.spec_path(&claim.uid), spec)?;
+        }
+        Ok(())
+    }
+
+    fn write_topology(
+        &self,
+        claim: &ClaimRef,
+        topology: &ClaimTopology,
+    ) -> Result<(), PrepareError> {
+        let dir = self.claim_dir(&claim.uid);
+        fsutil::ensure_dir(&dir, PRIVATE_DIR_MODE).map_err(|source| PrepareError::Io {
+            claim: claim.to_string(),
+            path: dir.clone(),
+            source,
+        })?;
+        let path = dir.join(TOPOLOGY_FILE_NAME);
+        write_json(claim, &path, topology)
+    }
+
+    fn write_spec(
+        &self,
+        claim: &ClaimRef,
+        path: &Path,
+        spec: &CdiSpec,
+    ) -> Result<(), PrepareError> {
+        fsutil::ensure_dir(&self.config.cdi_dir, CDI_DIR_MODE).map_err(|source| {
+            PrepareError::Io {
+                claim: claim.to_string(),
+                path: self.config.cdi_dir.clone(),
+                source,
+            }
+        })?;
+        write_json(claim, path, spec)
+    }
+
+    /// A completed claim whose files vanished (a reboot empties /var/run/cdi; an operator
+    /// cleaned up) gets them back from the checkpoint, unchanged.
+    fn restore_missing_files(
+        &self,
+        claim: &ClaimRef,
+        entry: &ClaimEntry,
+    ) -> Result<(), PrepareError> {
+        if let (Some(path), Some(spec)) = (&entry.cdi_spec_path, &entry.cdi_spec)
+            && !path.exists()
+        {
+            tracing::info!(claim = %claim, spec = %path.display(), "re-creating missing CDI spec");
+            self.write_spec(claim, path, spec)?;
+        }
+        if let Some(topology) = &entry.topology
+            && !self.claim_dir(&claim.uid).join(TOPOLOGY_FILE_NAME).exists()
+        {
+            self.write_topology(claim, topology)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every file a claim may own: the recorded ones and the ones derived from its
+    /// UID (a crash can leave a file behind before its path was recorded).
+    fn remove_claim_files(
+        &self,
+        uid: &str,
+        entry: &ClaimEntry,
+    ) -> Result<(), (PathBuf, std::io::Error)> {
+        let mut paths: BTreeSet<PathBuf> = entry.files.iter().cloned().collect();
+        paths.extend(entry.cdi_spec_path.clone());
+        paths.insert(self.spec_path(uid));
+        let mut touched_dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        for path in &paths {
+            if fsutil::remove_file_if_present(path).map_err(|e| with_path(path, e))?
+                && let Some(parent) = path.parent()
+            {
+                touched_dirs.insert(parent.to_path_buf());
+            }
+        }
+        let dir = self.claim_dir(uid);
+        if fsutil::remove_dir_if_present(&dir).map_err(|e| with_path(&dir, e))?
+            && let Some(parent) = dir.parent()
+        {
+            touched_dirs.insert(parent.to_path_buf());
+        }
+        // Make the unlinks durable before the checkpoint forgets the claim. The claim's own
+        // directory is gone by now; syncing its parent covers it.
+        for dir in touched_dirs {
+            match fsutil::sync_dir(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(with_path(&dir, e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn unprepare_locked(&self, claims: Vec<ClaimRef>) -> UnprepareResults {
+        let _guard = self
+            .lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut answers = UnprepareResults::new();
+        let (mut cp, _) = match checkpoint::load(&self.config.state_dir) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                for claim in claims {
+                    answers.insert(claim.uid.clone(), Err(self.checkpoint_error(&claim, &e)));
+                }
+                return answers;
+            }
+        };
+        let mut removed: Vec<ClaimRef> = Vec::new();
+        for claim in claims {
+            let uid = claim.uid.clone();
+            let empty = ClaimEntry {
+                namespace: claim.namespace.clone(),
+                name: claim.name.clone(),
+                state: ClaimState::PrepareCompleted,
+                boot_id: String::new(),
+                devices: Vec::new(),
+                cdi_spec_path: None,
+                cdi_spec: None,
+                topology: None,
+                files: Vec::new(),
+            };
+            let entry = cp.claims.get(&uid).unwrap_or(&empty);
+            match self.remove_claim_files(&uid, entry) {
+                Ok(()) => {
+                    if cp.claims.remove(&uid).is_some() {
+                        tracing::info!(claim = %claim, "claim unprepared");
+                        removed.push(claim);
+                    } else {
+                        answers.insert(uid, Ok(()));
+                    }
+                }
+                Err(e) => {
+                    answers.insert(uid, Err(io_error(&claim, e)));
+                }
+            }
+        }
+        if removed.is_empty() {
+            return answers;
+        }
+        let result = checkpoint::save(&self.config.state_dir, &cp);
+        for claim in removed {
+            let answer = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(self.checkpoint_error(&claim, e)),
+            };
+            answers.insert(claim.uid.clone(), answer);
+        }
+        answers
+    }
+
+    fn recover_locked(&self) -> Result<RecoveryReport, PrepareError> {
+        let _guard = self
+            .lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let state_error = |e: checkpoint::CheckpointError| PrepareError::State {
+            path: e.path,
+            message: e.source.to_string(),
+        };
+        let (mut cp, outcome) = checkpoint::load(&self.config.state_dir).map_err(state_error)?;
+        let mut rolled_back = Vec::new();
+        let started: Vec<String> = cp
+            .claims
+            .iter()
+            .filter(|(_, e)| e.state == ClaimState::PrepareStarted)
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in started {
+            if let Some(entry) = cp.claims.get(&uid) {
+                self.remove_claim_files(&uid, entry)
+                    .map_err(|(path, source)| PrepareError::StateIo { path, source })?;
+                tracing::warn!(claim_uid = %uid, namespace = %entry.namespace, name = %entry.name,
+                    "rolled back a claim whose preparation was interrupted");
+                cp.claims.remove(&uid);
+                rolled_back.push(uid);
+            }
+        }
+        let needs_save = !rolled_back.is_empty()
+            || matches!(
+                outcome,
+                LoadOutcome::Loaded {
+                    migrated_from: Some(_)
+                } | LoadOutcome::SetAside { .. }
+            );
+        if needs_save {
+            if cp.boot_id.is_empty() {
+                cp.boot_id = checkpoint::read_boot_id(&self.config.proc_root);
+            }
+            checkpoint::save(&self.config.state_dir, &cp).map_err(state_error)?;
+        }
+
+        let boot_id = checkpoint::read_boot_id(&self.config.proc_root);
+        let mut restored = Vec::new();
+        for (uid, entry) in &cp.claims {
+            let missing = entry.cdi_spec_path.as_ref().is_some_and(|p| !p.exists())
+                || (entry.topology.is_some()
+                    && !self.claim_dir(uid).join(TOPOLOGY_FILE_NAME).exists());
+            // Claims of an earlier boot are rebuilt by the kubelet's next prepare instead,
+            // against the current device numbers.
+            if missing && is_current(entry, &boot_id) {
+                let claim = ClaimRef {
+                    namespace: entry.namespace.clone(),
+                    name: entry.name.clone(),
+                    uid: uid.clone(),
+                };
+                self.restore_missing_files(&claim, entry)?;
+                restored.push(uid.clone());
+            }
+        }
+
+        let owned: BTreeSet<PathBuf> = cp
+            .claims
+            .values()
+            .filter_map(|e| e.cdi_spec_path.clone())
+            .collect();
+        let temp_prefix = format!(".{}", cdi::spec_file_prefix(&self.config.driver_name));
+        let mut orphan_specs_removed = Vec::new();
+        let mut temp_files_removed = Vec::new();
+        for path in list_dir(&self.config.cdi_dir)? {
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if name.starts_with(&temp_prefix) && name.ends_with(fsutil::TEMP_SUFFIX) {
+                remove_logged(&path, &mut temp_files_removed)?;
+            } else if name.ends_with(".json")
+                && !owned.contains(&path)
+                && cdi::is_spec_of_kind(&path, &self.cdi_kind)
+            {
+                remove_logged(&path, &mut orphan_specs_removed)?;
+            }
+        }
+        let checkpoint_temp_prefix = format!(".{}.", checkpoint::CHECKPOINT_FILE);
+        for path in list_dir(&self.config.state_dir)? {
+            let is_temp = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(&checkpoint_temp_prefix) && n.ends_with(fsutil::TEMP_SUFFIX)
+            });
+            if is_temp {
+                remove_logged(&path, &mut temp_files_removed)?;
+            }
+        }
+        let mut orphan_claim_dirs_removed = Vec::new();
+        for path in list_dir(&self.config.state_dir.join(CLAIMS_SUBDIR))? {
+            let owned = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|uid| cp.claims.contains_key(uid));
+            if !owned && path.is_dir() {
+                fsutil::remove_dir_if_present(&path).map_err(|source| PrepareError::StateIo {
+                    path: path.clone(),
+                    source,
+                })?;
+                tracing::info!(dir = %path.display(), "removed orphan claim directory");
+                orphan_claim_dirs_removed.push(path);
+            }
+        }
+        Ok(RecoveryReport {
+            checkpoint: outcome,
+            rolled_back,
+            orphan_specs_removed,
+            orphan_claim_dirs_removed,
+            temp_files_removed,
+            restored,
+            prepared_claims: cp.claims.len(),
+        })
+    }
+}
+
+fn write_json<T: serde::Serialize>(
+    claim: &ClaimRef,
+    path: &Path,
+    value: &T,
+) -> Result<(), PrepareError> {
+    let io = |source| PrepareError::Io {
+        claim: claim.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+    fsutil::write_atomic(path, &bytes, PUBLIC_FILE_MODE).map_err(io)
+}
+
+fn with_path(path: &Path, e: std::io::Error) -> (PathBuf, std::io::Error) {
+    (path.to_path_buf(), e)
+}
+
+fn io_error(claim: &ClaimRef, (path, source): (PathBuf, std::io::Error)) -> PrepareError {
+    PrepareError::Io {
+        claim: claim.to_string(),
+        path,
+        source,
+    }
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, PrepareError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(PrepareError::StateIo {
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let mut paths = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| PrepareError::StateIo {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        paths.push(entry.path());
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+fn remove_logged(path: &Path, removed: &mut Vec<PathBuf>) -> Result<(), PrepareError> {
+    if fsutil::remove_file_if_present(path).map_err(|source| PrepareError::StateIo {
+        path: path.to_path_buf(),
+        source,
+    })? {
+        tracing::info!(path = %path.display(), "removed leftover file");
+        removed.push(path.to_path_buf());
+    }
+    Ok(())
+}
