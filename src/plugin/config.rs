@@ -1,0 +1,49 @@
+//! What the kubelet-facing server needs to know: the driver and node, where the kubelet's
+//! directories are, rolling-update identity, and how often it re-checks and reports.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::sockets::SocketPaths;
+use crate::names;
+
+#[derive(Clone, Debug)]
+pub struct PluginConfig {
+    pub driver_name: String,
+    /// Also the pool name of our ResourceSlices, so health reports name devices the way the
+    /// kubelet knows them.
+    pub node_name: String,
+    pub registry_dir: PathBuf,
+    pub plugins_dir: PathBuf,
+    /// Set in rolling-update mode: per-pod socket names and a filesystem lock.
+    pub pod_uid: Option<String>,
+    /// How often the registration socket's existence is checked (the kubelet wipes its
+    /// registry directory when it restarts, which silently deregisters us).
+    pub registration_check_interval: Duration,
+    /// How often the health stream repeats the device list when nothing changed.
+    pub health_report_interval: Duration,
+}
+
+impl PluginConfig {
+    /// The kubelet's default directories and timings for `node_name`.
+    pub fn new(node_name: impl Into<String>) -> Self {
+        Self {
+            driver_name: names::DEFAULT_DRIVER_NAME.to_string(),
+            node_name: node_name.into(),
+            registry_dir: PathBuf::from(names::DEFAULT_KUBELET_REGISTRY_DIR),
+            plugins_dir: PathBuf::from(names::DEFAULT_KUBELET_PLUGINS_DIR),
+            pod_uid: None,
+            registration_check_interval: Duration::from_secs(5),
+            health_report_interval: Duration::from_secs(30),
+        }
+    }
+
+    pub fn socket_paths(&self) -> SocketPaths {
+        SocketPaths::new(
+            &self.driver_name,
+            &self.registry_dir,
+            &self.plugins_dir,
+            self.pod_uid.as_deref(),
+        )
+    }
+}

@@ -1,0 +1,257 @@
+//! Runs the kubelet-facing servers: the DRA services (v1, v1beta1, health) on the DRA socket
+//! and the registration service on the registry socket, recreated when the kubelet wipes it.
+//! Shutdown deregisters first, lets in-flight calls finish, then removes our sockets.
+
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use super::config::PluginConfig;
+use super::dra_service::{ClaimPreparer, DraHandler, DraV1, DraV1beta1};
+use super::health::HealthService;
+use super::proto::dra_health_v1alpha1::dra_resource_health_server::DraResourceHealthServer;
+use super::proto::pluginregistration::registration_server::RegistrationServer;
+use super::proto::{dra_v1, dra_v1beta1};
+use super::registration::RegistrationService;
+use super::sockets::{self, SerializeLock, SocketError, SocketPaths};
+use crate::topology::InventoryWatch;
+
+/// A registration server that the kubelet keeps a connection to must not hold up a socket
+/// recreation or the shutdown for long.
+const REGISTRATION_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("making {path} absolute: {source}")]
+    Absolute { path: PathBuf, source: io::Error },
+    #[error("gRPC server on {path}: {source}")]
+    Transport {
+        path: PathBuf,
+        source: tonic::transport::Error,
+    },
+    #[error("plugin server task failed: {0}")]
+    Task(String),
+}
+
+/// The servers started by [`start`]. Dropping this does not stop them; call
+/// [`RunningPlugin::shutdown`] or cancel the token and [`RunningPlugin::wait`].
+#[derive(Debug)]
+pub struct RunningPlugin {
+    paths: SocketPaths,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl RunningPlugin {
+    /// The sockets, with absolute paths (the DRA path is what GetInfo reports).
+    pub fn paths(&self) -> &SocketPaths {
+        &self.paths
+    }
+
+    /// Cancelling this token starts the graceful shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, waits for in-flight calls and removes our sockets.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the servers stop (after the token is cancelled, or on a server error).
+    pub async fn wait(self) -> Result<(), ServeError> {
+        self.task
+            .await
+            .map_err(|e| ServeError::Task(e.to_string()))?
+    }
+}
+
+/// Binds both sockets (so errors surface here and the sockets exist when this returns) and
+/// serves until the returned handle is shut down. The DRA socket is bound before the
+/// registration socket: the kubelet dials the DRA endpoint as soon as it sees registration.
+pub async fn start<P: ClaimPreparer>(
+    config: &PluginConfig,
+    preparer: Arc<P>,
+    inventory: InventoryWatch,
+) -> Result<RunningPlugin, ServeError> {
+    let mut paths = config.socket_paths();
+    paths.registration = absolute(&paths.registration)?;
+    paths.dra = absolute(&paths.dra)?;
+    paths.plugin_dir = absolute(&paths.plugin_dir)?;
+    paths.serialize_lock = paths.serialize_lock.as_deref().map(absolute).transpose()?;
+
+    let dra_listener = sockets::bind_socket(&paths.dra)?;
+    let registration_listener = match sockets::bind_socket(&paths.registration) {
+        Ok(listener) => listener,
+        Err(e) => {
+            sockets::remove_socket(&paths.dra);
+            return Err(e.into());
+        }
+    };
+
+    let shutdown = CancellationToken::new();
+    let handler = Arc::new(DraHandler::new(
+        preparer,
+        paths.serialize_lock.clone().map(SerializeLock::new),
+    ));
+    let health = HealthService::new(
+        config.node_name.clone(),
+        inventory,
+        config.health_report_interval,
+        shutdown.clone(),
+    );
+    let dra_server = Server::builder()
+        .add_service(dra_v1::dra_plugin_server::DraPluginServer::from_arc(
+            Arc::new(DraV1(handler.clone())),
+        ))
+        .add_service(dra_v1beta1::dra_plugin_server::DraPluginServer::from_arc(
+            Arc::new(DraV1beta1(handler.clone())),
+        ))
+        .add_service(DraResourceHealthServer::new(health))
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(dra_listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    let registration = RegistrationService::new(config.driver_name.clone(), paths.dra.clone());
+    let registration_task = serve_registration(
+        registration,
+        paths.registration.clone(),
+        registration_listener,
+        config.registration_check_interval,
+        shutdown.clone(),
+    );
+
+    let task_paths = paths.clone();
+    let task_shutdown = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let dra_task = tokio::spawn(dra_server);
+        // Deregistered (socket removed) as soon as shutdown starts, so the kubelet sends new
+        // calls to another instance while ours finish.
+        let registration_done = async {
+            registration_task.await;
+            sockets::remove_socket(&task_paths.registration);
+        };
+        let dra_done = async {
+            let served = dra_task.await;
+            // A DRA server that failed ends this instance: the registration must not
+            // advertise an endpoint that no longer answers.
+            task_shutdown.cancel();
+            served
+        };
+        let ((), served) = tokio::join!(registration_done, dra_done);
+        let _drained = handler.drain().await;
+        sockets::remove_socket(&task_paths.dra);
+        tracing::info!(socket = %task_paths.dra.display(), "plugin sockets removed");
+        match served {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(ServeError::Transport {
+                path: task_paths.dra.clone(),
+                source,
+            }),
+            Err(join) => Err(ServeError::Task(join.to_string())),
+        }
+    });
+    tracing::info!(
+        registration = %paths.registration.display(),
+        dra = %paths.dra.display(),
+        "plugin sockets listening"
+    );
+    Ok(RunningPlugin {
+        paths,
+        shutdown,
+        task,
+    })
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, ServeError> {
+    std::path::absolute(path).map_err(|source| ServeError::Absolute {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The inode of the socket we bound, to tell our socket from one that replaced it.
+fn socket_inode(path: &Path) -> Option<u64> {
+    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+}
+
+/// Serves registration until shutdown. Every `check_interval` it checks that our socket file
+/// is still there; when the kubelet restarts it wipes the registry directory, and only a new
+/// socket makes it register us again.
+async fn serve_registration(
+    service: RegistrationService,
+    path: PathBuf,
+    first_listener: tokio::net::UnixListener,
+    check_interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut listener = Some(first_listener);
+    while !shutdown.is_cancelled() {
+        let bound = match listener.take() {
+            Some(bound) => bound,
+            None => match sockets::bind_socket(&path) {
+                Ok(bound) => {
+                    tracing::warn!(socket = %path.display(), "registration socket recreated");
+                    bound
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot recreate the registration socket");
+                    tokio::select! {
+                        () = tokio::time::sleep(check_interval) => continue,
+                        () = shutdown.cancelled() => break,
+                    }
+                }
+            },
+        };
+        let inode = socket_inode(&path);
+        let instance = shutdown.child_token();
+        let server = Server::builder()
+            .add_service(RegistrationServer::new(service.clone()))
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(bound),
+                instance.clone().cancelled_owned(),
+            );
+        tokio::pin!(server);
+        let socket_gone = async {
+            loop {
+                tokio::time::sleep(check_interval).await;
+                if !sockets::socket_exists(&path) || socket_inode(&path) != inode {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            served = &mut server => {
+                if let Err(e) = served {
+                    tracing::error!(socket = %path.display(), error = %e, "registration server failed");
+                }
+                // Rebinding right away would spin if the failure repeats.
+                tokio::select! {
+                    () = tokio::time::sleep(check_interval) => {}
+                    () = shutdown.cancelled() => {}
+                }
+            }
+            () = socket_gone => {
+                tracing::warn!(
+                    socket = %path.display(),
+                    "registration socket disappeared (kubelet restart?); recreating it"
+                );
+                instance.cancel();
+                let _ = tokio::time::timeout(REGISTRATION_DRAIN_TIMEOUT, &mut server).await;
+            }
+            () = shutdown.cancelled() => {
+                let _ = tokio::time::timeout(REGISTRATION_DRAIN_TIMEOUT, &mut server).await;
+            }
+        }
+    }
+}
