@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1
+# One image, one `tandem` binary for every role: the node plugin DaemonSet, the controller
+# Deployment, and `tandem topo` / `tandem fixture` run by hand with kubectl exec.
+
+FROM rust:1-bookworm AS builder
+WORKDIR /build
+
+# Dependencies first, against placeholder sources, so that a source-only change reuses this
+# layer. build.rs and proto/ go in too (build.rs needs them), and benches/ because cargo
+# refuses a manifest whose [[bench]] files are missing; none of them is compiled here.
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto ./proto
+COPY benches ./benches
+RUN mkdir -p src \
+    && echo 'fn main() {}' > src/main.rs \
+    && touch src/lib.rs \
+    && cargo build --release --locked \
+    && rm -rf src \
+        target/release/tandem target/release/.fingerprint/tandem-* \
+        target/release/deps/tandem-* target/release/deps/libtandem-* \
+        target/release/build/tandem-*
+
+# The placeholder fingerprints are gone above, so cargo rebuilds this crate from the real
+# sources whatever their timestamps.
+COPY src ./src
+RUN cargo build --release --locked \
+    && install -m 0755 target/release/tandem /tandem
+
+# glibc + libgcc and nothing else: the binary links rustls, not OpenSSL.
+FROM gcr.io/distroless/cc-debian12:nonroot
+
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=unknown
+LABEL org.opencontainers.image.title="tandem" \
+      org.opencontainers.image.description="Kubernetes DRA driver that hands out accelerators together with their closest RDMA NIC" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.base.name="gcr.io/distroless/cc-debian12:nonroot"
+
+COPY --from=builder /tandem /tandem
+# Non-root by default (uid 65532). The node plugin DaemonSet runs it as uid 0 because it
+# writes root-owned host directories; the controller keeps this user.
+USER 65532:65532
+ENTRYPOINT ["/tandem"]

@@ -1,0 +1,1218 @@
+//! The installation manifests under deploy/: every kustomize overlay renders with
+//! `kubectl kustomize`, parses into the typed k8s-openapi structs without losing a field, holds
+//! what the kubelet, the node plugin and the controller need, and its RBAC grants exactly the
+//! API calls the code makes (nothing missing, nothing extra).
+//!
+//! Needs kubectl on PATH (or $KUBECTL): without it the tests print why they skip, except under
+//! CI=true, where they fail. hack/ci-tools.sh installs it.
+
+use k8s_openapi::Resource;
+use k8s_openapi::api::admissionregistration::v1::{
+    ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, EnvVar, Event, Namespace, Node, PodSpec, ServiceAccount,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::api::resource::v1::{DeviceClass, ResourceClaim, ResourceSlice};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Deserialize;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use tandem::names;
+
+const OVERLAYS: &[&str] = &[
+    "deploy/base",
+    "deploy/overlays/production",
+    "deploy/overlays/kind",
+];
+const NODE_PLUGIN: &str = "tandem-node";
+const CONTROLLER: &str = "tandem-controller";
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn kubectl() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("KUBECTL") {
+        return Some(PathBuf::from(path));
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join("kubectl"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// None (after saying why) when kubectl is missing outside CI.
+fn kubectl_or_skip(test: &str) -> Option<PathBuf> {
+    let found = kubectl();
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "kubectl is not on PATH and CI=true: run hack/ci-tools.sh first"
+        );
+        eprintln!("SKIPPED {test}: kubectl is not on PATH (hack/ci-tools.sh installs it)");
+    }
+    found
+}
+
+/// Every object of one rendered overlay, typed.
+#[derive(Default)]
+struct Rendered {
+    overlay: String,
+    namespaces: Vec<Namespace>,
+    service_accounts: Vec<ServiceAccount>,
+    daemon_sets: Vec<DaemonSet>,
+    deployments: Vec<Deployment>,
+    cluster_roles: Vec<ClusterRole>,
+    cluster_role_bindings: Vec<ClusterRoleBinding>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
+    policies: Vec<ValidatingAdmissionPolicy>,
+    policy_bindings: Vec<ValidatingAdmissionPolicyBinding>,
+    device_classes: Vec<DeviceClass>,
+}
+
+/// The first place where `a` and `b` differ, as a JSON path.
+fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| match (x.get(k), y.get(k)) {
+                (Some(p), Some(q)) => first_difference(p, q, &format!("{path}.{k}")),
+                _ => Some(format!("{path}.{k}")),
+            })
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (p, q))| first_difference(p, q, &format!("{path}[{i}]"))),
+        _ if a == b => None,
+        _ => Some(path.to_string()),
+    }
+}
+
+/// Parses `doc` as `T` and serialises it back: a field the struct does not know (a typo, a
+/// field at the wrong level) is dropped by serde, so the round trip shows it.
+fn typed<T: DeserializeOwned + Serialize>(overlay: &str, doc: &Value) -> T {
+    let name = doc["metadata"]["name"].as_str().unwrap_or("?").to_string();
+    let kind = doc["kind"].as_str().unwrap_or("?").to_string();
+    let object: T = serde_json::from_value(doc.clone())
+        .unwrap_or_else(|e| panic!("{overlay}: {kind} {name} does not parse: {e}"));
+    let back = serde_json::to_value(&object).unwrap();
+    if let Some(path) = first_difference(doc, &back, "") {
+        panic!("{overlay}: {kind} {name}: field {path} is not part of the {kind} schema");
+    }
+    object
+}
+
+fn render(overlay: &str, kubectl: &Path) -> Rendered {
+    let output = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(repo_root().join(overlay))
+        .output()
+        .unwrap_or_else(|e| panic!("running {} kustomize: {e}", kubectl.display()));
+    assert!(
+        output.status.success(),
+        "kubectl kustomize {overlay} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    let mut rendered = Rendered {
+        overlay: overlay.to_string(),
+        ..Default::default()
+    };
+    for document in serde_norway::Deserializer::from_str(&text) {
+        let doc = Value::deserialize(document)
+            .unwrap_or_else(|e| panic!("{overlay}: rendered YAML does not parse: {e}"));
+        if doc.is_null() {
+            continue;
+        }
+        let api_version = doc["apiVersion"].as_str().unwrap_or_default();
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        let r = &mut rendered;
+        match (api_version, kind) {
+            ("v1", "Namespace") => r.namespaces.push(typed(overlay, &doc)),
+            ("v1", "ServiceAccount") => r.service_accounts.push(typed(overlay, &doc)),
+            ("apps/v1", "DaemonSet") => r.daemon_sets.push(typed(overlay, &doc)),
+            ("apps/v1", "Deployment") => r.deployments.push(typed(overlay, &doc)),
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+                r.cluster_roles.push(typed(overlay, &doc))
+            }
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+                r.cluster_role_bindings.push(typed(overlay, &doc))
+            }
+            ("rbac.authorization.k8s.io/v1", "Role") => r.roles.push(typed(overlay, &doc)),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+                r.role_bindings.push(typed(overlay, &doc))
+            }
+            ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy") => {
+                r.policies.push(typed(overlay, &doc))
+            }
+            ("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding") => {
+                r.policy_bindings.push(typed(overlay, &doc))
+            }
+            ("resource.k8s.io/v1", "DeviceClass") => r.device_classes.push(typed(overlay, &doc)),
+            _ => panic!(
+                "{overlay}: {api_version} {kind} is not a kind these tests know; add it to render()"
+            ),
+        }
+    }
+    rendered
+}
+
+/// Every overlay rendered once for all tests, or None when kubectl is missing outside CI.
+fn render_all(test: &str) -> Option<&'static [Rendered]> {
+    static RENDERED: OnceLock<Option<Vec<Rendered>>> = OnceLock::new();
+    let kubectl = kubectl_or_skip(test)?;
+    RENDERED
+        .get_or_init(|| Some(OVERLAYS.iter().map(|o| render(o, &kubectl)).collect()))
+        .as_deref()
+}
+
+impl Rendered {
+    fn daemon_set(&self, name: &str) -> &DaemonSet {
+        self.daemon_sets
+            .iter()
+            .find(|d| d.metadata.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("{}: no DaemonSet {name}", self.overlay))
+    }
+
+    fn deployment(&self, name: &str) -> &Deployment {
+        self.deployments
+            .iter()
+            .find(|d| d.metadata.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("{}: no Deployment {name}", self.overlay))
+    }
+
+    /// (namespace, name) of the service account a pod spec runs as; it must be rendered too.
+    fn identity(&self, namespace: &str, pod: &PodSpec) -> (String, String) {
+        let name = pod
+            .service_account_name
+            .clone()
+            .unwrap_or_else(|| panic!("{}: a pod without serviceAccountName", self.overlay));
+        assert!(
+            self.service_accounts.iter().any(|sa| {
+                sa.metadata.name.as_deref() == Some(name.as_str())
+                    && sa.metadata.namespace.as_deref() == Some(namespace)
+            }),
+            "{}: ServiceAccount {namespace}/{name} is not rendered",
+            self.overlay
+        );
+        (namespace.to_string(), name)
+    }
+
+    fn node_plugin(&self) -> (&DaemonSet, &PodSpec, &Container) {
+        let ds = self.daemon_set(NODE_PLUGIN);
+        let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(
+            pod.containers.len(),
+            1,
+            "{}: one plugin container",
+            self.overlay
+        );
+        (ds, pod, &pod.containers[0])
+    }
+
+    fn controller(&self) -> (&Deployment, &PodSpec, &Container) {
+        let deployment = self.deployment(CONTROLLER);
+        let pod = deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            pod.containers.len(),
+            1,
+            "{}: one controller container",
+            self.overlay
+        );
+        (deployment, pod, &pod.containers[0])
+    }
+}
+
+fn env<'a>(container: &'a Container, name: &str) -> Option<&'a EnvVar> {
+    container.env.iter().flatten().find(|e| e.name == name)
+}
+
+fn field_ref(container: &Container, name: &str) -> Option<String> {
+    env(container, name)?
+        .value_from
+        .as_ref()?
+        .field_ref
+        .as_ref()
+        .map(|f| f.field_path.clone())
+}
+
+fn plain_env(container: &Container, name: &str) -> Option<String> {
+    env(container, name)?.value.clone()
+}
+
+/// (hostPath, readOnly) of the volume mounted at `mount_path`, or None.
+fn host_mount(pod: &PodSpec, container: &Container, mount_path: &str) -> Option<(String, bool)> {
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == mount_path)?;
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)?;
+    let host = volume.host_path.as_ref()?;
+    Some((host.path.clone(), mount.read_only.unwrap_or(false)))
+}
+
+/// The hostPath mount whose mount path is the longest prefix of `path` inside the container.
+fn host_mount_holding(pod: &PodSpec, container: &Container, path: &str) -> Option<(String, bool)> {
+    container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| path == m.mount_path || path.starts_with(&format!("{}/", m.mount_path)))
+        .max_by_key(|m| m.mount_path.len())
+        .and_then(|m| host_mount(pod, container, &m.mount_path))
+}
+
+#[test]
+fn every_overlay_renders_into_typed_objects_in_existing_namespaces() {
+    let Some(overlays) = render_all("every_overlay_renders") else {
+        return;
+    };
+    for r in overlays {
+        let namespaces: BTreeSet<&str> = r
+            .namespaces
+            .iter()
+            .filter_map(|n| n.metadata.name.as_deref())
+            .chain(["default"])
+            .collect();
+        assert!(
+            namespaces.contains(names::DEFAULT_CONTROLLER_NAMESPACE),
+            "{}",
+            r.overlay
+        );
+        let namespaced = r
+            .service_accounts
+            .iter()
+            .map(|o| &o.metadata)
+            .chain(r.daemon_sets.iter().map(|o| &o.metadata))
+            .chain(r.deployments.iter().map(|o| &o.metadata))
+            .chain(r.roles.iter().map(|o| &o.metadata))
+            .chain(r.role_bindings.iter().map(|o| &o.metadata));
+        for meta in namespaced {
+            let ns = meta
+                .namespace
+                .as_deref()
+                .unwrap_or_else(|| panic!("{}: {:?} has no namespace", r.overlay, meta.name));
+            assert!(
+                namespaces.contains(ns),
+                "{}: namespace {ns} is not created",
+                r.overlay
+            );
+        }
+    }
+}
+
+#[test]
+fn node_plugin_mounts_the_kubelet_cdi_and_state_directories_at_their_host_paths() {
+    let Some(overlays) = render_all("node_plugin_mounts") else {
+        return;
+    };
+    // The defaults the plugin uses when the DaemonSet passes no flag for them.
+    let prepare = tandem::prepare::PrepareConfig::new(names::DEFAULT_DRIVER_NAME, "node");
+    let same_inside_and_out = [
+        names::DEFAULT_KUBELET_PLUGINS_DIR.to_string(),
+        names::DEFAULT_KUBELET_REGISTRY_DIR.to_string(),
+        prepare.cdi_dir.display().to_string(),
+        prepare.state_dir.display().to_string(),
+    ];
+    for r in overlays {
+        let (_, pod, container) = r.node_plugin();
+        assert_eq!(
+            container.args.as_ref().unwrap()[0],
+            "plugin",
+            "{}",
+            r.overlay
+        );
+        for path in &same_inside_and_out {
+            let (host, read_only) = host_mount(pod, container, path)
+                .unwrap_or_else(|| panic!("{}: nothing mounted at {path}", r.overlay));
+            assert_eq!(
+                &host, path,
+                "{}: {path} must be the same host path",
+                r.overlay
+            );
+            assert!(!read_only, "{}: the plugin writes {path}", r.overlay);
+        }
+        // Discovery roots: env of the plugin, each inside a read-only host mount.
+        for variable in ["TANDEM_SYSFS_ROOT", "TANDEM_DEV_ROOT"] {
+            let root = plain_env(container, variable)
+                .unwrap_or_else(|| panic!("{}: {variable} is not set", r.overlay));
+            let (_, read_only) = host_mount_holding(pod, container, &root)
+                .unwrap_or_else(|| panic!("{}: {variable}={root} is not a host mount", r.overlay));
+            assert!(read_only, "{}: {root} must be mounted read-only", r.overlay);
+        }
+        assert_eq!(
+            field_ref(container, "NODE_NAME").as_deref(),
+            Some("spec.nodeName"),
+            "{}",
+            r.overlay
+        );
+        assert_eq!(
+            field_ref(container, "POD_UID").as_deref(),
+            Some("metadata.uid"),
+            "{}: POD_UID turns on the per-pod sockets that maxSurge needs",
+            r.overlay
+        );
+    }
+}
+
+#[test]
+fn node_plugin_rolls_out_with_surge_on_accelerator_nodes_only() {
+    let Some(overlays) = render_all("node_plugin_rolls_out") else {
+        return;
+    };
+    for r in overlays {
+        let (ds, pod, container) = r.node_plugin();
+        let strategy = ds.spec.as_ref().unwrap().update_strategy.as_ref().unwrap();
+        assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+        let rolling = strategy.rolling_update.as_ref().unwrap();
+        assert_eq!(
+            rolling.max_surge,
+            Some(IntOrString::Int(1)),
+            "{}",
+            r.overlay
+        );
+        assert_eq!(
+            rolling.max_unavailable,
+            Some(IntOrString::Int(0)),
+            "{}",
+            r.overlay
+        );
+
+        let terms = &pod
+            .affinity
+            .as_ref()
+            .and_then(|a| a.node_affinity.as_ref())
+            .and_then(|a| {
+                a.required_during_scheduling_ignored_during_execution
+                    .as_ref()
+            })
+            .unwrap_or_else(|| panic!("{}: no required node affinity", r.overlay))
+            .node_selector_terms;
+        let keys: BTreeSet<&str> = terms
+            .iter()
+            .flat_map(|t| t.match_expressions.iter().flatten())
+            .map(|e| e.key.as_str())
+            .collect();
+        for key in [
+            "feature.node.kubernetes.io/pci-10de.present",
+            "feature.node.kubernetes.io/pci-1002.present",
+            "tandem.dev/accelerators",
+        ] {
+            assert!(
+                keys.contains(key),
+                "{}: node affinity lacks {key}",
+                r.overlay
+            );
+        }
+
+        let resources = container.resources.as_ref().unwrap();
+        let requests = resources.requests.as_ref().unwrap();
+        assert!(requests.contains_key("cpu") && requests.contains_key("memory"));
+        assert!(resources.limits.as_ref().unwrap().contains_key("memory"));
+        // The plugin serves no HTTP health endpoint yet; a probe would point at nothing.
+        assert!(
+            container.liveness_probe.is_none() && container.readiness_probe.is_none(),
+            "{}: probes need a health endpoint in `tandem plugin` first",
+            r.overlay
+        );
+    }
+}
+
+#[test]
+fn node_plugin_runs_unprivileged_with_no_capabilities_beyond_the_documented_ones() {
+    let Some(overlays) = render_all("node_plugin_security") else {
+        return;
+    };
+    for r in overlays {
+        let (_, _, container) = r.node_plugin();
+        let security = container.security_context.as_ref().unwrap();
+        assert_ne!(security.privileged, Some(true), "{}", r.overlay);
+        assert_eq!(
+            security.allow_privilege_escalation,
+            Some(false),
+            "{}",
+            r.overlay
+        );
+        assert_eq!(
+            security.read_only_root_filesystem,
+            Some(true),
+            "{}",
+            r.overlay
+        );
+        let capabilities = security.capabilities.as_ref().unwrap();
+        assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_string()][..]));
+        for added in capabilities.add.iter().flatten() {
+            assert!(
+                ["NET_ADMIN", "SYS_ADMIN"].contains(&added.as_str()),
+                "{}: capability {added} is not one docs/install.md explains",
+                r.overlay
+            );
+        }
+    }
+}
+
+#[test]
+fn controller_runs_two_non_root_replicas_with_health_probes() {
+    let Some(overlays) = render_all("controller_replicas") else {
+        return;
+    };
+    for r in overlays {
+        let (deployment, pod, container) = r.controller();
+        assert_eq!(
+            deployment.metadata.namespace.as_deref(),
+            Some(names::DEFAULT_CONTROLLER_NAMESPACE)
+        );
+        assert_eq!(
+            deployment.spec.as_ref().unwrap().replicas,
+            Some(2),
+            "{}",
+            r.overlay
+        );
+        assert_eq!(container.args.as_ref().unwrap()[0], "controller");
+        let pod_security = pod.security_context.as_ref().unwrap();
+        assert_eq!(pod_security.run_as_non_root, Some(true), "{}", r.overlay);
+        assert_ne!(pod_security.run_as_user, Some(0), "{}", r.overlay);
+        let security = container.security_context.as_ref().unwrap();
+        assert_eq!(
+            security.read_only_root_filesystem,
+            Some(true),
+            "{}",
+            r.overlay
+        );
+        assert_eq!(
+            security.allow_privilege_escalation,
+            Some(false),
+            "{}",
+            r.overlay
+        );
+        assert_eq!(
+            security.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
+        assert_eq!(
+            field_ref(container, "POD_NAMESPACE").as_deref(),
+            Some("metadata.namespace")
+        );
+        assert_eq!(
+            field_ref(container, "POD_NAME").as_deref(),
+            Some("metadata.name")
+        );
+
+        let metrics_port = container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.container_port == 8080)
+            .unwrap_or_else(|| panic!("{}: no container port 8080", r.overlay));
+        for (which, probe) in [
+            ("readiness", &container.readiness_probe),
+            ("liveness", &container.liveness_probe),
+        ] {
+            let get = probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .unwrap_or_else(|| panic!("{}: no {which} httpGet probe", r.overlay));
+            assert_eq!(
+                get.path.as_deref(),
+                Some("/healthz"),
+                "{}: {which}",
+                r.overlay
+            );
+            let port_ok = match &get.port {
+                IntOrString::Int(port) => *port == 8080,
+                IntOrString::String(name) => metrics_port.name.as_deref() == Some(name.as_str()),
+            };
+            assert!(port_ok, "{}: {which} probe is not on port 8080", r.overlay);
+        }
+    }
+}
+
+#[test]
+fn overlays_pick_the_image_they_promise() {
+    let Some(overlays) = render_all("overlay_images") else {
+        return;
+    };
+    for r in overlays {
+        let containers = [r.node_plugin().2, r.controller().2];
+        for container in containers {
+            let image = container.image.as_deref().unwrap();
+            match r.overlay.as_str() {
+                "deploy/overlays/kind" => {
+                    // up.sh loads tandem:dev into the nodes; there is nothing to pull.
+                    assert_eq!(image, "tandem:dev");
+                    assert_eq!(container.image_pull_policy.as_deref(), Some("Never"));
+                }
+                "deploy/overlays/production" => {
+                    let (repository, tag) = image.rsplit_once(':').unwrap();
+                    assert!(
+                        repository.contains('/'),
+                        "production image {image} has no registry"
+                    );
+                    assert_ne!(tag, "latest");
+                }
+                _ => assert_eq!(image, "tandem"),
+            }
+        }
+    }
+}
+
+#[test]
+fn kind_overlay_reads_the_fixture_tree_that_the_kind_cluster_mounts() {
+    let Some(overlays) = render_all("kind_overlay_fixture") else {
+        return;
+    };
+    let r = overlays
+        .iter()
+        .find(|r| r.overlay == "deploy/overlays/kind")
+        .unwrap();
+    let (_, pod, container) = r.node_plugin();
+    let mut fixture_host_paths = BTreeSet::new();
+    for (variable, leaf) in [
+        ("TANDEM_SYSFS_ROOT", "sys"),
+        ("TANDEM_PROC_ROOT", "proc"),
+        ("TANDEM_DEV_ROOT", "dev"),
+    ] {
+        let root = plain_env(container, variable).unwrap();
+        assert!(root.ends_with(&format!("/{leaf}")), "{variable}={root}");
+        let (host, read_only) = host_mount_holding(pod, container, &root).unwrap();
+        assert!(read_only);
+        fixture_host_paths.insert(host);
+    }
+    assert_eq!(fixture_host_paths.len(), 1, "one fixture tree per node");
+
+    // hack/kind/cluster.yaml must mount a fixture at that path on every labelled worker.
+    let text = std::fs::read_to_string(repo_root().join("hack/kind/cluster.yaml")).unwrap();
+    let config: Value = serde_norway::from_str(&text).unwrap();
+    assert_eq!(config["apiVersion"], "kind.x-k8s.io/v1alpha4");
+    let workers: Vec<&Value> = config["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["role"] == "worker")
+        .collect();
+    assert!(
+        workers.len() >= 2,
+        "the kind cluster has two fake GPU workers"
+    );
+    for worker in workers {
+        assert_eq!(worker["labels"]["tandem.dev/accelerators"], "true");
+        let mounts: Vec<&str> = worker["extraMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["containerPath"].as_str())
+            .collect();
+        assert!(
+            fixture_host_paths
+                .iter()
+                .all(|p| mounts.contains(&p.as_str())),
+            "a worker does not mount {fixture_host_paths:?}"
+        );
+    }
+}
+
+#[test]
+fn device_classes_say_what_the_controller_applies() {
+    let Some(overlays) = render_all("device_classes") else {
+        return;
+    };
+    let desired = tandem::controller::classes::desired_classes(names::DEFAULT_DRIVER_NAME);
+    for r in overlays {
+        assert_eq!(r.device_classes.len(), desired.len(), "{}", r.overlay);
+        for want in &desired {
+            let name = want.metadata.name.as_deref().unwrap();
+            let shipped = r
+                .device_classes
+                .iter()
+                .find(|c| c.metadata.name.as_deref() == Some(name))
+                .unwrap_or_else(|| panic!("{}: DeviceClass {name} is not shipped", r.overlay));
+            assert!(
+                tandem::controller::classes::class_matches(shipped, want),
+                "{}: DeviceClass {name} differs from src/controller/classes.rs:\n{:?}\n{:?}",
+                r.overlay,
+                shipped.spec.selectors,
+                want.spec.selectors
+            );
+        }
+    }
+}
+
+#[test]
+fn admission_policy_limits_the_node_plugin_to_slices_of_its_own_node() {
+    let Some(overlays) = render_all("admission_policy") else {
+        return;
+    };
+    for r in overlays {
+        let (ds, pod, _) = r.node_plugin();
+        let (namespace, account) = r.identity(ds.metadata.namespace.as_deref().unwrap(), pod);
+        let username = format!("system:serviceaccount:{namespace}:{account}");
+        let policy = r
+            .policies
+            .iter()
+            .find(|p| {
+                p.spec.as_ref().is_some_and(|s| {
+                    s.match_conditions
+                        .iter()
+                        .flatten()
+                        .any(|c| c.expression.contains(&format!("\"{username}\"")))
+                })
+            })
+            .unwrap_or_else(|| panic!("{}: no policy matches user {username}", r.overlay));
+        let spec = policy.spec.as_ref().unwrap();
+        assert_eq!(spec.failure_policy.as_deref(), Some("Fail"));
+        let rules = spec
+            .match_constraints
+            .as_ref()
+            .and_then(|m| m.resource_rules.as_ref())
+            .unwrap();
+        let covers = |operation: &str| {
+            rules.iter().any(|rule| {
+                rule.api_groups
+                    .iter()
+                    .flatten()
+                    .any(|g| g == ResourceSlice::GROUP)
+                    && rule
+                        .resources
+                        .iter()
+                        .flatten()
+                        .any(|res| res == ResourceSlice::URL_PATH_SEGMENT)
+                    && rule.operations.iter().flatten().any(|o| o == operation)
+            })
+        };
+        for operation in ["CREATE", "UPDATE", "DELETE"] {
+            assert!(
+                covers(operation),
+                "{}: {operation} of slices is not checked",
+                r.overlay
+            );
+        }
+        let cel: String = spec
+            .variables
+            .iter()
+            .flatten()
+            .map(|v| v.expression.as_str())
+            .chain(
+                spec.validations
+                    .iter()
+                    .flatten()
+                    .map(|v| v.expression.as_str()),
+            )
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(cel.contains("authentication.kubernetes.io/node-name"));
+        assert!(cel.contains("oldObject") && cel.contains("spec.nodeName"));
+
+        let policy_name = policy.metadata.name.as_deref().unwrap();
+        let binding = r
+            .policy_bindings
+            .iter()
+            .find(|b| b.spec.as_ref().and_then(|s| s.policy_name.as_deref()) == Some(policy_name))
+            .unwrap_or_else(|| panic!("{}: policy {policy_name} is not bound", r.overlay));
+        let actions = binding
+            .spec
+            .as_ref()
+            .unwrap()
+            .validation_actions
+            .as_ref()
+            .unwrap();
+        assert!(
+            actions.iter().any(|a| a == "Deny"),
+            "{}: binding only warns",
+            r.overlay
+        );
+    }
+}
+
+#[test]
+fn kind_scripts_parse() {
+    let dir = repo_root().join("hack");
+    let mut scripts = Vec::new();
+    let mut pending = vec![dir];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "sh") {
+                scripts.push(path);
+            }
+        }
+    }
+    assert!(scripts.iter().any(|s| s.ends_with("kind/up.sh")));
+    for script in scripts {
+        let status = Command::new("bash")
+            .arg("-n")
+            .arg(&script)
+            .status()
+            .unwrap();
+        assert!(status.success(), "bash -n {} failed", script.display());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RBAC coverage: the table below is every API call the code makes against a real apiserver,
+// one row per (call site file, object type). The source scan checks the table against the
+// code, the rendered RBAC is checked against the table.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Who {
+    NodePlugin,
+    Controller,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Scope {
+    /// Granted by a ClusterRoleBinding: cluster-scoped objects, or every namespace.
+    Cluster,
+    /// Granted by a RoleBinding in this namespace.
+    Namespace(String),
+}
+
+struct ApiUse {
+    who: Who,
+    /// The file holding the calls, relative to src/.
+    file: &'static str,
+    /// The type as spelled in `Api<...>` / `Store<...>`.
+    type_name: &'static str,
+    group: &'static str,
+    resource: &'static str,
+    scope: Scope,
+    verbs: &'static [&'static str],
+    /// The one object the calls touch, when the code names it (RBAC resourceNames). Never
+    /// applied to `create`, which RBAC cannot narrow by name.
+    only_name: Option<&'static str>,
+}
+
+macro_rules! api_use {
+    ($who:ident, $file:literal, $ty:ident, $scope:expr, [$($verb:literal),+], $name:expr) => {
+        ApiUse {
+            who: Who::$who,
+            file: $file,
+            type_name: stringify!($ty),
+            group: <$ty as Resource>::GROUP,
+            resource: <$ty as Resource>::URL_PATH_SEGMENT,
+            scope: $scope,
+            verbs: &[$($verb),+],
+            only_name: $name,
+        }
+    };
+}
+
+/// Files that use kube's Api only against the in-process fake apiserver (`tandem demo` and
+/// the tests), never a cluster.
+const FAKE_APISERVER_ONLY: &[&str] = &["apiserver_fake/", "cli/demo.rs"];
+
+fn api_uses() -> Vec<ApiUse> {
+    let controller_ns = || Scope::Namespace(names::DEFAULT_CONTROLLER_NAMESPACE.to_string());
+    vec![
+        // fetch_claim: GET of the claim the kubelet asks to prepare, in its namespace.
+        api_use!(
+            NodePlugin,
+            "prepare/claim.rs",
+            ResourceClaim,
+            Scope::Cluster,
+            ["get"],
+            None
+        ),
+        // Publisher: list/watch by field selector, create, replace, get_opt after a conflict,
+        // delete with a UID precondition.
+        api_use!(
+            NodePlugin,
+            "slices/publish.rs",
+            ResourceSlice,
+            Scope::Cluster,
+            ["get", "list", "watch", "create", "update", "delete"],
+            None
+        ),
+        // node_identity: the Node's UID for the slices' owner reference.
+        api_use!(
+            NodePlugin,
+            "slices/publish.rs",
+            Node,
+            Scope::Cluster,
+            ["get"],
+            None
+        ),
+        // lead(): reflector watches of classes, this driver's slices, nodes and the rail
+        // ConfigMap (field selector metadata.name=tandem-rails).
+        api_use!(
+            Controller,
+            "controller/mod.rs",
+            DeviceClass,
+            Scope::Cluster,
+            ["list", "watch"],
+            None
+        ),
+        api_use!(
+            Controller,
+            "controller/mod.rs",
+            ResourceSlice,
+            Scope::Cluster,
+            ["list", "watch"],
+            None
+        ),
+        api_use!(
+            Controller,
+            "controller/mod.rs",
+            Node,
+            Scope::Cluster,
+            ["list", "watch"],
+            None
+        ),
+        api_use!(
+            Controller,
+            "controller/mod.rs",
+            ConfigMap,
+            controller_ns(),
+            ["list", "watch"],
+            Some(names::RAILS_CONFIGMAP)
+        ),
+        // apply_class: server-side apply.
+        api_use!(
+            Controller,
+            "controller/classes.rs",
+            DeviceClass,
+            Scope::Cluster,
+            ["patch"],
+            None
+        ),
+        // LeaderElector: get_opt, create, replace of the Lease.
+        api_use!(
+            Controller,
+            "controller/lease.rs",
+            Lease,
+            controller_ns(),
+            ["get", "create", "update"],
+            Some(names::CONTROLLER_LEASE_NAME)
+        ),
+        // FleetReconciler: Node label merge patches; the rail ConfigMap; NodeEvents in the
+        // "default" namespace (fleet.rs NODE_EVENT_NAMESPACE) with a get+replace count bump.
+        api_use!(
+            Controller,
+            "controller/fleet.rs",
+            Node,
+            Scope::Cluster,
+            ["patch"],
+            None
+        ),
+        api_use!(
+            Controller,
+            "controller/fleet.rs",
+            ConfigMap,
+            controller_ns(),
+            ["get", "create", "update"],
+            Some(names::RAILS_CONFIGMAP)
+        ),
+        api_use!(
+            Controller,
+            "controller/fleet.rs",
+            Event,
+            Scope::Namespace("default".to_string()),
+            ["create", "get", "update"],
+            None
+        ),
+    ]
+}
+
+/// The production code of `file`: unit tests in `#[cfg(test)] mod tests` run against fakes.
+fn production_code(text: &str) -> &str {
+    match text.find("#[cfg(test)]\nmod tests") {
+        Some(at) => &text[..at],
+        None => text,
+    }
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// (file relative to src/, type name) for every `Api<T>`, `Api::<T>` and reflector `Store<T>`
+/// in production code; one-letter names are generic parameters.
+fn scanned_api_types() -> BTreeMap<String, BTreeSet<String>> {
+    let src = repo_root().join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for path in files {
+        let relative = path
+            .strip_prefix(&src)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        if FAKE_APISERVER_ONLY
+            .iter()
+            .any(|skip| relative.starts_with(skip))
+        {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let code = production_code(&text);
+        for marker in ["Api<", "Api::<", "Store<"] {
+            for (at, _) in code.match_indices(marker) {
+                let before = code[..at].chars().next_back();
+                if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                    continue; // e.g. `DynamicApi<`
+                }
+                let rest = &code[at + marker.len()..];
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
+                    .collect();
+                let name = name.rsplit("::").next().unwrap_or_default().to_string();
+                if name.len() > 1 {
+                    found.entry(relative.clone()).or_default().insert(name);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Text in a file that shows a verb is called there.
+fn evidence_of(verb: &str) -> &'static [&'static str] {
+    match verb {
+        "get" => &[".get_opt(", ".get("],
+        "list" => &[".list(", "watcher(", "Store<"],
+        "watch" => &["watcher(", ".watch(", "Store<"],
+        "create" => &[".create("],
+        "update" => &[".replace("],
+        "patch" => &[".patch("],
+        "delete" => &[".delete("],
+        other => panic!("verb {other} has no evidence rule"),
+    }
+}
+
+/// Calls that are only ever kube calls, and the verbs (any one of) they need.
+const KUBE_CALLS: &[(&str, &[&str])] = &[
+    (".get_opt(", &["get"]),
+    ("ListParams", &["list"]),
+    ("watcher(", &["list", "watch"]),
+    ("PostParams", &["create", "update"]),
+    ("PatchParams", &["patch"]),
+    ("DeleteParams", &["delete"]),
+    ("delete_collection(", &["deletecollection"]),
+    ("patch_status(", &["patch on a status subresource"]),
+    ("replace_status(", &["update on a status subresource"]),
+];
+
+#[test]
+fn api_use_table_matches_the_source() {
+    let scanned = scanned_api_types();
+    let uses = api_uses();
+    let mut listed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for u in &uses {
+        listed
+            .entry(u.file.to_string())
+            .or_default()
+            .insert(u.type_name.to_string());
+    }
+    assert_eq!(
+        scanned, listed,
+        "the Api/Store uses in src/ (left) and the api_uses() table (right) differ: add a row \
+         for each new call site, with the RBAC it needs in deploy/base"
+    );
+    for file in listed.keys() {
+        let text = std::fs::read_to_string(repo_root().join("src").join(file)).unwrap();
+        let code = production_code(&text);
+        let verbs: BTreeSet<&str> = uses
+            .iter()
+            .filter(|u| u.file == file)
+            .flat_map(|u| u.verbs.iter().copied())
+            .collect();
+        for verb in &verbs {
+            assert!(
+                evidence_of(verb).iter().any(|e| code.contains(e)),
+                "src/{file}: the table says it calls {verb}, but no {:?} is there",
+                evidence_of(verb)
+            );
+        }
+        for (call, needs) in KUBE_CALLS {
+            if code.contains(call) {
+                assert!(
+                    needs.iter().any(|v| verbs.contains(v)),
+                    "src/{file} uses {call}, which needs {needs:?}; the table lists {verbs:?}"
+                );
+            }
+        }
+    }
+}
+
+type Grant = (Who, String, String, String, Scope, Option<String>);
+
+fn expected_grants() -> BTreeSet<Grant> {
+    let mut grants = BTreeSet::new();
+    for u in api_uses() {
+        for verb in u.verbs {
+            let name = if *verb == "create" {
+                None
+            } else {
+                u.only_name.map(str::to_string)
+            };
+            grants.insert((
+                u.who,
+                u.group.to_string(),
+                u.resource.to_string(),
+                verb.to_string(),
+                u.scope.clone(),
+                name,
+            ));
+        }
+    }
+    grants
+}
+
+fn expand(who: Who, scope: &Scope, rules: &[PolicyRule], out: &mut BTreeSet<Grant>) {
+    for rule in rules {
+        assert!(
+            rule.non_resource_urls.is_none(),
+            "non-resource URLs are not needed"
+        );
+        let names: Vec<Option<String>> = match &rule.resource_names {
+            Some(names) if !names.is_empty() => names.iter().cloned().map(Some).collect(),
+            _ => vec![None],
+        };
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    for text in [group, resource, verb] {
+                        assert!(!text.contains('*'), "wildcard in an RBAC rule: {rule:?}");
+                    }
+                    for name in &names {
+                        out.insert((
+                            who,
+                            group.clone(),
+                            resource.clone(),
+                            verb.clone(),
+                            scope.clone(),
+                            name.clone(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the rendered Roles and ClusterRoles grant to the plugin's and the controller's
+/// service accounts.
+fn rendered_grants(r: &Rendered) -> BTreeSet<Grant> {
+    let (ds, pod, _) = r.node_plugin();
+    let plugin = r.identity(ds.metadata.namespace.as_deref().unwrap(), pod);
+    let (deployment, pod, _) = r.controller();
+    let controller = r.identity(deployment.metadata.namespace.as_deref().unwrap(), pod);
+    let who_is = |namespace: Option<&str>, name: &str| -> Option<Who> {
+        let account = (namespace.unwrap_or_default().to_string(), name.to_string());
+        if account == plugin {
+            Some(Who::NodePlugin)
+        } else if account == controller {
+            Some(Who::Controller)
+        } else {
+            None
+        }
+    };
+    let cluster_role = |name: &str| -> Vec<PolicyRule> {
+        r.cluster_roles
+            .iter()
+            .find(|c| c.metadata.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("{}: ClusterRole {name} is not rendered", r.overlay))
+            .rules
+            .clone()
+            .unwrap_or_default()
+    };
+    let mut grants = BTreeSet::new();
+    for binding in &r.cluster_role_bindings {
+        assert_eq!(binding.role_ref.kind, "ClusterRole");
+        for subject in binding.subjects.iter().flatten() {
+            assert_eq!(subject.kind, "ServiceAccount", "{}", r.overlay);
+            let who = who_is(subject.namespace.as_deref(), &subject.name)
+                .unwrap_or_else(|| panic!("{}: binding to unknown {subject:?}", r.overlay));
+            expand(
+                who,
+                &Scope::Cluster,
+                &cluster_role(&binding.role_ref.name),
+                &mut grants,
+            );
+        }
+    }
+    for binding in &r.role_bindings {
+        let namespace = binding.metadata.namespace.clone().unwrap();
+        let rules = match binding.role_ref.kind.as_str() {
+            "ClusterRole" => cluster_role(&binding.role_ref.name),
+            _ => r
+                .roles
+                .iter()
+                .find(|role| {
+                    role.metadata.name.as_deref() == Some(binding.role_ref.name.as_str())
+                        && role.metadata.namespace.as_deref() == Some(namespace.as_str())
+                })
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{}: Role {namespace}/{} missing",
+                        r.overlay, binding.role_ref.name
+                    )
+                })
+                .rules
+                .clone()
+                .unwrap_or_default(),
+        };
+        for subject in binding.subjects.iter().flatten() {
+            let who = who_is(subject.namespace.as_deref(), &subject.name)
+                .unwrap_or_else(|| panic!("{}: binding to unknown {subject:?}", r.overlay));
+            expand(
+                who,
+                &Scope::Namespace(namespace.clone()),
+                &rules,
+                &mut grants,
+            );
+        }
+    }
+    grants
+}
+
+#[test]
+fn rbac_grants_exactly_the_api_calls_the_code_makes() {
+    let Some(overlays) = render_all("rbac_coverage") else {
+        return;
+    };
+    let expected = expected_grants();
+    for r in overlays {
+        let granted = rendered_grants(r);
+        let missing: Vec<&Grant> = expected.difference(&granted).collect();
+        let extra: Vec<&Grant> = granted.difference(&expected).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{}: RBAC differs from the calls in src/\nmissing: {missing:#?}\nextra: {extra:#?}",
+            r.overlay
+        );
+    }
+}
