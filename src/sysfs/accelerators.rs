@@ -58,6 +58,13 @@ pub fn parse_nvidia_version(text: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Whether reading this accelerator may need `/proc/devices` (a vfio-pci function whose
+/// group lacks a `dev` file), which discovery reads once for the whole scan; such functions
+/// are read after the parallel part of the scan.
+pub fn may_need_proc_devices(pci: &PciFunction) -> bool {
+    pci.driver.as_deref() == Some(VFIO_DRIVER)
+}
+
 pub fn read_accelerator(
     dir: &SysDir<'_>,
     pci: PciFunction,

@@ -106,7 +106,7 @@ fn node_id(name: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-pub(crate) fn parse_distances(text: &str) -> Option<Vec<u32>> {
+pub fn parse_distances(text: &str) -> Option<Vec<u32>> {
     text.split_whitespace()
         .map(|d| d.parse::<u32>().ok())
         .collect()

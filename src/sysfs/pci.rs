@@ -9,7 +9,7 @@ use super::reader::{DirEntry, ReadError, SysDir};
 use crate::topology::address::is_root_name;
 use crate::topology::{AcceleratorKind, NumaSource, PciAddress, PciFunction, Sriov};
 use std::collections::HashSet;
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 
 pub const DEVICES_DIR: &str = "bus/pci/devices";
 
@@ -49,62 +49,71 @@ pub struct Candidate<'r> {
     pub bridges: Vec<PciAddress>,
 }
 
-/// Every function among the `bus/pci/devices` entries that Tandem hands out, sorted by address. A
-/// function that cannot be placed or identified becomes a problem and is left out.
-pub fn candidates<'r>(
-    devices: &SysDir<'r>,
-    entries: Vec<DirEntry>,
+/// A `bus/pci/devices` entry whose link has been followed to the function's directory.
+pub struct ResolvedEntry {
+    pub address: PciAddress,
+    /// Root-relative, symlink-free directory of the function.
+    pub rel: PathBuf,
+    /// The `bus/pci/devices/<address>` link, for messages.
+    pub link_path: PathBuf,
+}
+
+/// Follows one `bus/pci/devices` entry to its function's directory. An entry that is not a
+/// PCI address or whose link leads nowhere becomes a problem and `None`.
+pub fn resolve_entry(
+    devices: &SysDir<'_>,
+    entry: &DirEntry,
     problems: &mut Problems,
-) -> Vec<Candidate<'r>> {
-    let mut resolved = Vec::with_capacity(entries.len());
-    for entry in entries {
-        let link_path = devices.file_path(&entry.name);
-        let Ok(address) = entry.name.parse::<PciAddress>() else {
-            problems.message(
-                None,
-                link_path,
-                "entry name is not a PCI address (dddd:bb:dd.f)",
-            );
-            continue;
-        };
-        let dir = match devices.entry_dir(&entry) {
-            Ok(d) => d,
-            Err(ReadError::Missing { path }) => {
-                let message = if path == link_path {
-                    "vanished during the scan".to_string()
-                } else {
-                    format!("dangling symlink: {} does not exist", path.display())
-                };
-                problems.message(Some(address), link_path, message);
-                continue;
-            }
-            Err(e) => {
-                problems.add(Some(address), e);
-                continue;
-            }
-        };
-        resolved.push((address, dir, link_path));
+) -> Option<ResolvedEntry> {
+    let link_path = devices.file_path(&entry.name);
+    let Ok(address) = entry.name.parse::<PciAddress>() else {
+        problems.message(
+            None,
+            link_path,
+            "entry name is not a PCI address (dddd:bb:dd.f)",
+        );
+        return None;
+    };
+    match devices.entry_dir(entry) {
+        Ok(dir) => Some(ResolvedEntry {
+            address,
+            rel: dir.rel().to_path_buf(),
+            link_path,
+        }),
+        Err(ReadError::Missing { path }) => {
+            let message = if path == link_path {
+                "vanished during the scan".to_string()
+            } else {
+                format!("dangling symlink: {} does not exist", path.display())
+            };
+            problems.message(Some(address), link_path, message);
+            None
+        }
+        Err(e) => {
+            problems.add(Some(address), e);
+            None
+        }
     }
-    // Only bridges have PCI functions below them in sysfs, so every function named on the
-    // way to another one is a bridge, and its class need not be read to know it.
-    let bridges: HashSet<PciAddress> = resolved
+}
+
+/// The functions some other function sits below. Only bridges have PCI functions below them
+/// in sysfs, so every function named on the way to another one is a bridge, and its class
+/// need not be read to know it.
+pub fn bridges(resolved: &[ResolvedEntry]) -> HashSet<PciAddress> {
+    resolved
         .iter()
-        .flat_map(|(_, dir, _)| {
-            let mut names = dir.rel().components().rev();
+        .flat_map(|entry| {
+            let mut names = entry.rel.components().rev();
             names.next();
             names.filter_map(|c| c.as_os_str().to_str()?.parse::<PciAddress>().ok())
         })
-        .collect();
-    let mut found: Vec<Candidate<'r>> = resolved
-        .into_iter()
-        .filter(|(address, _, _)| !bridges.contains(address))
-        .filter_map(|(address, dir, link_path)| identify(address, dir, &link_path, problems))
-        .collect();
-    found.sort_by_key(|c| c.address);
-    found
+        .collect()
 }
 
-fn identify<'r>(
+/// Reads the identity of a function (class, vendor, device) and places it in the PCIe tree;
+/// `None` for what Tandem does not hand out, and for what cannot be identified or placed
+/// (then with a problem).
+pub fn identify<'r>(
     address: PciAddress,
     dir: SysDir<'r>,
     link_path: &Path,

@@ -118,6 +118,13 @@ impl RootedReader {
         self.root.join(rel)
     }
 
+    /// A directory whose root-relative path another reader of the same root has already
+    /// resolved (so it holds no symlinks): lets a discovery thread pick up where another left
+    /// off without walking the path again.
+    pub(super) fn resolved_dir(&self, rel: PathBuf) -> SysDir<'_> {
+        SysDir { reader: self, rel }
+    }
+
     /// A directory below the root, every symlink on the way resolved inside the root.
     pub fn dir(&self, rel: impl AsRef<Path>) -> Result<SysDir<'_>, ReadError> {
         let resolved = self.resolve(Path::new(""), rel.as_ref())?;
