@@ -19,7 +19,6 @@ use tandem::sysfs::discover;
 use tandem::topology::pair_node;
 use tonic::transport::Channel;
 
-const NODE: &str = "bench-node";
 const NAMESPACE: &str = "bench";
 
 struct Node {
@@ -31,7 +30,12 @@ struct Node {
 }
 
 /// Starts the plugin on `description` with `claims` claims of 8 paired GPUs + NICs each.
-async fn start(apiserver: &FakeApiServer, description: &MachineDescription, claims: usize) -> Node {
+async fn start(
+    apiserver: &FakeApiServer,
+    node_name: &str,
+    description: &MachineDescription,
+    claims: usize,
+) -> Node {
     let scratch = fixture::scratch_dir().expect("scratch dir");
     // The checkpoint lives on disk as it does on a node (/var/lib/tandem); CDI specs on tmpfs
     // as /var/run/cdi is.
@@ -41,14 +45,17 @@ async fn start(apiserver: &FakeApiServer, description: &MachineDescription, clai
     let inventory = discover(&roots).expect("discover");
     let pairs = pair_node(&inventory).pairs;
     let kubeconfig = scratch.path().join("kubeconfig");
-    let config = serde_json::json!({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{ "name": "fake", "cluster": { "server": apiserver.url() } }],
-        "users": [{ "name": "fake", "user": {} }],
-        "contexts": [{ "name": "fake", "context": { "cluster": "fake", "user": "fake" } }],
-        "current-context": "fake",
-    });
-    std::fs::write(&kubeconfig, serde_json::to_vec(&config).expect("json")).expect("kubeconfig");
+    apiserver.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+
+    // The Node object, so the plugin's slices get their owner reference as on a cluster.
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(apiserver.client());
+    let node_object: k8s_openapi::api::core::v1::Node =
+        serde_json::from_value(serde_json::json!({ "metadata": { "name": node_name } }))
+            .expect("node");
+    nodes
+        .create(&Default::default(), &node_object)
+        .await
+        .expect("create node");
 
     let mut made = Vec::new();
     for (i, chunk) in pairs.chunks(8).take(claims).enumerate() {
@@ -57,7 +64,7 @@ async fn start(apiserver: &FakeApiServer, description: &MachineDescription, clai
             8,
             "fixture too small for {claims} claims of 8 pairs"
         );
-        let name = format!("claim-{i}");
+        let name = format!("{node_name}-claim-{i}");
         let requests = [
             ClaimRequest {
                 name: "gpus".into(),
@@ -81,7 +88,7 @@ async fn start(apiserver: &FakeApiServer, description: &MachineDescription, clai
             NAMESPACE,
             &name,
             names::DEFAULT_DRIVER_NAME,
-            NODE,
+            node_name,
             &requests,
         )
         .await
@@ -96,7 +103,7 @@ async fn start(apiserver: &FakeApiServer, description: &MachineDescription, clai
 
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
         .arg("plugin")
-        .args(["--node-name", NODE])
+        .args(["--node-name", node_name])
         .arg("--kubelet-registry-dir")
         .arg(scratch.path().join("registry"))
         .arg("--kubelet-plugins-dir")
@@ -195,6 +202,7 @@ async fn main() {
     // Sequential: one claim of the 8 DGX H100 GPUs with their rail HCAs.
     let mut node = start(
         &apiserver,
+        "dgx-h100",
         &fixture::builtin("dgx-h100").expect("fixture"),
         1,
     )
@@ -219,7 +227,13 @@ async fn main() {
 
     // 16 in parallel: 16 claims of 8 + 8 on a 128-GPU synthetic node, each on its own
     // connection as concurrent pod starts would be.
-    let mut node = start(&apiserver, &fixture::synthetic(128, 128), 16).await;
+    let mut node = start(
+        &apiserver,
+        "synthetic-256",
+        &fixture::synthetic(128, 128),
+        16,
+    )
+    .await;
     let (mut prep, mut unprep) = (Vec::new(), Vec::new());
     for _ in 0..(ROUNDS / 16).max(4) {
         let tasks: Vec<_> = node

@@ -27,6 +27,8 @@ const NODE: &str = "node-crash";
 const NAMESPACE: &str = "crash";
 const OPERATIONS: usize = 200;
 const WORKERS: usize = 4;
+/// Kills the run must see before it may end (within its time bound).
+const MIN_KILLS: u32 = 8;
 
 /// splitmix64: a seeded, reproducible stream without a dependency.
 struct Rng(u64);
@@ -238,15 +240,7 @@ async fn sigkill_during_prepare_and_unprepare_loses_nothing() {
     let inventory = discover(&roots).unwrap();
     let apiserver = FakeApiServer::start().await.unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
-    let config = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{ "name": "fake", "cluster": { "server": apiserver.url() } }],
-        "users": [{ "name": "fake", "user": {} }],
-        "contexts": [{ "name": "fake", "context": { "cluster": "fake", "user": "fake" } }],
-        "current-context": "fake",
-    });
-    std::fs::write(&kubeconfig, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    apiserver.write_kubeconfig(&kubeconfig).unwrap();
     let layout = Arc::new(Layout {
         dir: dir.path().to_path_buf(),
         roots,
@@ -292,8 +286,10 @@ async fn sigkill_during_prepare_and_unprepare_loses_nothing() {
     let finished = tokio_util::sync::CancellationToken::new();
 
     // The killer: SIGKILL at a random moment, restart, repeat until the calls are done.
+    let kill_count = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let killer = {
         let (child, layout, finished) = (child.clone(), layout.clone(), finished.clone());
+        let kill_count = kill_count.clone();
         let mut rng = Rng(seed ^ 0xdead_beef);
         tokio::spawn(async move {
             let mut kills = 0u32;
@@ -307,13 +303,16 @@ async fn sigkill_during_prepare_and_unprepare_loses_nothing() {
                 running.start_kill().unwrap();
                 running.wait().await.unwrap();
                 kills += 1;
+                kill_count.store(kills, std::sync::atomic::Ordering::SeqCst);
                 *running = layout.spawn_plugin();
             }
         })
     };
 
     // Workers: each owns a disjoint set of claims and calls on them one at a time, as the
-    // kubelet does per claim; together they make OPERATIONS calls.
+    // kubelet does per claim; together they make at least OPERATIONS calls, and go on until
+    // the plugin was killed MIN_KILLS times (a fast machine finishes 200 calls between few
+    // kills), within a time bound.
     let mut workers = Vec::new();
     for worker in 0..WORKERS {
         let mine: Vec<Claim> = claims
@@ -323,6 +322,7 @@ async fn sigkill_during_prepare_and_unprepare_loses_nothing() {
             .cloned()
             .collect();
         let layout = layout.clone();
+        let kill_count = kill_count.clone();
         let mut rng = Rng(seed.wrapping_add(worker as u64 + 1));
         workers.push(tokio::spawn(async move {
             let mut answered: BTreeMap<String, Answered> = mine
@@ -330,7 +330,13 @@ async fn sigkill_during_prepare_and_unprepare_loses_nothing() {
                 .map(|c| (c.uid.clone(), Answered::Unprepared))
                 .collect();
             let mut definitive = 0usize;
-            for _ in 0..OPERATIONS / WORKERS {
+            let mut calls = 0usize;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while calls < OPERATIONS / WORKERS
+                || (kill_count.load(std::sync::atomic::Ordering::SeqCst) < MIN_KILLS
+                    && Instant::now() < deadline)
+            {
+                calls += 1;
                 let claim = &mine[rng.below(mine.len() as u64) as usize];
                 let operation = if rng.below(2) == 0 {
                     Operation::Prepare
@@ -341,15 +347,17 @@ async fn sigkill_during_prepare_and_unprepare_loses_nothing() {
                 definitive += usize::from(result.is_some());
                 answered.insert(claim.uid.clone(), result.unwrap_or(Answered::Unknown));
             }
-            (answered, definitive)
+            (answered, definitive, calls)
         }));
     }
     let mut answered = BTreeMap::new();
     let mut definitive = 0;
+    let mut calls = 0;
     for worker in workers {
-        let (mine, count) = worker.await.unwrap();
+        let (mine, count, made) = worker.await.unwrap();
         answered.extend(mine);
         definitive += count;
+        calls += made;
     }
     finished.cancel();
     let kills = killer.await.unwrap();
@@ -396,16 +404,16 @@ async fn sigkill_during_prepare_and_unprepare_loses_nothing() {
     assert!(!layout.registration_socket().exists());
 
     eprintln!(
-        "{OPERATIONS} calls, {definitive} answered, {kills} kills, {checked} claims checked mid-run, {:?}",
+        "{calls} calls, {definitive} answered, {kills} kills, {checked} claims checked mid-run, {:?}",
         started.elapsed()
     );
     assert!(
-        kills >= 5,
+        kills >= MIN_KILLS,
         "only {kills} kills: the test did not exercise crashes"
     );
     assert!(
-        definitive >= OPERATIONS / 2,
-        "only {definitive} of {OPERATIONS} calls were answered"
+        definitive >= calls / 2,
+        "only {definitive} of {calls} calls were answered"
     );
     apiserver.shutdown().await;
 }

@@ -105,6 +105,20 @@ impl FakeApiServer {
         format!("http://{}", self.addr)
     }
 
+    /// Writes a kubeconfig pointing at this server, for a child process (`tandem plugin
+    /// --kubeconfig`, `tandem controller --kubeconfig`) to talk to it as it would to a cluster.
+    pub fn write_kubeconfig(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{ "name": "fake", "cluster": { "server": self.url() } }],
+            "users": [{ "name": "fake", "user": {} }],
+            "contexts": [{ "name": "fake", "context": { "cluster": "fake", "user": "fake" } }],
+            "current-context": "fake",
+        });
+        std::fs::write(path, config.to_string())
+    }
+
     /// A kube client for this server (namespace `default`, no auth). Needs a tokio runtime.
     pub fn client(&self) -> kube::Client {
         let uri: hyper::Uri = match self.url().parse() {

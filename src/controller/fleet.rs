@@ -86,12 +86,6 @@ pub fn recorded_alignment(node: &Node) -> Option<NodeAlignment> {
         .and_then(|a| NodeAlignment::from_annotation(a))
 }
 
-fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// Writes Warning Events on Nodes. Names derive from node, reason and message, so the same
 /// news twice (or from two replicas in turn) bumps one Event's count instead of adding another.
 pub struct NodeEvents {
@@ -115,7 +109,10 @@ impl NodeEvents {
         message: &str,
     ) -> Result<(), ControllerError> {
         let prefix: String = node.chars().take(200).collect();
-        let name = format!("{prefix}.{:016x}", fnv1a(&format!("{reason}\0{message}")));
+        let name = format!(
+            "{prefix}.{:016x}",
+            crate::hash::fnv1a64(format!("{reason}\0{message}").as_bytes())
+        );
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         let event = Event {
             metadata: ObjectMeta {
