@@ -432,12 +432,34 @@ fn node_plugin_rolls_out_with_surge_on_accelerator_nodes_only() {
         let requests = resources.requests.as_ref().unwrap();
         assert!(requests.contains_key("cpu") && requests.contains_key("memory"));
         assert!(resources.limits.as_ref().unwrap().contains_key("memory"));
-        // The plugin serves no HTTP health endpoint yet; a probe would point at nothing.
-        assert!(
-            container.liveness_probe.is_none() && container.readiness_probe.is_none(),
-            "{}: probes need a health endpoint in `tandem plugin` first",
-            r.overlay
-        );
+        // `tandem plugin --metrics-addr` serves /healthz and /readyz beside /metrics.
+        let metrics_port = container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.container_port == 9477)
+            .unwrap_or_else(|| panic!("{}: no container port 9477", r.overlay));
+        let addr_flag = container
+            .args
+            .iter()
+            .flatten()
+            .find_map(|a| a.strip_prefix("--metrics-addr="));
+        assert_eq!(addr_flag, Some("0.0.0.0:9477"), "{}", r.overlay);
+        for (which, probe, path) in [
+            ("readiness", &container.readiness_probe, "/readyz"),
+            ("liveness", &container.liveness_probe, "/healthz"),
+        ] {
+            let get = probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .unwrap_or_else(|| panic!("{}: no {which} httpGet probe", r.overlay));
+            assert_eq!(get.path.as_deref(), Some(path), "{}: {which}", r.overlay);
+            let port_ok = match &get.port {
+                IntOrString::Int(port) => *port == 9477,
+                IntOrString::String(name) => metrics_port.name.as_deref() == Some(name.as_str()),
+            };
+            assert!(port_ok, "{}: {which} probe is not on port 9477", r.overlay);
+        }
     }
 }
 
@@ -846,6 +868,15 @@ fn api_uses() -> Vec<ApiUse> {
             Scope::Cluster,
             ["get", "list", "watch", "create", "update", "delete"],
             None
+        ),
+        // rail_configmap_data: get_opt of the controller's rail ConfigMap every rescan.
+        api_use!(
+            NodePlugin,
+            "slices/network.rs",
+            ConfigMap,
+            controller_ns(),
+            ["get"],
+            Some(names::RAILS_CONFIGMAP)
         ),
         // node_identity: the Node's UID for the slices' owner reference.
         api_use!(

@@ -551,6 +551,8 @@ async fn rescans_carry_link_state_and_vanished_devices_into_the_slices() {
     let period = Duration::from_secs(1);
     let (inventory_tx, inventory_rx) = tokio::sync::watch::channel(Arc::new(initial));
     let (desired_tx, desired_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+    let (_network_tx, network_rx) =
+        tokio::sync::watch::channel(tandem::slices::NetworkFacts::default());
     let server = FakeApiServer::start().await.unwrap();
     let tasks = vec![
         tokio::spawn(run_rescans(
@@ -562,6 +564,7 @@ async fn rescans_carry_link_state_and_vanished_devices_into_the_slices() {
         )),
         tokio::spawn(run_slice_builder(
             inventory_rx,
+            network_rx,
             node(),
             DRIVER.into(),
             taints_on(),

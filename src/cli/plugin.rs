@@ -2,6 +2,7 @@
 //! claims a previous run left half done, then serves registration, DRA v1/v1beta1 and the
 //! health stream until SIGTERM/SIGINT, rescanning the machine periodically.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +15,11 @@ use tokio_util::sync::CancellationToken;
 use super::machine::MachineArgs;
 use crate::names;
 use crate::plugin::config::PluginConfig;
+use crate::plugin::metrics::{Endpoint, Liveness, PluginMetrics};
 use crate::plugin::server;
 use crate::prepare::{PrepareConfig, Preparer};
-use crate::slices::{NodeIdentity, Publisher, SliceOptions, build_slices, node_identity};
+use crate::slices::{self, network};
+use crate::slices::{NetworkFacts, NodeIdentity, Publisher, SliceOptions, node_identity};
 use crate::sysfs::{MachineRoots, discover};
 use crate::topology::{Inventory, InventoryWatch};
 
@@ -60,6 +63,12 @@ pub struct PluginArgs {
     /// Publish device health problems as DeviceTaints on the ResourceSlices.
     #[arg(long)]
     pub device_taints: bool,
+    /// Address of the /metrics, /healthz and /readyz endpoint; empty disables it.
+    #[arg(long, default_value = "0.0.0.0:9477")]
+    pub metrics_addr: String,
+    /// Namespace of the cluster controller, whose rail ConfigMap gives NICs their rail.
+    #[arg(long, default_value = names::DEFAULT_CONTROLLER_NAMESPACE)]
+    pub controller_namespace: String,
 }
 
 /// `30s`, `2m`, `500ms`, `1h`, or plain seconds.
@@ -131,6 +140,18 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
     for problem in &inventory.problems {
         tracing::warn!(%problem, "discovery problem");
     }
+    let metrics = Arc::new(PluginMetrics::new());
+    metrics.observe_inventory(&inventory);
+    // Bound before the kubelet sockets exist, so a taken port fails the start cleanly.
+    let metrics_listener = match args.metrics_addr.trim() {
+        "" => None,
+        addr => {
+            let addr: SocketAddr = addr
+                .parse()
+                .with_context(|| format!("--metrics-addr {addr:?} is not an IP:port"))?;
+            Some(crate::metrics_http::bind(addr).await?)
+        }
+    };
     let (inventory_tx, inventory_rx) = watch::channel(Arc::new(inventory));
 
     let client = kube_client(args.kubeconfig.as_ref()).await?;
@@ -157,24 +178,51 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
     config.plugins_dir = args.kubelet_plugins_dir.clone();
     config.pod_uid = args.pod_uid.clone().filter(|uid| !uid.is_empty());
     config.health_report_interval = args.rescan_period;
-    let running = server::start(&config, Arc::new(preparer), inventory_rx.clone())
-        .await
-        .context("starting the kubelet plugin servers")?;
+    let running = server::start_with_metrics(
+        &config,
+        Arc::new(preparer),
+        inventory_rx.clone(),
+        Some(metrics.clone()),
+    )
+    .await
+    .context("starting the kubelet plugin servers")?;
     let shutdown = running.shutdown_token();
+    let endpoint = metrics_listener.map(|listener| {
+        let endpoint = Endpoint {
+            metrics: metrics.clone(),
+            liveness: Liveness::of(&running),
+        };
+        tokio::spawn(crate::metrics_http::serve(
+            listener,
+            Arc::new(endpoint),
+            shutdown.clone(),
+        ))
+    });
 
-    let rescans = tokio::spawn(rescan_inventory(
+    // Rescans every period, and soon after any netlink link event (a port going down).
+    let link_events = Arc::new(tokio::sync::Notify::new());
+    if let Err(error) = slices::spawn_link_watcher(link_events.clone(), shutdown.clone()) {
+        tracing::warn!(%error, "cannot watch netlink link events; relying on periodic rescans");
+    }
+    let rescans = tokio::spawn(slices::run_rescans(
         roots,
-        inventory_tx,
         args.rescan_period,
+        link_events,
+        inventory_tx,
         shutdown.clone(),
     ));
     let slices = tokio::spawn(publish_slices(
-        client,
-        args.driver_name.clone(),
-        args.node_name.clone(),
-        SliceOptions {
-            device_taints: args.device_taints,
-            ..SliceOptions::default()
+        SliceTarget {
+            client,
+            driver: args.driver_name.clone(),
+            node: args.node_name.clone(),
+            options: SliceOptions {
+                device_taints: args.device_taints,
+                ..SliceOptions::default()
+            },
+            controller_namespace: args.controller_namespace.clone(),
+            rescan_period: args.rescan_period,
+            metrics,
         },
         inventory_rx,
         shutdown.clone(),
@@ -191,19 +239,50 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
     let served = running.wait().await;
     let _ = rescans.await;
     let _ = slices.await;
+    if let Some(endpoint) = endpoint {
+        let _ = endpoint.await;
+    }
     served.context("kubelet plugin server")
 }
 
-/// Keeps this node's ResourceSlices matching the inventory until shutdown.
-async fn publish_slices(
+/// Where and how `publish_slices` publishes.
+struct SliceTarget {
     client: kube::Client,
     driver: String,
     node: String,
     options: SliceOptions,
-    mut inventory: InventoryWatch,
+    controller_namespace: String,
+    /// How often NIC addresses and the rail ConfigMap are re-read, and how long a vanished
+    /// device stays published with the `gone` taint.
+    rescan_period: Duration,
+    metrics: Arc<PluginMetrics>,
+}
+
+/// Re-reads NIC addresses (netlink) and the rail ConfigMap into `facts`. A failed read keeps
+/// the last value: a transient error must not strip subnets and rails from every NIC.
+async fn refresh_network(target: &SliceTarget, facts: &mut NetworkFacts) {
+    match network::interface_addresses().await {
+        Ok(addresses) => facts.addresses = addresses,
+        Err(error) => tracing::warn!(%error, "reading NIC addresses failed; keeping the last ones"),
+    }
+    match network::rail_configmap_data(target.client.clone(), &target.controller_namespace).await {
+        Ok(rails) => facts.rails = rails,
+        Err(error) => {
+            tracing::warn!(%error, "reading the rail ConfigMap failed; keeping the last rails")
+        }
+    }
+}
+
+/// Keeps this node's ResourceSlices matching the inventory, the NICs' subnets and the rail
+/// map until shutdown: a network refresher feeds `slices::run_slice_builder`, whose desired
+/// slices `Publisher::run` makes true in the apiserver.
+async fn publish_slices(
+    target: SliceTarget,
+    inventory: InventoryWatch,
     shutdown: CancellationToken,
 ) {
-    let identity = match node_identity(client.clone(), &node).await {
+    let node = target.node.clone();
+    let identity = match node_identity(target.client.clone(), &node).await {
         Ok(identity) => identity,
         // Slices without an owner still work; only their garbage collection with the Node
         // object is lost, and the kubelet wipes them when the plugin goes away anyway.
@@ -215,56 +294,69 @@ async fn publish_slices(
             }
         }
     };
-    let build =
-        |inventory: &Inventory| Arc::new(build_slices(inventory, &identity, &driver, &options));
-    let (desired_tx, desired_rx) = watch::channel(build(&inventory.borrow_and_update()));
-    let publisher = Publisher::new(client, &driver, &node);
-    let publishing = tokio::spawn(publisher.run(desired_rx, shutdown.clone()));
-    loop {
-        tokio::select! {
-            changed = inventory.changed() => {
-                if changed.is_err() {
-                    break;
+    let mut facts = NetworkFacts::default();
+    refresh_network(&target, &mut facts).await;
+    let (network_tx, network_rx) = watch::channel(facts.clone());
+    let refresher = {
+        let (target, shutdown) = (&target, shutdown.clone());
+        async move {
+            let mut refresh = tokio::time::interval(target.rescan_period);
+            refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick is immediate, and the facts were just read.
+            refresh.tick().await;
+            loop {
+                tokio::select! {
+                    _ = refresh.tick() => {}
+                    () = shutdown.cancelled() => return,
                 }
-                let slices = build(&inventory.borrow_and_update());
-                desired_tx.send_replace(slices);
-            }
-            () = shutdown.cancelled() => break,
-        }
-    }
-    let _ = publishing.await;
-}
-
-/// Rediscovers the machine every `period` and publishes the inventory when it changed, so
-/// health reports, slices and preparation see links going down and devices vanishing.
-pub async fn rescan_inventory(
-    roots: MachineRoots,
-    sender: watch::Sender<Arc<Inventory>>,
-    period: Duration,
-    shutdown: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(period) => {}
-            () = shutdown.cancelled() => return,
-        }
-        match discover_blocking(roots.clone()).await {
-            Ok(inventory) => {
-                let changed = sender.send_if_modified(|current| {
-                    if **current == inventory {
-                        return false;
+                refresh_network(target, &mut facts).await;
+                network_tx.send_if_modified(|current| {
+                    let changed = *current != facts;
+                    if changed {
+                        *current = facts.clone();
                     }
-                    *current = Arc::new(inventory);
-                    true
+                    changed
                 });
-                if changed {
-                    tracing::info!("device inventory changed");
+            }
+        }
+    };
+    let metrics_follow_inventory = {
+        let (mut inventory, metrics, shutdown) =
+            (inventory.clone(), target.metrics.clone(), shutdown.clone());
+        async move {
+            loop {
+                metrics.observe_inventory(&inventory.borrow_and_update());
+                tokio::select! {
+                    changed = inventory.changed() => if changed.is_err() { return },
+                    () = shutdown.cancelled() => return,
                 }
             }
-            // Keep serving the last good inventory: one unreadable scan must not drop devices.
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "rescan failed"),
         }
+    };
+    let (desired_tx, mut desired_rx) = watch::channel(Arc::new(Vec::new()));
+    let builder = tokio::spawn(slices::run_slice_builder(
+        inventory,
+        network_rx,
+        identity,
+        target.driver.clone(),
+        target.options.clone(),
+        target.rescan_period,
+        desired_tx,
+        shutdown.clone(),
+    ));
+    // The publisher starts from the first built set, never from the empty placeholder, which
+    // would delete the node's slices for a moment.
+    if desired_rx.changed().await.is_err() {
+        let _ = builder.await;
+        return;
     }
+    let metrics = target.metrics.clone();
+    let publisher = Publisher::new(target.client.clone(), &target.driver, &node)
+        .observe_publishes(Arc::new(move |ok| metrics.record_publish(ok)));
+    let publishing = tokio::spawn(publisher.run(desired_rx, shutdown.clone()));
+    tokio::join!(refresher, metrics_follow_inventory);
+    let _ = builder.await;
+    let _ = publishing.await;
 }
 
 #[cfg(test)]

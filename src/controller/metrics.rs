@@ -1,20 +1,16 @@
 //! Controller metrics (Prometheus text format) and the small HTTP endpoint that serves them
 //! with `/healthz`: reconciles and errors per kind, nodes by best affinity, rails, leadership.
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use crate::metrics_http::Reply;
+use hyper::StatusCode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// What a reconcile worked on.
@@ -146,64 +142,27 @@ impl Metrics {
     }
 }
 
-fn respond(metrics: &Metrics, request: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/metrics") => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(),
-        ),
-        (&Method::GET, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_string(),
-        ),
-    };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(content_type),
-    );
-    response
-}
-
-/// Serves `/metrics` and `/healthz` on `listener` until `shutdown` fires.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let metrics = metrics.clone();
-                    connections.spawn(async move {
-                        let service = hyper::service::service_fn(move |request| {
-                            let response = respond(&metrics, &request);
-                            async move { Ok::<_, Infallible>(response) }
-                        });
-                        if let Err(e) = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await
-                        {
-                            tracing::debug!(error = %e, "metrics connection ended with an error");
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics endpoint accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+impl crate::metrics_http::Responder for Metrics {
+    fn get(&self, path: &str) -> Option<Reply> {
+        match path {
+            "/metrics" => Some(Reply::metrics(self.encode())),
+            "/healthz" => Some(Reply::text(StatusCode::OK, "ok\n")),
+            _ => None,
         }
     }
 }
 
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown` fires.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    crate::metrics_http::serve(listener, metrics, shutdown).await;
+}
+
 /// Binds the metrics address; the error names it.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, super::ControllerError> {
-    TcpListener::bind(addr)
+    crate::metrics_http::bind(addr)
         .await
-        .map_err(|source| super::ControllerError::MetricsBind { addr, source })
+        .map_err(|e| super::ControllerError::MetricsBind {
+            addr: e.addr,
+            source: e.source,
+        })
 }

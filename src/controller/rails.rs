@@ -47,6 +47,11 @@ impl Subnet {
         })
     }
 
+    /// The network address, host bits cleared.
+    pub fn network(&self) -> IpAddr {
+        self.network
+    }
+
     /// The ConfigMap data key for this subnet. Keys may only hold `[-._a-zA-Z0-9]`, so `/`
     /// becomes `_` and `:` becomes `-` (neither occurs in an address otherwise).
     pub fn configmap_key(&self) -> String {

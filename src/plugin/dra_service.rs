@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio::sync::RwLock;
 use tonic::{Request, Response, Status};
 
+use super::metrics::{Method, PluginMetrics};
 use super::proto::{dra_v1, dra_v1beta1};
 use super::sockets::SerializeLock;
 use crate::prepare::{ClaimRef, PreparedDevice, Preparer};
@@ -58,6 +59,7 @@ pub struct DraHandler<P> {
     serialize: Option<SerializeLock>,
     /// Every call holds a read guard; shutdown takes the write side to wait for them.
     in_flight: Arc<RwLock<()>>,
+    metrics: Option<Arc<PluginMetrics>>,
 }
 
 impl<P: ClaimPreparer> DraHandler<P> {
@@ -66,6 +68,28 @@ impl<P: ClaimPreparer> DraHandler<P> {
             preparer,
             serialize,
             in_flight: Arc::new(RwLock::new(())),
+            metrics: None,
+        }
+    }
+
+    /// Counts every call and claim outcome in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<PluginMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn record<T>(
+        &self,
+        method: Method,
+        started: std::time::Instant,
+        answers: &BTreeMap<String, Result<T, String>>,
+    ) {
+        if let Some(metrics) = &self.metrics {
+            metrics.record_call(
+                method,
+                started.elapsed(),
+                answers.iter().map(|(uid, r)| (uid.as_str(), r.is_ok())),
+            );
         }
     }
 
@@ -80,6 +104,7 @@ impl<P: ClaimPreparer> DraHandler<P> {
         &self,
         claims: Vec<ClaimRef>,
     ) -> BTreeMap<String, Result<Vec<PreparedDevice>, String>> {
+        let started = std::time::Instant::now();
         let (valid, rejected) = split_valid(claims);
         let mut answers: BTreeMap<_, _> = rejected
             .into_iter()
@@ -91,11 +116,13 @@ impl<P: ClaimPreparer> DraHandler<P> {
             })
             .await,
         );
+        self.record(Method::Prepare, started, &answers);
         answers
     }
 
     /// One result per distinct claim UID of the request.
     pub async fn unprepare(&self, claims: Vec<ClaimRef>) -> BTreeMap<String, Result<(), String>> {
+        let started = std::time::Instant::now();
         let (valid, rejected) = split_valid(claims);
         let mut answers: BTreeMap<_, _> = rejected
             .into_iter()
@@ -107,6 +134,7 @@ impl<P: ClaimPreparer> DraHandler<P> {
             })
             .await,
         );
+        self.record(Method::Unprepare, started, &answers);
         answers
     }
 

@@ -5,6 +5,7 @@ pub mod client;
 pub mod config;
 pub mod dra_service;
 pub mod health;
+pub mod metrics;
 pub mod proto;
 pub mod registration;
 pub mod server;

@@ -16,6 +16,7 @@ use tonic::transport::Server;
 use super::config::PluginConfig;
 use super::dra_service::{ClaimPreparer, DraHandler, DraV1, DraV1beta1};
 use super::health::HealthService;
+use super::metrics::PluginMetrics;
 use super::proto::dra_health_v1alpha1::dra_resource_health_server::DraResourceHealthServer;
 use super::proto::pluginregistration::registration_server::RegistrationServer;
 use super::proto::{dra_v1, dra_v1beta1};
@@ -84,6 +85,16 @@ pub async fn start<P: ClaimPreparer>(
     preparer: Arc<P>,
     inventory: InventoryWatch,
 ) -> Result<RunningPlugin, ServeError> {
+    start_with_metrics(config, preparer, inventory, None).await
+}
+
+/// [`start`], counting every prepare and unprepare in `metrics`.
+pub async fn start_with_metrics<P: ClaimPreparer>(
+    config: &PluginConfig,
+    preparer: Arc<P>,
+    inventory: InventoryWatch,
+    metrics: Option<Arc<PluginMetrics>>,
+) -> Result<RunningPlugin, ServeError> {
     let mut paths = config.socket_paths();
     paths.registration = absolute(&paths.registration)?;
     paths.dra = absolute(&paths.dra)?;
@@ -100,10 +111,14 @@ pub async fn start<P: ClaimPreparer>(
     };
 
     let shutdown = CancellationToken::new();
-    let handler = Arc::new(DraHandler::new(
+    let mut handler = DraHandler::new(
         preparer,
         paths.serialize_lock.clone().map(SerializeLock::new),
-    ));
+    );
+    if let Some(metrics) = metrics {
+        handler = handler.with_metrics(metrics);
+    }
+    let handler = Arc::new(handler);
     let health = HealthService::new(
         config.node_name.clone(),
         inventory,

@@ -2,6 +2,7 @@
 //! attributes for pairing and topology, and health taints; split into slices that respect the
 //! apiserver's limits, in a fixed device order so one changed device rewrites one slice.
 
+use crate::controller::rails::{Subnet, rail_for_subnet};
 use crate::names;
 use crate::topology::{
     Accelerator, DeviceRef, HealthIssue, Inventory, Nic, PciAddress, PciFunction, device_issues,
@@ -14,6 +15,7 @@ use k8s_openapi::api::resource::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 /// The apiserver's per-slice device limits.
 pub const MAX_DEVICES_PER_SLICE: usize = 128;
@@ -57,6 +59,47 @@ impl SliceOptions {
             MAX_DEVICES_PER_SLICE
         };
         self.max_devices_per_slice.clamp(1, limit)
+    }
+}
+
+/// What the node knows about its NICs' IP networks, outside sysfs: the addresses of each
+/// netdev (`192.168.1.5/24` as the kernel reports them, read over netlink) and the rail
+/// ConfigMap's data, when the controller has written one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetworkFacts {
+    /// ifName → addresses with the prefix length the kernel holds for them.
+    pub addresses: BTreeMap<String, Vec<String>>,
+    /// Data of the rail ConfigMap (`tandem.dev/rail`); `None` publishes no rails.
+    pub rails: Option<BTreeMap<String, String>>,
+}
+
+impl NetworkFacts {
+    /// The subnet `tandem.dev/subnet` names for `if_name`: the prefix of its first IPv4
+    /// address, else of its first global IPv6 address. The prefix length is the kernel's own
+    /// (a GKE NIC holding a /32 publishes the /32), so every node of a fabric agrees on it.
+    pub fn subnet_of(&self, if_name: &str) -> Option<Subnet> {
+        let subnets: Vec<Subnet> = self
+            .addresses
+            .get(if_name)?
+            .iter()
+            .filter_map(|text| Subnet::parse(text).ok())
+            .filter(|subnet| is_fabric_address(subnet.network()))
+            .collect();
+        let v4 = subnets.iter().find(|s| s.network().is_ipv4());
+        v4.or_else(|| subnets.first()).copied()
+    }
+}
+
+/// Loopback and link-local addresses say nothing about the fabric a NIC sits on.
+fn is_fabric_address(address: IpAddr) -> bool {
+    match address {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => {
+            !v6.is_loopback()
+                && !v6.is_unicast_link_local()
+                && !v6.is_unspecified()
+                && !v6.is_multicast()
+        }
     }
 }
 
@@ -236,10 +279,27 @@ fn accelerator_device(
     }
 }
 
-fn nic_device(driver: &str, nic: &Nic, common: CommonFacts<'_>, options: &SliceOptions) -> Device {
+fn nic_device(
+    driver: &str,
+    nic: &Nic,
+    common: CommonFacts<'_>,
+    options: &SliceOptions,
+    network: &NetworkFacts,
+) -> Device {
     let mut attrs = common_attributes(driver, &common);
     if let Some(if_name) = nic.if_name() {
         attrs.set(names::ATTR_IF_NAME, string_attribute(if_name));
+        if let Some(subnet) = network.subnet_of(if_name) {
+            let subnet = subnet.to_string();
+            attrs.set(names::ATTR_SUBNET, string_attribute(&subnet));
+            let rail = network
+                .rails
+                .as_ref()
+                .and_then(|data| rail_for_subnet(data, &subnet));
+            if let Some(rail) = rail {
+                attrs.set(names::ATTR_RAIL, int_attribute(rail));
+            }
+        }
     }
     attrs.set(names::ATTR_RDMA, bool_attribute(nic.is_rdma()));
     let first_port = nic.rdma.as_ref().and_then(|r| r.ports.first());
@@ -277,6 +337,16 @@ fn nic_model(pci: &PciFunction) -> String {
 
 /// Every device of the inventory, sorted by name (accelerators first, then by address).
 pub fn build_devices(inventory: &Inventory, driver: &str, options: &SliceOptions) -> Vec<Device> {
+    build_devices_with_network(inventory, driver, options, &NetworkFacts::default())
+}
+
+/// [`build_devices`], with NIC subnets and rails from `network`.
+pub fn build_devices_with_network(
+    inventory: &Inventory,
+    driver: &str,
+    options: &SliceOptions,
+    network: &NetworkFacts,
+) -> Vec<Device> {
     let groups = pair_groups(inventory);
     let pairing = pair_node(inventory);
     // A NIC shared by several accelerators names the lowest-addressed one.
@@ -312,7 +382,7 @@ pub fn build_devices(inventory: &Inventory, driver: &str, options: &SliceOptions
             pair_group: groups.get(&address),
             paired_with: nic_peer.get(&address).cloned(),
         };
-        devices.push(nic_device(driver, nic, common, options));
+        devices.push(nic_device(driver, nic, common, options, network));
     }
     // Names sort accelerators before NICs and each kind by address: the slice a device lands
     // in then depends only on which devices exist, not on how discovery ordered them.
@@ -330,12 +400,6 @@ fn is_dns_label(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
-fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// `<node>-<driver>-<index>` when that is a valid object name, else a stable hashed form:
 /// a node name with a long last label plus the driver can overflow a DNS label.
 pub fn slice_name(node: &str, driver: &str, index: usize) -> String {
@@ -350,7 +414,7 @@ pub fn slice_name(node: &str, driver: &str, index: usize) -> String {
         .take(40)
         .collect();
     let readable = readable.trim_matches('-');
-    let hash = fnv1a(&format!("{node}/{driver}"));
+    let hash = crate::hash::fnv1a64(format!("{node}/{driver}").as_bytes());
     if readable.is_empty() {
         format!("tandem-{hash:016x}-{index}")
     } else {
@@ -461,6 +525,145 @@ mod tests {
         assert_eq!(bytes_quantity(80 << 30).0, "80Gi");
         assert_eq!(bytes_quantity(1536 << 20).0, "1536Mi");
         assert_eq!(bytes_quantity(1000).0, "1000");
+    }
+
+    fn facts(addresses: &[(&str, &[&str])], rails: Option<&[(&str, &str)]>) -> NetworkFacts {
+        NetworkFacts {
+            addresses: addresses
+                .iter()
+                .map(|(name, list)| {
+                    (
+                        name.to_string(),
+                        list.iter().map(|a| a.to_string()).collect(),
+                    )
+                })
+                .collect(),
+            rails: rails.map(|r| {
+                r.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            }),
+        }
+    }
+
+    #[test]
+    fn subnet_is_the_kernel_prefix_of_the_first_fabric_address() {
+        let network = facts(
+            &[
+                ("eth24", &["192.168.1.5/24"]),
+                // GKE gives each NIC a /32: the /32 is what every node agrees on.
+                ("gpu0rdma0", &["10.128.0.17/32"]),
+                ("ib6", &["fe80::1/64", "fd00:1:2:3::9/64"]),
+                ("ib7", &["fe80::2/64", "2001:db8:7::4/64", "172.16.7.2/16"]),
+                ("link-local-only", &["169.254.3.3/16", "fe80::3/64"]),
+            ],
+            None,
+        );
+        let subnet = |name| network.subnet_of(name).map(|s| s.to_string());
+        assert_eq!(subnet("eth24").as_deref(), Some("192.168.1.0/24"));
+        assert_eq!(subnet("gpu0rdma0").as_deref(), Some("10.128.0.17/32"));
+        assert_eq!(subnet("ib6").as_deref(), Some("fd00:1:2:3::/64"));
+        assert_eq!(
+            subnet("ib7").as_deref(),
+            Some("172.16.0.0/16"),
+            "IPv4 first"
+        );
+        assert_eq!(subnet("link-local-only"), None);
+        assert_eq!(subnet("absent"), None);
+    }
+
+    #[test]
+    fn nics_with_addresses_publish_subnet_and_rail() {
+        let dir = crate::fixture::scratch_dir().unwrap();
+        let machine = crate::fixture::builtin("dgx-h100").unwrap();
+        let roots = crate::fixture::write_machine(&machine, dir.path()).unwrap();
+        let inventory = crate::sysfs::discover(&roots).unwrap();
+        let mut names_of_nics: Vec<&str> =
+            inventory.nics.iter().filter_map(|n| n.if_name()).collect();
+        names_of_nics.truncate(3);
+        let [first, second, third] = names_of_nics[..] else {
+            panic!("dgx-h100 has fewer than 3 named NICs");
+        };
+        let network = facts(
+            &[
+                (first, &["192.168.1.5/24"]),
+                (second, &["192.168.2.5/24"]),
+                (third, &["fd00:3::5/64"]),
+            ],
+            // Rail keys as the controller writes them; the third subnet has no rail yet.
+            Some(&[("192.168.1.0_24", "0"), ("192.168.2.0_24", "1")]),
+        );
+        let devices = build_devices_with_network(
+            &inventory,
+            "tandem.dev",
+            &SliceOptions::default(),
+            &network,
+        );
+        let attrs_of = |if_name: &str| {
+            devices
+                .iter()
+                .filter_map(|d| d.attributes.as_ref())
+                .find(|a| {
+                    a.get("tandem.dev/ifName").and_then(|v| v.string.as_deref()) == Some(if_name)
+                })
+                .unwrap()
+                .clone()
+        };
+        let subnet = |a: &BTreeMap<String, DeviceAttribute>| {
+            a.get("tandem.dev/subnet").and_then(|v| v.string.clone())
+        };
+        let rail =
+            |a: &BTreeMap<String, DeviceAttribute>| a.get("tandem.dev/rail").and_then(|v| v.int);
+        let a = attrs_of(first);
+        assert_eq!(
+            (subnet(&a).as_deref(), rail(&a)),
+            (Some("192.168.1.0/24"), Some(0))
+        );
+        let b = attrs_of(second);
+        assert_eq!(
+            (subnet(&b).as_deref(), rail(&b)),
+            (Some("192.168.2.0/24"), Some(1))
+        );
+        let c = attrs_of(third);
+        assert_eq!(
+            (subnet(&c).as_deref(), rail(&c)),
+            (Some("fd00:3::/64"), None)
+        );
+        let without = build_devices(&inventory, "tandem.dev", &SliceOptions::default());
+        assert!(
+            without
+                .iter()
+                .filter_map(|d| d.attributes.as_ref())
+                .all(|a| {
+                    !a.contains_key("tandem.dev/subnet") && !a.contains_key("tandem.dev/rail")
+                })
+        );
+
+        // No rail ConfigMap: subnets only.
+        let no_rails = NetworkFacts {
+            rails: None,
+            ..network
+        };
+        let devices = build_devices_with_network(
+            &inventory,
+            "tandem.dev",
+            &SliceOptions::default(),
+            &no_rails,
+        );
+        assert!(
+            devices
+                .iter()
+                .filter_map(|d| d.attributes.as_ref())
+                .all(|a| !a.contains_key("tandem.dev/rail"))
+        );
+        assert_eq!(
+            devices
+                .iter()
+                .filter_map(|d| d.attributes.as_ref())
+                .filter(|a| a.contains_key("tandem.dev/subnet"))
+                .count(),
+            3
+        );
     }
 
     #[test]

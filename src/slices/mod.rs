@@ -2,11 +2,13 @@
 //! the fewest apiserver writes and repairing them when someone else edits or deletes them.
 
 pub mod build;
+pub mod network;
 pub mod publish;
 pub mod rescan;
 
 pub use build::{
-    NodeIdentity, SliceOptions, build_devices, build_slices, build_slices_from_devices,
+    NetworkFacts, NodeIdentity, SliceOptions, build_devices, build_devices_with_network,
+    build_slices, build_slices_from_devices,
 };
 pub use publish::{PublishError, PublishReport, Publisher, node_identity};
 pub use rescan::{GoneTracker, run_rescans, run_slice_builder, spawn_link_watcher};

@@ -142,6 +142,8 @@ pub struct Publisher {
     api: Api<ResourceSlice>,
     driver: String,
     node: String,
+    /// Told the outcome of every publish `run` attempts (true: succeeded), for metrics.
+    observer: Option<Arc<dyn Fn(bool) + Send + Sync>>,
 }
 
 impl Publisher {
@@ -150,7 +152,14 @@ impl Publisher {
             api: Api::all(client),
             driver: driver.to_string(),
             node: node.to_string(),
+            observer: None,
         }
+    }
+
+    /// Calls `observer` with the outcome of every publish that `run` attempts.
+    pub fn observe_publishes(mut self, observer: Arc<dyn Fn(bool) + Send + Sync>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// `spec.driver=<driver>,spec.nodeName=<node>`: exactly the slices this publisher owns.
@@ -355,7 +364,11 @@ impl Publisher {
         tokio::pin!(retry_at);
         loop {
             if pending && retry_at.is_elapsed() {
-                match self.publish(&current).await {
+                let published = self.publish(&current).await;
+                if let Some(observer) = &self.observer {
+                    observer(published.is_ok());
+                }
+                match published {
                     Ok(report) => {
                         pending = false;
                         published_generation = Some(report.generation);

@@ -3,7 +3,8 @@
 //! slices for one period with a NoExecute taint so running pods learn it fell off the bus.
 
 use super::build::{
-    NodeIdentity, SliceOptions, build_devices, build_slices_from_devices, gone_taint,
+    NetworkFacts, NodeIdentity, SliceOptions, build_devices_with_network,
+    build_slices_from_devices, gone_taint,
 };
 use crate::sysfs::{MachineRoots, discover};
 use crate::topology::{Inventory, InventoryWatch};
@@ -166,10 +167,12 @@ impl GoneTracker {
     }
 }
 
-/// Rebuilds the desired slices on every inventory change (and when a gone entry expires) and
-/// publishes them for `Publisher::run` when they differ.
+/// Rebuilds the desired slices on every inventory or network change (and when a gone entry
+/// expires) and publishes them for `Publisher::run` when they differ.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_slice_builder(
     mut inventory: InventoryWatch,
+    mut network: watch::Receiver<NetworkFacts>,
     node: NodeIdentity,
     driver: String,
     options: SliceOptions,
@@ -178,9 +181,12 @@ pub async fn run_slice_builder(
     shutdown: CancellationToken,
 ) {
     let mut tracker = GoneTracker::new(gone_hold);
+    // Without a network source (sender gone) the last facts stay in use.
+    let mut network_open = true;
     loop {
         let current = inventory.borrow_and_update().clone();
-        let mut devices = build_devices(&current, &driver, &options);
+        let facts = network.borrow_and_update().clone();
+        let mut devices = build_devices_with_network(&current, &driver, &options, &facts);
         if options.device_taints {
             devices = tracker.devices(devices, &driver, Instant::now());
         }
@@ -196,6 +202,7 @@ pub async fn run_slice_builder(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = inventory.changed() => if changed.is_err() { return },
+            changed = network.changed(), if network_open => network_open = changed.is_ok(),
             _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {}
         }
     }

@@ -1,0 +1,364 @@
+//! Node plugin metrics (`tandem_plugin_*`, Prometheus text format) and the probes the
+//! DaemonSet points at: `/healthz` (both kubelet sockets exist, servers running) and `/readyz`
+//! (discovery done and the first ResourceSlice publish succeeded).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hyper::StatusCode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use super::sockets;
+use crate::metrics_http::{Reply, Responder};
+use crate::topology::{DeviceRef, Inventory, device_issues};
+
+/// The kubelet calls that are counted.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Method {
+    Prepare,
+    Unprepare,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Prepare => "prepare",
+            Method::Unprepare => "unprepare",
+        }
+    }
+}
+
+fn outcome(ok: bool) -> &'static str {
+    if ok { "ok" } else { "error" }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: &'static str,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabels {
+    kind: &'static str,
+    health: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PublishLabels {
+    result: &'static str,
+}
+
+/// Every plugin metric plus the readiness state; shared by the gRPC handler, the slice
+/// publisher, the rescan loop and the HTTP endpoint.
+pub struct PluginMetrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<MethodLabels, Histogram>,
+    prepared_claims: Gauge,
+    /// UIDs behind `prepared_claims`: a repeated prepare of one claim must not count twice.
+    prepared: Mutex<BTreeSet<String>>,
+    devices: Family<DeviceLabels, Gauge>,
+    publishes: Family<PublishLabels, Counter>,
+    last_publish: Gauge<f64, AtomicU64>,
+    discovery_problems: Gauge,
+    discovered: AtomicBool,
+    published: AtomicBool,
+}
+
+impl Default for PluginMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PluginMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tandem_plugin");
+        let requests = Family::<RequestLabels, Counter>::default();
+        // 1 ms .. ~33 s: a prepare that moves netdevs or waits on the apiserver takes seconds.
+        let durations = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        let prepared_claims = Gauge::default();
+        let devices = Family::<DeviceLabels, Gauge>::default();
+        let publishes = Family::<PublishLabels, Counter>::default();
+        let last_publish = Gauge::<f64, AtomicU64>::default();
+        let discovery_problems = Gauge::default();
+        registry.register(
+            "requests",
+            "Claims in kubelet prepare/unprepare calls, by method and outcome",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer a kubelet prepare/unprepare call",
+            durations.clone(),
+        );
+        registry.register(
+            "prepared_claims",
+            "Claims prepared by this plugin process and not unprepared since",
+            prepared_claims.clone(),
+        );
+        registry.register(
+            "devices",
+            "Devices in the current inventory by kind and health",
+            devices.clone(),
+        );
+        registry.register(
+            "slice_publish",
+            "ResourceSlice publish attempts by result",
+            publishes.clone(),
+        );
+        registry.register(
+            "last_publish_timestamp_seconds",
+            "Unix time of the last successful ResourceSlice publish",
+            last_publish.clone(),
+        );
+        registry.register(
+            "discovery_problems",
+            "Problems the last discovery reported (unreadable or unexpected sysfs entries)",
+            discovery_problems.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            durations,
+            prepared_claims,
+            prepared: Mutex::new(BTreeSet::new()),
+            devices,
+            publishes,
+            last_publish,
+            discovery_problems,
+            discovered: AtomicBool::new(false),
+            published: AtomicBool::new(false),
+        }
+    }
+
+    /// Records one kubelet call: its duration and each claim's outcome (by claim UID).
+    pub fn record_call<'a>(
+        &self,
+        method: Method,
+        elapsed: Duration,
+        outcomes: impl IntoIterator<Item = (&'a str, bool)>,
+    ) {
+        self.durations
+            .get_or_create(&MethodLabels {
+                method: method.as_str(),
+            })
+            .observe(elapsed.as_secs_f64());
+        // A poisoned lock only means another recorder panicked; the set is still usable.
+        let mut prepared = self
+            .prepared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (uid, ok) in outcomes {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    method: method.as_str(),
+                    status: outcome(ok),
+                })
+                .inc();
+            match (method, ok) {
+                (Method::Prepare, true) => {
+                    prepared.insert(uid.to_string());
+                }
+                (Method::Unprepare, true) => {
+                    prepared.remove(uid);
+                }
+                _ => {}
+            }
+        }
+        self.prepared_claims
+            .set(i64::try_from(prepared.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Claims of `method` counted with `ok` (true) or error (false) outcome.
+    pub fn requests(&self, method: Method, ok: bool) -> u64 {
+        self.requests
+            .get_or_create(&RequestLabels {
+                method: method.as_str(),
+                status: outcome(ok),
+            })
+            .get()
+    }
+
+    /// Replaces the device gauges with the counts of `inventory`, and marks discovery done.
+    pub fn observe_inventory(&self, inventory: &Inventory) {
+        self.devices.clear();
+        let devices = inventory
+            .accelerators
+            .iter()
+            .map(DeviceRef::Accelerator)
+            .chain(inventory.nics.iter().map(DeviceRef::Nic));
+        for device in devices {
+            let kind = match device {
+                DeviceRef::Accelerator(_) => crate::names::KIND_GPU,
+                DeviceRef::Nic(_) => crate::names::KIND_NIC,
+            };
+            let health = if device_issues(device).is_empty() {
+                "healthy"
+            } else {
+                "unhealthy"
+            };
+            self.devices
+                .get_or_create(&DeviceLabels { kind, health })
+                .inc();
+        }
+        self.discovery_problems
+            .set(i64::try_from(inventory.problems.len()).unwrap_or(i64::MAX));
+        self.discovered.store(true, Ordering::Release);
+    }
+
+    /// Records a publish attempt; the first success makes the plugin ready.
+    pub fn record_publish(&self, succeeded: bool) {
+        self.publishes
+            .get_or_create(&PublishLabels {
+                result: outcome(succeeded),
+            })
+            .inc();
+        if succeeded {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            self.last_publish.set(now);
+            self.published.store(true, Ordering::Release);
+        }
+    }
+
+    /// `None` when ready, else why not.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if !self.discovered.load(Ordering::Acquire) {
+            Some("device discovery has not finished")
+        } else if !self.published.load(Ordering::Acquire) {
+            Some("the first ResourceSlice publish has not succeeded yet")
+        } else {
+            None
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// What `/healthz` checks: the kubelet sockets are still there (the kubelet or an operator may
+/// wipe them) and the gRPC servers have not stopped (their shutdown token fires when they do).
+#[derive(Clone, Debug)]
+pub struct Liveness {
+    pub sockets: Vec<PathBuf>,
+    pub servers_stopped: CancellationToken,
+}
+
+impl Liveness {
+    /// Watches the sockets and servers of `plugin`.
+    pub fn of(plugin: &super::server::RunningPlugin) -> Self {
+        Self {
+            sockets: vec![
+                plugin.paths().registration.clone(),
+                plugin.paths().dra.clone(),
+            ],
+            servers_stopped: plugin.shutdown_token(),
+        }
+    }
+
+    /// `None` when alive, else why not.
+    pub fn problem(&self) -> Option<String> {
+        if self.servers_stopped.is_cancelled() {
+            return Some("the kubelet plugin servers have stopped".into());
+        }
+        self.sockets
+            .iter()
+            .find(|path| !sockets::socket_exists(path))
+            .map(|path| format!("socket {} is missing", path.display()))
+    }
+}
+
+/// The plugin's HTTP endpoint: `/metrics`, `/healthz`, `/readyz`.
+pub struct Endpoint {
+    pub metrics: Arc<PluginMetrics>,
+    pub liveness: Liveness,
+}
+
+impl Responder for Endpoint {
+    fn get(&self, path: &str) -> Option<Reply> {
+        let check = |problem: Option<String>| match problem {
+            None => Reply::text(StatusCode::OK, "ok\n"),
+            Some(reason) => Reply::text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+        };
+        match path {
+            "/metrics" => Some(Reply::metrics(self.metrics.encode())),
+            "/healthz" => Some(check(self.liveness.problem())),
+            "/readyz" => {
+                Some(check(self.liveness.problem().or_else(|| {
+                    self.metrics.not_ready_reason().map(String::from)
+                })))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_prepares_count_each_claim_once_in_the_gauge() {
+        let metrics = PluginMetrics::new();
+        let ms = Duration::from_millis(3);
+        metrics.record_call(Method::Prepare, ms, [("a", true), ("b", false)]);
+        metrics.record_call(Method::Prepare, ms, [("a", true)]);
+        assert_eq!(metrics.requests(Method::Prepare, true), 2);
+        assert_eq!(metrics.requests(Method::Prepare, false), 1);
+        assert_eq!(metrics.prepared_claims.get(), 1);
+        metrics.record_call(Method::Unprepare, ms, [("a", true)]);
+        assert_eq!(metrics.prepared_claims.get(), 0);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"tandem_plugin_requests_total{method="prepare",status="ok"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tandem_plugin_request_duration_seconds_count{method="unprepare"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn readiness_waits_for_discovery_and_the_first_publish() {
+        let metrics = PluginMetrics::new();
+        assert!(metrics.not_ready_reason().is_some());
+        metrics.observe_inventory(&Inventory::default());
+        assert!(metrics.not_ready_reason().is_some());
+        metrics.record_publish(false);
+        assert!(metrics.not_ready_reason().is_some());
+        metrics.record_publish(true);
+        assert_eq!(metrics.not_ready_reason(), None);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"tandem_plugin_slice_publish_total{result="error"} 1"#),
+            "{text}"
+        );
+    }
+}
