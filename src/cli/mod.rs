@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 pub mod controller;
 pub mod demo;
 pub mod fixture;
+pub mod hook;
 pub mod machine;
 pub mod plugin;
 pub mod topo;
@@ -42,6 +43,8 @@ pub enum Command {
     Controller(controller::ControllerArgs),
     /// Run the whole node path on a built-in fixture machine, no cluster or root needed.
     Demo(demo::DemoArgs),
+    /// OCI runtime hooks that claim CDI specs name (attach exclusive NICs).
+    Hook(hook::HookArgs),
     /// Print version information.
     Version,
 }
@@ -64,6 +67,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plugin(args) => plugin::run(*args),
         Command::Controller(args) => controller::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Hook(args) => hook::run(args),
         Command::Version => {
             println!("tandem {}", env!("CARGO_PKG_VERSION"));
             Ok(())

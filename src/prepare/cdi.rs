@@ -34,12 +34,32 @@ pub struct ContainerEdits {
     pub device_nodes: Vec<DeviceNode>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<Mount>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<Hook>,
 }
 
 impl ContainerEdits {
     pub fn is_empty(&self) -> bool {
-        self.env.is_empty() && self.device_nodes.is_empty() && self.mounts.is_empty()
+        self.env.is_empty()
+            && self.device_nodes.is_empty()
+            && self.mounts.is_empty()
+            && self.hooks.is_empty()
     }
+}
+
+/// An OCI hook. Hooks are in the spec since 0.3.0 (kubelet-dra.md lists no version that adds
+/// them), so they do not raise the minimum version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hook {
+    pub hook_name: String,
+    pub path: String,
+    /// Full argv, `args[0]` included, as OCI hooks take it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Seconds the runtime waits before killing the hook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<i64>,
 }
 
 /// A device node. `hostPath` is left out on purpose: it would need cdiVersion 0.5.0, and the

@@ -96,13 +96,23 @@ pub fn validate_claim_uid(claim: &ClaimRef) -> Result<(), PrepareError> {
     }
 }
 
+/// How long one claim fetch may take: the kubelet gives a whole NodePrepareResources call 45 s,
+/// so a hung apiserver must turn into a per-claim error (which the kubelet retries) well before.
+pub const CLAIM_FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// GETs the claim and checks it is the one the kubelet means (same UID).
 pub async fn fetch_claim(
     client: &kube::Client,
     claim: &ClaimRef,
 ) -> Result<ResourceClaim, PrepareError> {
     let api: Api<ResourceClaim> = Api::namespaced(client.clone(), &claim.namespace);
-    let fetched = match api.get(&claim.name).await {
+    let Ok(answer) = tokio::time::timeout(CLAIM_FETCH_TIMEOUT, api.get(&claim.name)).await else {
+        return Err(PrepareError::ApiServerTimeout {
+            claim: claim.to_string(),
+            seconds: CLAIM_FETCH_TIMEOUT.as_secs(),
+        });
+    };
+    let fetched = match answer {
         Ok(fetched) => fetched,
         Err(kube::Error::Api(status)) if status.is_not_found() => {
             return Err(PrepareError::ClaimNotFound {

@@ -20,7 +20,8 @@ pub enum EnvFlavour {
     None,
 }
 
-/// Whether a GPU-only claim also gets its GPUs' closest NICs, shared with other pods.
+/// Whether a GPU-only claim also gets its GPUs' closest NICs, shared with other pods, and
+/// whether a NIC allocated in the claim moves its netdev into the pod.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NicAttach {
@@ -29,6 +30,9 @@ pub enum NicAttach {
     /// Off by default: sharing a NIC is a choice the cluster admin (class) or user makes.
     #[default]
     None,
+    /// A NIC allocated in the claim: its netdev moves into the pod's network namespace
+    /// through the `tandem hook attach` OCI hook (needs the plugin's hook path).
+    Exclusive,
 }
 
 /// The effective configuration of one request.
@@ -37,6 +41,24 @@ pub enum NicAttach {
 pub struct RequestConfig {
     pub env: EnvFlavour,
     pub nic_attach: NicAttach,
+    /// Whether some config entry set `nicAttach`: unset means "exclusive when the hook is
+    /// configured" for a NIC allocated in the claim, while an explicit `none` keeps it on
+    /// the host.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nic_attach_set: bool,
+}
+
+impl RequestConfig {
+    /// Whether a NIC allocated in the claim for this request moves into the pod. Without a
+    /// hook path nothing can move it, so it keeps the pre-netattach behaviour (RDMA char
+    /// devices only) even when `exclusive` was asked for.
+    pub fn exclusive_for_claimed_nic(&self, hook_configured: bool) -> bool {
+        hook_configured
+            && match (self.nic_attach_set, self.nic_attach) {
+                (false, _) => true,
+                (true, attach) => attach == NicAttach::Exclusive,
+            }
+    }
 }
 
 /// One parsed `ClaimConfig`: the fields it sets, `None` for the ones it leaves alone.
@@ -181,6 +203,7 @@ pub fn resolve(
                 }
                 if let Some(attach) = overlay.nic_attach {
                     config.nic_attach = attach;
+                    config.nic_attach_set = true;
                 }
             }
         }
@@ -228,7 +251,8 @@ mod tests {
             r["gpus"],
             RequestConfig {
                 env: EnvFlavour::Nccl,
-                nic_attach: NicAttach::None
+                nic_attach: NicAttach::None,
+                nic_attach_set: false,
             }
         );
     }
@@ -254,7 +278,8 @@ mod tests {
             r["gpus"],
             RequestConfig {
                 env: EnvFlavour::Ucx,
-                nic_attach: NicAttach::Shared
+                nic_attach: NicAttach::Shared,
+                nic_attach_set: true,
             }
         );
     }
@@ -312,11 +337,11 @@ mod tests {
             "FromClass",
             "tandem.dev",
             &[],
-            config(json!({"nicAttach": "exclusive"})),
+            config(json!({"nicAttach": "passthrough"})),
         )];
         let e = resolve("tandem.dev", &entries, &["gpus"]).unwrap_err();
         assert_eq!(e.field, "nicAttach");
-        assert!(e.message.contains("exclusive"), "{e}");
+        assert!(e.message.contains("passthrough"), "{e}");
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub enum PrepareError {
         source: kube::Error,
     },
 
+    #[error("claim {claim}: the apiserver did not answer the claim fetch within {seconds} s")]
+    ApiServerTimeout { claim: String, seconds: u64 },
+
     #[error(
         "claim {claim}: the apiserver holds UID {found:?} under this name: the claim was replaced"
     )]

@@ -9,7 +9,7 @@ pub mod claim;
 pub mod config;
 pub mod env;
 mod error;
-mod fsutil;
+pub(crate) mod fsutil;
 pub mod plan;
 mod preparer;
 pub mod topology_file;
@@ -59,9 +59,10 @@ pub struct PrepareConfig {
     pub state_dir: PathBuf,
     /// Where device nodes appear in containers (`/dev`).
     pub dev_root_in_container: PathBuf,
-    /// Reserved for the `tandem hook` binary of the netdev-attach step for exclusively
-    /// allocated NICs; claim preparation in this version hands out RDMA char devices only and
-    /// does not reference it.
+    /// Host path of the `tandem` binary that runtimes run as the `tandem hook attach` OCI
+    /// hook. When set, NICs allocated in a claim (unless `nicAttach` says otherwise) get a
+    /// `createRuntime` hook that moves their netdev into the pod; when unset, NICs hand out
+    /// RDMA char devices only. Unprepare releases what the hook recorded either way.
     pub hook_path: Option<PathBuf>,
     /// procfs root (`/proc`), for the boot ID.
     pub proc_root: PathBuf,

@@ -2,7 +2,7 @@
 //! against the inventory and the other prepared claims, pairs GPUs with NICs, and builds the
 //! CDI spec, environment and topology file. The preparer only writes what this returns.
 
-use super::cdi::{self, CdiDevice, CdiSpec, ContainerEdits, DeviceNode, Mount};
+use super::cdi::{self, CdiDevice, CdiSpec, ContainerEdits, DeviceNode, Hook, Mount};
 use super::claim::{AllocatedDevice, ClaimRef, OurAllocation};
 use super::config::{self, EnvFlavour, NicAttach};
 use super::env::claim_env;
@@ -80,7 +80,22 @@ pub struct PlanContext<'a> {
     /// Host path of this claim's topology file (`<state_dir>/claims/<uid>/topology.json`).
     pub topology_host_path: &'a Path,
     pub inventory: &'a Inventory,
+    /// Where `tandem hook attach` is installed on the host; `None` keeps every NIC's netdev
+    /// on the host.
+    pub netattach_hook: Option<NetattachHook<'a>>,
 }
+
+/// What the CDI hook entry of an exclusively attached NIC needs.
+#[derive(Clone, Copy, Debug)]
+pub struct NetattachHook<'a> {
+    /// Host path of the `tandem` binary the runtime runs.
+    pub path: &'a Path,
+    /// The plugin's state directory, where the hook records what it moved.
+    pub state_dir: &'a Path,
+}
+
+/// Seconds the runtime gives the hook; the hook bounds each netlink request far below it.
+const NETATTACH_HOOK_TIMEOUT_SECONDS: i64 = 30;
 
 /// The outcome of planning one claim.
 #[derive(Clone, Debug)]
@@ -226,8 +241,33 @@ pub fn plan_claim(
             &mut recorded,
         );
     }
+    // Asking for `exclusive` on a node that cannot move netdevs is refused rather than
+    // quietly downgraded: the pod would start without the interface it asked for.
+    if ctx.netattach_hook.is_none() && !nics.is_empty() {
+        let asked = per_request
+            .iter()
+            .find(|(_, c)| c.nic_attach_set && c.nic_attach == config::NicAttach::Exclusive);
+        if let Some((request, _)) = asked {
+            return Err(PrepareError::ConflictingConfig {
+                claim: claim.to_string(),
+                reason: format!(
+                    "request {request:?} asks for nicAttach \"exclusive\", but this node's plugin has no --hook-path to move network interfaces with"
+                ),
+            });
+        }
+    }
+    let pod_names = exclusive_pod_names(ctx, &per_request, &nics, &pairing);
     for (allocated, nic) in &nics {
-        let edits = nic_edits(ctx, claim, allocated, nic, false)?;
+        let mut edits = nic_edits(ctx, claim, allocated, nic, false)?;
+        if let (Some(hook), Some(pod_name), Some(host_name)) = (
+            ctx.netattach_hook,
+            pod_names.get(&nic.pci.address),
+            nic.if_name(),
+        ) {
+            edits
+                .hooks
+                .push(netattach_hook(claim, hook, host_name, pod_name)?);
+        }
         push_device(
             &kind,
             claim,
@@ -277,6 +317,69 @@ pub fn plan_claim(
         devices: recorded,
         topology,
         spec: Some(spec),
+    })
+}
+
+/// `rdma0`, `rdma1`, ... for the claim's exclusively attached NICs, in pairing order (the
+/// NIC of the first GPU first), then the unpaired ones by PCI address.
+fn exclusive_pod_names(
+    ctx: &PlanContext<'_>,
+    per_request: &BTreeMap<String, config::RequestConfig>,
+    nics: &[(&AllocatedDevice, &Nic)],
+    pairing: &crate::topology::pairing::Pairing,
+) -> BTreeMap<PciAddress, String> {
+    let hook_configured = ctx.netattach_hook.is_some();
+    let exclusive: BTreeSet<PciAddress> = nics
+        .iter()
+        .filter(|(allocated, nic)| {
+            nic.if_name().is_some()
+                && allocated.requests.iter().any(|r| {
+                    per_request
+                        .get(r)
+                        .is_some_and(|c| c.exclusive_for_claimed_nic(hook_configured))
+                })
+        })
+        .map(|(_, nic)| nic.pci.address)
+        .collect();
+    let mut ordered: Vec<PciAddress> = Vec::new();
+    let paired = pairing.pairs.iter().map(|p| p.nic);
+    for address in paired
+        .chain(pairing.unpaired_nics.iter().copied())
+        .chain(exclusive.iter().copied())
+    {
+        if exclusive.contains(&address) && !ordered.contains(&address) {
+            ordered.push(address);
+        }
+    }
+    ordered
+        .into_iter()
+        .enumerate()
+        .map(|(index, address)| (address, crate::netattach::default_pod_name(index)))
+        .collect()
+}
+
+fn netattach_hook(
+    claim: &ClaimRef,
+    hook: NetattachHook<'_>,
+    host_name: &str,
+    pod_name: &str,
+) -> Result<Hook, PrepareError> {
+    let args = [
+        "tandem".to_string(),
+        "hook".into(),
+        "attach".into(),
+        "--claim-uid".into(),
+        claim.uid.clone(),
+        "--state-dir".into(),
+        path_string(claim, "state directory", hook.state_dir)?,
+        "--interface".into(),
+        format!("host={host_name}:pod={pod_name}"),
+    ];
+    Ok(Hook {
+        hook_name: "createRuntime".to_string(),
+        path: path_string(claim, "netattach hook", hook.path)?,
+        args: args.to_vec(),
+        timeout: Some(NETATTACH_HOOK_TIMEOUT_SECONDS),
     })
 }
 
@@ -578,6 +681,7 @@ mod tests {
             dev_root_in_container: Path::new("/dev"),
             topology_host_path: &topology,
             inventory,
+            netattach_hook: None,
         };
         plan_claim(&ctx, &claim(uid), allocation, holders)
     }
@@ -707,6 +811,129 @@ mod tests {
                 &DeviceHolders::default()
             )
             .is_ok()
+        );
+    }
+
+    fn plan_with_hook(
+        inventory: &Inventory,
+        allocation: &OurAllocation,
+    ) -> Result<ClaimPlan, PrepareError> {
+        let topology = PathBuf::from("/var/lib/tandem/claims/u/topology.json");
+        let ctx = PlanContext {
+            driver_name: "tandem.dev",
+            dev_root_in_container: Path::new("/dev"),
+            topology_host_path: &topology,
+            inventory,
+            netattach_hook: Some(NetattachHook {
+                path: Path::new("/opt/tandem/bin/tandem"),
+                state_dir: Path::new("/var/lib/tandem"),
+            }),
+        };
+        plan_claim(&ctx, &claim("u"), allocation, &DeviceHolders::default())
+    }
+
+    fn nic_hooks(plan: &ClaimPlan) -> Vec<(String, Vec<String>)> {
+        plan.spec
+            .as_ref()
+            .unwrap()
+            .devices
+            .iter()
+            .flat_map(|d| {
+                d.container_edits
+                    .hooks
+                    .iter()
+                    .map(|h| (h.hook_name.clone(), h.args.clone()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn exclusive_nics_get_the_attach_hook_in_pairing_order_unless_config_says_none() {
+        let (_dir, inventory) = inventory();
+        let gpu = &inventory.accelerators[0];
+        let paired = crate::topology::pair_devices(
+            &[&gpu.pci],
+            &inventory.nics.iter().map(|n| &n.pci).collect::<Vec<_>>(),
+        );
+        let first_nic = inventory
+            .nics
+            .iter()
+            .find(|n| n.pci.address == paired.pairs[0].nic)
+            .unwrap();
+        let other_nic = inventory
+            .nics
+            .iter()
+            .find(|n| n.pci.address != first_nic.pci.address && n.if_name().is_some())
+            .unwrap();
+        let allocation = OurAllocation {
+            devices: vec![
+                allocated("gpus", &accelerator_device_name(&gpu.pci.address)),
+                allocated("nics", &nic_device_name(&other_nic.pci.address)),
+                allocated("nics", &nic_device_name(&first_nic.pci.address)),
+            ],
+            config: Vec::new(),
+        };
+        let hooks = nic_hooks(&plan_with_hook(&inventory, &allocation).unwrap());
+        assert_eq!(hooks.len(), 2, "{hooks:?}");
+        let first_if = first_nic.if_name().unwrap();
+        let other_if = other_nic.if_name().unwrap();
+        for (name, args) in &hooks {
+            assert_eq!(name, "createRuntime");
+            assert_eq!(&args[..5], ["tandem", "hook", "attach", "--claim-uid", "u"]);
+            assert!(args.contains(&"/var/lib/tandem".to_string()), "{args:?}");
+        }
+        let interfaces: Vec<&String> = hooks.iter().map(|(_, a)| a.last().unwrap()).collect();
+        assert!(
+            interfaces.contains(&&format!("host={first_if}:pod=rdma0")),
+            "{interfaces:?}"
+        );
+        assert!(
+            interfaces.contains(&&format!("host={other_if}:pod=rdma1")),
+            "{interfaces:?}"
+        );
+
+        // No hook path: the behaviour before netattach, nothing moves.
+        assert!(
+            nic_hooks(&plan(&inventory, "u", &allocation, &DeviceHolders::default()).unwrap())
+                .is_empty()
+        );
+
+        // An explicit `none` keeps the netdevs on the host even with the hook configured.
+        let mut with_none = allocation.clone();
+        with_none.config = vec![
+            k8s_openapi::api::resource::v1::DeviceAllocationConfiguration {
+                source: "FromClaim".into(),
+                requests: Some(vec!["nics".into()]),
+                opaque: Some(k8s_openapi::api::resource::v1::OpaqueDeviceConfiguration {
+                    driver: "tandem.dev".into(),
+                    parameters: k8s_openapi::apimachinery::pkg::runtime::RawExtension(
+                        serde_json::json!({
+                            "apiVersion": "tandem.dev/v1alpha1",
+                            "kind": "ClaimConfig",
+                            "nicAttach": "none"
+                        }),
+                    ),
+                }),
+            },
+        ];
+        assert!(nic_hooks(&plan_with_hook(&inventory, &with_none).unwrap()).is_empty());
+
+        // An explicit `exclusive` on a node without the hook is refused, naming the request,
+        // rather than quietly handing out the NIC without its netdev.
+        let mut with_exclusive = with_none.clone();
+        if let Some(opaque) = with_exclusive.config[0].opaque.as_mut() {
+            opaque.parameters.0["nicAttach"] = "exclusive".into();
+        }
+        let refused = plan(&inventory, "u", &with_exclusive, &DeviceHolders::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("\"nics\"") && refused.contains("--hook-path"),
+            "{refused}"
+        );
+        assert_eq!(
+            nic_hooks(&plan_with_hook(&inventory, &with_exclusive).unwrap()).len(),
+            2
         );
     }
 }

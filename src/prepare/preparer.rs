@@ -353,6 +353,12 @@ impl Inner {
                         dev_root_in_container: &self.config.dev_root_in_container,
                         topology_host_path: &topology_path,
                         inventory: &inventory,
+                        netattach_hook: self.config.hook_path.as_deref().map(|path| {
+                            plan::NetattachHook {
+                                path,
+                                state_dir: &self.config.state_dir,
+                            }
+                        }),
                     };
                     plan::plan_claim(&ctx, &claim, &allocation, &holders)
                 });
@@ -519,6 +525,23 @@ impl Inner {
         uid: &str,
         entry: &ClaimEntry,
     ) -> Result<(), (PathBuf, std::io::Error)> {
+        // NICs the hook moved into the pod come back first; while one cannot (its pod's
+        // namespace still holds it), the claim stays with its record so the next unprepare
+        // or recover() retries.
+        let claim_dir = self.claim_dir(uid);
+        crate::netattach::record::release_claim_dir(
+            &claim_dir,
+            &self.config.proc_root.join("1/ns/net"),
+            &self.config.proc_root,
+            Path::new(crate::netattach::record::RUN_NETNS_DIR),
+            crate::netattach::DEFAULT_NETLINK_TIMEOUT,
+        )
+        .map_err(|e| {
+            (
+                claim_dir.join(crate::netattach::record::RECORD_FILE),
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
         let mut paths: BTreeSet<PathBuf> = entry.files.iter().cloned().collect();
         paths.extend(entry.cdi_spec_path.clone());
         paths.insert(self.spec_path(uid));

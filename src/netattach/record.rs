@@ -1,0 +1,320 @@
+//! The per-claim record of attached interfaces (`claims/<uid>/netattach.json`). The hook
+//! writes an entry before it moves an interface and marks it attached afterwards, so that
+//! unprepare (or a later retry) can bring back whatever left the host, even after a crash.
+
+use super::netlink::{Netns, interface_in_netns, move_and_configure, release, snapshot};
+use super::{Guards, InterfaceSnapshot, NetAttachError, validate_ifname};
+use crate::prepare::fsutil;
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// File name of the record inside the claim's state directory.
+pub const RECORD_FILE: &str = "netattach.json";
+const RECORD_MODE: u32 = 0o600;
+/// Where `ip netns` (and containerd/CRI-O) pin named network namespaces.
+pub const RUN_NETNS_DIR: &str = "/run/netns";
+
+/// Where an attached interface went. The pid is only a hint: the container that ran the hook
+/// may be gone while its pod's namespace lives on, so release finds the namespace by inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetnsRef {
+    pub pid: u32,
+    pub dev: u64,
+    pub inode: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AttachPhase {
+    /// Recorded, move maybe not done: release must check both namespaces.
+    Intent,
+    /// Moved and configured inside the pod.
+    Attached,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachedInterface {
+    pub pod_name: String,
+    pub netns: NetnsRef,
+    pub phase: AttachPhase,
+    pub snapshot: InterfaceSnapshot,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetAttachRecord {
+    pub interfaces: Vec<AttachedInterface>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("netattach record {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("netattach record {path} is not valid JSON: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    NetAttach(#[from] NetAttachError),
+    #[error("claim {claim_dir}: {} interface(s) not released yet: {}", .failures.len(), .failures.join("; "))]
+    Unreleased {
+        claim_dir: PathBuf,
+        failures: Vec<String>,
+    },
+}
+
+impl NetAttachRecord {
+    /// Loads the record of a claim directory; a missing file is an empty record.
+    pub fn load(claim_dir: &Path) -> Result<Self, RecordError> {
+        let path = claim_dir.join(RECORD_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| RecordError::Parse { path, source })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(RecordError::Io { path, source }),
+        }
+    }
+
+    /// Writes the record atomically; an empty record removes the file.
+    pub fn save(&self, claim_dir: &Path) -> Result<(), RecordError> {
+        let path = claim_dir.join(RECORD_FILE);
+        let io_error = |source| RecordError::Io {
+            path: path.clone(),
+            source,
+        };
+        if self.interfaces.is_empty() {
+            fsutil::remove_file_if_present(&path).map_err(io_error)?;
+            return Ok(());
+        }
+        let bytes = serde_json::to_vec_pretty(self).map_err(|source| RecordError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+        fsutil::ensure_dir(claim_dir, 0o700).map_err(io_error)?;
+        fsutil::write_atomic(&path, &bytes, RECORD_MODE).map_err(io_error)
+    }
+}
+
+/// One interface the hook is asked to attach.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceRequest {
+    pub host_name: String,
+    pub pod_name: String,
+}
+
+/// Identifies the namespace file at `path` for the record.
+pub fn netns_ref(path: &Path, pid: u32) -> Result<NetnsRef, NetAttachError> {
+    let meta = fs::metadata(path).map_err(|source| NetAttachError::OpenNamespace {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(NetnsRef {
+        pid,
+        dev: meta.dev(),
+        inode: meta.ino(),
+    })
+}
+
+/// Attaches each requested interface to the namespace of `pid` (under `proc_root`),
+/// recording intent before each move and completion after it. Interfaces already present
+/// in the pod are left alone, so the hook of a pod's second container succeeds.
+pub fn attach_recorded(
+    claim_dir: &Path,
+    host: &Netns,
+    proc_root: &Path,
+    pid: u32,
+    requests: &[InterfaceRequest],
+    guards: &Guards,
+    timeout: Duration,
+) -> Result<NetAttachRecord, RecordError> {
+    for r in requests {
+        validate_ifname(&r.host_name)?;
+        validate_ifname(&r.pod_name)?;
+    }
+    let ns_path = proc_root.join(pid.to_string()).join("ns/net");
+    let target = Netns::open(&ns_path)?;
+    let ns_ref = netns_ref(&ns_path, pid)?;
+    if host.identity()? == (ns_ref.dev, ns_ref.inode) {
+        return Err(NetAttachError::Guarded {
+            ifname: requests
+                .iter()
+                .map(|r| r.host_name.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            reason: format!("pid {pid} shares the host network namespace (hostNetwork pod)"),
+        }
+        .into());
+    }
+    let mut record = NetAttachRecord::load(claim_dir)?;
+    for request in requests {
+        if interface_in_netns(&target, &request.pod_name, timeout)? {
+            if let Some(entry) = record
+                .interfaces
+                .iter_mut()
+                .find(|e| e.pod_name == request.pod_name && same_ns(&e.netns, &ns_ref))
+                && entry.phase == AttachPhase::Intent
+            {
+                // A crash after the move left the entry at Intent; the link is there, so
+                // finish the configuration idempotently and mark it.
+                move_back_safe_configure(host, &target, entry, timeout)?;
+                entry.phase = AttachPhase::Attached;
+                record.save(claim_dir)?;
+            }
+            continue;
+        }
+        let snap = snapshot(host, &request.host_name, guards, timeout)?;
+        record
+            .interfaces
+            .retain(|e| e.snapshot.host_name != request.host_name);
+        record.interfaces.push(AttachedInterface {
+            pod_name: request.pod_name.clone(),
+            netns: ns_ref,
+            phase: AttachPhase::Intent,
+            snapshot: snap.clone(),
+        });
+        record.save(claim_dir)?;
+        if let Err(e) = move_and_configure(host, &target, &snap, &request.pod_name, timeout) {
+            // Put the interface back now rather than leaving a half-configured NIC in a pod
+            // that will fail to start; the entry stays if even that fails.
+            if release(host, Some(&target), &snap, &request.pod_name, timeout).is_ok() {
+                record
+                    .interfaces
+                    .retain(|i| i.snapshot.host_name != request.host_name);
+                record.save(claim_dir)?;
+            }
+            return Err(e.into());
+        }
+        if let Some(entry) = record
+            .interfaces
+            .iter_mut()
+            .find(|e| e.snapshot.host_name == request.host_name)
+        {
+            entry.phase = AttachPhase::Attached;
+        }
+        record.save(claim_dir)?;
+    }
+    Ok(record)
+}
+
+fn move_back_safe_configure(
+    host: &Netns,
+    target: &Netns,
+    entry: &AttachedInterface,
+    timeout: Duration,
+) -> Result<(), NetAttachError> {
+    // Release-and-reattach is the one path that is known to leave a complete configuration
+    // whatever step the crash interrupted.
+    release(
+        host,
+        Some(target),
+        &entry.snapshot,
+        &entry.pod_name,
+        timeout,
+    )?;
+    move_and_configure(host, target, &entry.snapshot, &entry.pod_name, timeout)
+}
+
+fn same_ns(a: &NetnsRef, b: &NetnsRef) -> bool {
+    a.dev == b.dev && a.inode == b.inode
+}
+
+/// Finds a live namespace with the recorded identity: the recorded pid first, then any
+/// process under `proc_root`, then the named namespaces in `run_netns_dir`.
+pub fn find_netns(proc_root: &Path, run_netns_dir: &Path, wanted: &NetnsRef) -> Option<PathBuf> {
+    let matches = |path: &Path| {
+        fs::metadata(path)
+            .map(|m| m.dev() == wanted.dev && m.ino() == wanted.inode)
+            .unwrap_or(false)
+    };
+    let hinted = proc_root.join(wanted.pid.to_string()).join("ns/net");
+    if matches(&hinted) {
+        return Some(hinted);
+    }
+    let proc_candidates = fs::read_dir(proc_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let pid = name.to_str()?;
+            pid.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| e.path().join("ns/net"))
+        });
+    let named = fs::read_dir(run_netns_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
+    proc_candidates.chain(named).find(|p| matches(p))
+}
+
+/// Releases every interface recorded for the claim. Released entries leave the record at
+/// once; the rest stay for the next unprepare or reconcile, and the error names them.
+pub fn release_recorded(
+    claim_dir: &Path,
+    host: &Netns,
+    proc_root: &Path,
+    run_netns_dir: &Path,
+    timeout: Duration,
+) -> Result<usize, RecordError> {
+    let mut record = NetAttachRecord::load(claim_dir)?;
+    let mut released = 0;
+    let mut failures = Vec::new();
+    let mut remaining = Vec::new();
+    for entry in std::mem::take(&mut record.interfaces) {
+        let target = find_netns(proc_root, run_netns_dir, &entry.netns)
+            .map(|p| Netns::open(&p))
+            .transpose();
+        let outcome = target.and_then(|target| {
+            release(
+                host,
+                target.as_ref(),
+                &entry.snapshot,
+                &entry.pod_name,
+                timeout,
+            )
+        });
+        match outcome {
+            Ok(()) => released += 1,
+            Err(e) => {
+                failures.push(e.to_string());
+                remaining.push(entry);
+            }
+        }
+    }
+    record.interfaces = remaining;
+    record.save(claim_dir)?;
+    if failures.is_empty() {
+        Ok(released)
+    } else {
+        Err(RecordError::Unreleased {
+            claim_dir: claim_dir.to_path_buf(),
+            failures,
+        })
+    }
+}
+
+/// [`release_recorded`] for callers that hold paths: opens the host namespace only when the
+/// claim has something recorded, so claims without exclusive NICs never touch netlink.
+pub fn release_claim_dir(
+    claim_dir: &Path,
+    host_netns: &Path,
+    proc_root: &Path,
+    run_netns_dir: &Path,
+    timeout: Duration,
+) -> Result<usize, RecordError> {
+    if NetAttachRecord::load(claim_dir)?.interfaces.is_empty() {
+        return Ok(0);
+    }
+    let host = Netns::open(host_netns)?;
+    release_recorded(claim_dir, &host, proc_root, run_netns_dir, timeout)
+}
