@@ -1,0 +1,520 @@
+//! Soak: the real `tandem plugin` binary against the apiserver fake for `TANDEM_SOAK_SECONDS`,
+//! with a kubelet-like client preparing and unpreparing at a steady rate, a killer SIGKILLing
+//! and restarting the plugin at random moments, and a flipper toggling a NIC port between
+//! ACTIVE and DOWN in the fixture. Asserts no lost claims, no leaks and bounded RSS, and prints
+//! a Markdown table for BENCHMARKS.md. Without the variable the test only says it was skipped;
+//! `hack/soak.sh` sets it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem::apiserver_fake::FakeApiServer;
+use tandem::cli::demo::{ClaimRequest, create_allocated_claim};
+use tandem::fixture;
+use tandem::names;
+use tandem::plugin::client::unix_channel;
+use tandem::plugin::proto::dra_v1::{
+    Claim, NodePrepareResourcesRequest, NodeUnprepareResourcesRequest,
+    dra_plugin_client::DraPluginClient,
+};
+use tandem::prepare::checkpoint::{self, ClaimState};
+use tandem::sysfs::{MachineRoots, discover};
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+const NODE: &str = "node-soak";
+const NAMESPACE: &str = "soak";
+/// One kubelet call every this often.
+const CALL_INTERVAL: Duration = Duration::from_millis(20);
+/// RSS of the last quarter may exceed the first quarter's peak by this factor plus slack; the
+/// slack absorbs allocator noise of a process that restarts every few seconds.
+const RSS_GROWTH_FACTOR: f64 = 1.5;
+const RSS_SLACK_KIB: u64 = 8 * 1024;
+
+/// splitmix64: a seeded, reproducible stream without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answered {
+    Prepared,
+    Unprepared,
+    /// The call died with the process or was refused: nothing may be assumed.
+    Unknown,
+}
+
+struct Layout {
+    dir: PathBuf,
+    roots: MachineRoots,
+    kubeconfig: PathBuf,
+}
+
+impl Layout {
+    fn dra_socket(&self) -> PathBuf {
+        self.dir.join("plugins/tandem.dev/dra.sock")
+    }
+    fn cdi_dir(&self) -> PathBuf {
+        self.dir.join("cdi")
+    }
+    fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    fn spawn_plugin(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("plugin.log"))
+            .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .arg("plugin")
+            .args(["--node-name", NODE])
+            .arg("--kubelet-registry-dir")
+            .arg(self.dir.join("plugins_registry"))
+            .arg("--kubelet-plugins-dir")
+            .arg(self.dir.join("plugins"))
+            .arg("--cdi-dir")
+            .arg(self.cdi_dir())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--sysfs-root")
+            .arg(&self.roots.sys)
+            .arg("--proc-root")
+            .arg(&self.roots.proc)
+            .arg("--dev-root")
+            .arg(&self.roots.dev)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            // Rescan often so the flipped port state reaches the health checks.
+            .args(["--rescan-period", "1s", "--metrics-addr", ""])
+            .env("RUST_LOG", "warn")
+            .env_remove("POD_UID")
+            .env_remove("NODE_NAME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+}
+
+async fn connect(socket: &Path) -> DraPluginClient<tonic::transport::Channel> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(channel) = unix_channel(socket).await {
+            return DraPluginClient::new(channel);
+        }
+        assert!(Instant::now() < deadline, "plugin did not come up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Resident set size of `pid` in KiB, from /proc/<pid>/status.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn spec_exists(layout: &Layout, uid: &str) -> bool {
+    layout
+        .cdi_dir()
+        .join(format!("tandem.dev-claim_{uid}.json"))
+        .exists()
+}
+
+/// Claims answered prepared whose spec or completed checkpoint entry is gone. Reads the
+/// checkpoint without repairing it, so the check never moves a file under the plugin.
+fn lost_claims(layout: &Layout, answered: &BTreeMap<String, Answered>) -> Vec<String> {
+    let state = checkpoint::load_read_only(&layout.state_dir()).unwrap_or_default();
+    answered
+        .iter()
+        .filter(|&(_, a)| *a == Answered::Prepared)
+        .filter(|&(uid, _)| {
+            !spec_exists(layout, uid)
+                || state.claims.get(uid).map(|e| e.state) != Some(ClaimState::PrepareCompleted)
+        })
+        .map(|(uid, _)| uid.clone())
+        .collect()
+}
+
+/// The `ports/1/state` files of the fixture's RDMA devices.
+fn port_state_files(sys: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![sys.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(path);
+            } else if path.ends_with("ports/1/state") {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+#[derive(Default)]
+struct Tally {
+    calls: u64,
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    lost_checks: u64,
+    lost: Vec<String>,
+}
+
+impl Tally {
+    fn error(&mut self, kind: &str) {
+        *self.errors.entry(kind.to_string()).or_default() += 1;
+    }
+}
+
+/// A claim error's kind: the variant's words after `claim <ref>:` (device names removed).
+fn error_kind(error: &str) -> String {
+    let after_claim = error.split_once("): ").map_or(error, |(_, rest)| rest);
+    let words: Vec<&str> = after_claim
+        .split_whitespace()
+        .filter(|w| !w.contains("-0000-") && !w.starts_with("gpu-") && !w.starts_with("nic-"))
+        .take(4)
+        .collect();
+    format!("claim error: {}", words.join(" "))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_plugin_under_kills_and_flapping_ports() {
+    let Some(seconds) = std::env::var("TANDEM_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    else {
+        eprintln!("soak skipped: set TANDEM_SOAK_SECONDS (hack/soak.sh does)");
+        return;
+    };
+    let duration = Duration::from_secs(seconds);
+    let seed = 0x50a4_u64;
+
+    let dir = tempfile::tempdir().unwrap();
+    let roots = fixture::write_machine(
+        &fixture::builtin("dgx-h100").unwrap(),
+        &dir.path().join("machine"),
+    )
+    .unwrap();
+    let inventory = discover(&roots).unwrap();
+    let apiserver = FakeApiServer::start().await.unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{ "name": "fake", "cluster": { "server": apiserver.url() } }],
+        "users": [{ "name": "fake", "user": {} }],
+        "contexts": [{ "name": "fake", "context": { "cluster": "fake", "user": "fake" } }],
+        "current-context": "fake",
+    });
+    std::fs::write(&kubeconfig, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let port_files = port_state_files(&roots.sys);
+    assert!(!port_files.is_empty(), "fixture has no RDMA ports");
+    let layout = Arc::new(Layout {
+        dir: dir.path().to_path_buf(),
+        roots,
+        kubeconfig,
+    });
+
+    let rdma_nics: Vec<_> = inventory.nics.iter().filter(|n| n.is_rdma()).collect();
+    let mut claims = Vec::new();
+    for (i, (gpu, nic)) in inventory.accelerators.iter().zip(&rdma_nics).enumerate() {
+        let name = format!("soak-{i}");
+        let created = create_allocated_claim(
+            &apiserver.client(),
+            NAMESPACE,
+            &name,
+            names::DEFAULT_DRIVER_NAME,
+            NODE,
+            &[
+                ClaimRequest {
+                    name: "gpu".into(),
+                    device_class: names::DEVICE_CLASS_GPU.into(),
+                    devices: vec![names::accelerator_device_name(&gpu.pci.address)],
+                },
+                ClaimRequest {
+                    name: "nic".into(),
+                    device_class: names::DEVICE_CLASS_NIC.into(),
+                    devices: vec![names::nic_device_name(&nic.pci.address)],
+                },
+            ],
+        )
+        .await
+        .unwrap();
+        claims.push(Claim {
+            namespace: NAMESPACE.into(),
+            name,
+            uid: created.metadata.uid.unwrap(),
+        });
+    }
+
+    let started = Instant::now();
+    let child = Arc::new(Mutex::new(layout.spawn_plugin()));
+    let finished = CancellationToken::new();
+
+    // Killer and RSS sampler in one loop, so a sample never reads a pid being replaced.
+    let killer = {
+        let (child, layout, finished) = (child.clone(), layout.clone(), finished.clone());
+        let mut rng = Rng(seed ^ 0xdead_beef);
+        tokio::spawn(async move {
+            let mut kills = 0u32;
+            let mut samples: Vec<(Duration, u64)> = Vec::new();
+            let mut next_kill = Instant::now() + Duration::from_millis(1000 + rng.below(4000));
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    () = finished.cancelled() => return (kills, samples),
+                }
+                let mut running = child.lock().await;
+                if let Some(rss) = running.id().and_then(rss_kib) {
+                    samples.push((started.elapsed(), rss));
+                }
+                if Instant::now() >= next_kill {
+                    running.start_kill().unwrap();
+                    running.wait().await.unwrap();
+                    kills += 1;
+                    *running = layout.spawn_plugin();
+                    next_kill = Instant::now() + Duration::from_millis(1000 + rng.below(4000));
+                }
+            }
+        })
+    };
+
+    // Flipper: one NIC port goes DOWN and comes back, over and over.
+    let flipper = {
+        let finished = finished.clone();
+        let file = port_files[0].clone();
+        tokio::spawn(async move {
+            let mut flips = 0u32;
+            let mut down = false;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(1500)) => {}
+                    () = finished.cancelled() => break,
+                }
+                down = !down;
+                let text = if down { "1: DOWN\n" } else { "4: ACTIVE\n" };
+                std::fs::write(&file, text).unwrap();
+                flips += 1;
+            }
+            std::fs::write(&file, "4: ACTIVE\n").unwrap();
+            flips
+        })
+    };
+
+    // The kubelet: one call every CALL_INTERVAL, one claim at a time, as it calls per pod.
+    let mut tally = Tally::default();
+    let mut answered: BTreeMap<String, Answered> = claims
+        .iter()
+        .map(|c| (c.uid.clone(), Answered::Unprepared))
+        .collect();
+    let mut rng = Rng(seed);
+    let mut ticker = tokio::time::interval(CALL_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while started.elapsed() < duration {
+        ticker.tick().await;
+        let claim = &claims[rng.below(claims.len() as u64) as usize];
+        let prepare = rng.below(2) == 0;
+        tally.calls += 1;
+        let Ok(channel) = unix_channel(&layout.dra_socket()).await else {
+            tally.error("connect refused (plugin restarting)");
+            answered.insert(claim.uid.clone(), Answered::Unknown);
+            continue;
+        };
+        let mut client = DraPluginClient::new(channel);
+        let outcome = if prepare {
+            client
+                .node_prepare_resources(NodePrepareResourcesRequest {
+                    claims: vec![claim.clone()],
+                })
+                .await
+                .map(|r| {
+                    let answer = r.into_inner().claims.remove(&claim.uid);
+                    answer.map(|a| a.error)
+                })
+        } else {
+            client
+                .node_unprepare_resources(NodeUnprepareResourcesRequest {
+                    claims: vec![claim.clone()],
+                })
+                .await
+                .map(|r| r.into_inner().claims.remove(&claim.uid).map(|a| a.error))
+        };
+        let state = match outcome {
+            Err(_) => {
+                tally.error("rpc failed (plugin killed mid-call)");
+                Answered::Unknown
+            }
+            Ok(None) => {
+                tally.error("claim missing from answer");
+                Answered::Unknown
+            }
+            Ok(Some(error)) if !error.is_empty() => {
+                tally.error(&error_kind(&error));
+                Answered::Unknown
+            }
+            Ok(Some(_)) => {
+                tally.ok += 1;
+                if prepare {
+                    Answered::Prepared
+                } else {
+                    Answered::Unprepared
+                }
+            }
+        };
+        answered.insert(claim.uid.clone(), state);
+        // Only this loop changes claims, so between its calls the files must match its answers.
+        if tally.calls.is_multiple_of(10) {
+            tally.lost_checks += 1;
+            for uid in lost_claims(&layout, &answered) {
+                if !tally.lost.contains(&uid) {
+                    tally.lost.push(uid);
+                }
+            }
+        }
+    }
+    finished.cancel();
+    let (kills, samples) = killer.await.unwrap();
+    let flips = flipper.await.unwrap();
+
+    // A last kill so recovery runs on what the run left, then the final checks.
+    {
+        let mut running = child.lock().await;
+        running.start_kill().unwrap();
+        running.wait().await.unwrap();
+        *running = layout.spawn_plugin();
+    }
+    let mut client = connect(&layout.dra_socket()).await;
+    tally.lost.extend(lost_claims(&layout, &answered));
+    tally.lost.dedup();
+
+    // The kubelet unprepares every claim as its pods go; nothing may stay behind.
+    let answer = client
+        .node_unprepare_resources(NodeUnprepareResourcesRequest {
+            claims: claims.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for claim in &claims {
+        assert_eq!(answer.claims[&claim.uid].error, "", "{}", claim.name);
+    }
+    let leaked_specs: Vec<String> = std::fs::read_dir(layout.cdi_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let (state, _) = checkpoint::load(&layout.state_dir()).unwrap();
+    let leaked_entries: Vec<&String> = state.claims.keys().collect();
+    drop(client);
+    drop(child.lock().await);
+
+    // Memory: peak of the first quarter of the run against peak of the last quarter.
+    let quarter = duration / 4;
+    let peak = |from: Duration, to: Duration| {
+        samples
+            .iter()
+            .filter(|(t, _)| *t >= from && *t < to)
+            .map(|&(_, rss)| rss)
+            .max()
+            .unwrap_or(0)
+    };
+    let first_peak = peak(Duration::ZERO, quarter);
+    let last_peak = peak(duration - quarter, duration + Duration::from_secs(1));
+    let bound = (first_peak as f64 * RSS_GROWTH_FACTOR) as u64 + RSS_SLACK_KIB;
+    let min_rss = samples.iter().map(|s| s.1).min().unwrap_or(0);
+    let max_rss = samples.iter().map(|s| s.1).max().unwrap_or(0);
+
+    let mut table = String::new();
+    table.push_str(&format!(
+        "Soak of `tandem plugin` ({seconds} s, fixture dgx-h100, {} claims, one call per {} ms, \
+         seed {seed:#x})\n\n| metric | value |\n|---|---|\n",
+        claims.len(),
+        CALL_INTERVAL.as_millis()
+    ));
+    let mut row = |k: &str, v: String| table.push_str(&format!("| {k} | {v} |\n"));
+    row(
+        "wall time",
+        format!("{:.1} s", started.elapsed().as_secs_f64()),
+    );
+    row("calls made", tally.calls.to_string());
+    row("calls answered without error", tally.ok.to_string());
+    for (kind, count) in &tally.errors {
+        row(&format!("errors: {kind}"), count.to_string());
+    }
+    row("SIGKILLs + restarts", kills.to_string());
+    row("port state flips", flips.to_string());
+    row(
+        "lost-claim checks (every 10 calls + final)",
+        (tally.lost_checks + 1).to_string(),
+    );
+    row("claims lost", tally.lost.len().to_string());
+    row("leaked CDI specs", leaked_specs.len().to_string());
+    row(
+        "leaked checkpoint entries",
+        leaked_entries.len().to_string(),
+    );
+    row("RSS samples", samples.len().to_string());
+    row("RSS min / max", format!("{min_rss} / {max_rss} KiB"));
+    row("RSS peak, first quarter", format!("{first_peak} KiB"));
+    row(
+        "RSS peak, last quarter",
+        format!("{last_peak} KiB (bound {bound} KiB)"),
+    );
+    println!("\n{table}");
+
+    assert!(tally.lost.is_empty(), "claims lost: {:?}", tally.lost);
+    assert!(leaked_specs.is_empty(), "leaked specs: {leaked_specs:?}");
+    assert!(
+        leaked_entries.is_empty(),
+        "leaked checkpoint entries: {leaked_entries:?}"
+    );
+    assert!(
+        samples.len() >= 4,
+        "only {} RSS samples were taken",
+        samples.len()
+    );
+    assert!(
+        last_peak <= bound,
+        "RSS grew: first-quarter peak {first_peak} KiB, last-quarter peak {last_peak} KiB"
+    );
+    assert!(
+        tally.ok * 2 >= tally.calls,
+        "only {} of {} calls succeeded",
+        tally.ok,
+        tally.calls
+    );
+    if seconds >= 20 {
+        assert!(kills >= 3, "only {kills} kills: crashes were not exercised");
+    }
+    apiserver.shutdown().await;
+}
