@@ -4,8 +4,11 @@
 //! time and 16 at once. Also reports the idle plugin's resident memory. Prints Markdown rows.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
+#[path = "../tests/support/plugin_process.rs"]
+mod plugin_process;
+
+use plugin_process::plugin_command;
 use tandem::apiserver_fake::FakeApiServer;
 use tandem::cli::demo::{ClaimRequest, create_allocated_claim};
 use tandem::fixture::{self, MachineDescription};
@@ -101,29 +104,8 @@ async fn start(
     }
     assert_eq!(made.len(), claims);
 
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .arg("plugin")
-        .args(["--node-name", node_name])
-        .arg("--kubelet-registry-dir")
-        .arg(scratch.path().join("registry"))
-        .arg("--kubelet-plugins-dir")
-        .arg(scratch.path().join("plugins"))
-        .arg("--cdi-dir")
-        .arg(scratch.path().join("cdi"))
-        .arg("--state-dir")
-        .arg(state.path())
-        .arg("--sysfs-root")
-        .arg(&roots.sys)
-        .arg("--proc-root")
-        .arg(&roots.proc)
-        .arg("--dev-root")
-        .arg(&roots.dev)
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
+    let child = plugin_command(node_name, scratch.path(), state.path(), &roots, &kubeconfig)
         .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn tandem plugin");
     let socket = scratch.path().join("plugins/tandem.dev/dra.sock");

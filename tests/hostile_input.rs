@@ -10,6 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::resource::v1::ResourceClaim;
+#[path = "support/plugin_process.rs"]
+mod plugin_process;
+
+use plugin_process::plugin_command;
 use tandem::apiserver_fake::{FakeApiServer, InjectedFailure};
 use tandem::cli::demo::{ClaimRequest, create_allocated_claim};
 use tandem::fixture;
@@ -711,33 +715,17 @@ async fn slice_publisher_survives_connections_dropped_mid_watch() {
         "current-context": "fake",
     });
     std::fs::write(&kubeconfig, serde_json::to_vec(&config).unwrap()).unwrap();
-    let mut plugin = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .arg("plugin")
-        .args(["--node-name", NODE])
-        .arg("--kubelet-registry-dir")
-        .arg(dir.path().join("plugins_registry"))
-        .arg("--kubelet-plugins-dir")
-        .arg(dir.path().join("plugins"))
-        .arg("--cdi-dir")
-        .arg(dir.path().join("cdi"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--sysfs-root")
-        .arg(&roots.sys)
-        .arg("--proc-root")
-        .arg(&roots.proc)
-        .arg("--dev-root")
-        .arg(&roots.dev)
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args(["--rescan-period", "1s", "--metrics-addr", ""])
-        .env_remove("POD_UID")
-        .env_remove("NODE_NAME")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut plugin = plugin_command(
+        NODE,
+        dir.path(),
+        &dir.path().join("state"),
+        &roots,
+        &kubeconfig,
+    )
+    .args(["--rescan-period", "1s"])
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
 
     let slices: Api<ResourceSlice> = Api::all(apiserver.client());
     let ours = ListParams::default().fields(&format!("spec.nodeName={NODE}"));

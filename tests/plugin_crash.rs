@@ -5,10 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "support/plugin_process.rs"]
+mod plugin_process;
+
+use plugin_process::plugin_command;
 use tandem::apiserver_fake::FakeApiServer;
 use tandem::cli::demo::{ClaimRequest, create_allocated_claim};
 use tandem::fixture;
@@ -20,7 +23,7 @@ use tandem::plugin::proto::dra_v1::{
 };
 use tandem::prepare::checkpoint::{self, ClaimState};
 use tandem::sysfs::{MachineRoots, discover};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::Mutex;
 
 const NODE: &str = "node-crash";
@@ -88,35 +91,18 @@ impl Layout {
             .append(true)
             .open(self.dir.join("plugin.log"))
             .unwrap();
-        Command::new(env!("CARGO_BIN_EXE_tandem"))
-            .arg("plugin")
-            .args(["--node-name", NODE])
-            .arg("--kubelet-registry-dir")
-            .arg(self.dir.join("plugins_registry"))
-            .arg("--kubelet-plugins-dir")
-            .arg(self.dir.join("plugins"))
-            .arg("--cdi-dir")
-            .arg(self.cdi_dir())
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("--sysfs-root")
-            .arg(&self.roots.sys)
-            .arg("--proc-root")
-            .arg(&self.roots.proc)
-            .arg("--dev-root")
-            .arg(&self.roots.dev)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(["--rescan-period", "1h"])
-            .env("RUST_LOG", "info")
-            .env_remove("POD_UID")
-            .env_remove("NODE_NAME")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
+        plugin_command(
+            NODE,
+            &self.dir,
+            &self.state_dir(),
+            &self.roots,
+            &self.kubeconfig,
+        )
+        .args(["--rescan-period", "1h"])
+        .env("RUST_LOG", "info")
+        .stderr(log)
+        .spawn()
+        .unwrap()
     }
 }
 
