@@ -36,6 +36,8 @@ struct Lab {
     nic: String,
     peer: String,
     octet: u32,
+    /// Whether [`Lab::source_routed`] gave the NIC its own table and rules.
+    source_routing: bool,
 }
 
 impl Lab {
@@ -52,6 +54,7 @@ impl Lab {
             nic: format!("tdma{tag}"),
             peer: format!("tdmb{tag}"),
             octet: 10 + n,
+            source_routing: false,
         };
         let made = Command::new("ip")
             .args(["netns", "add", &lab.host_ns])
@@ -105,6 +108,34 @@ impl Lab {
         Some(lab)
     }
 
+    /// A lab whose NIC also does source-based routing the way multi-NIC RDMA nodes do: its
+    /// own table with a default route (v4 and v6), a rule selecting the table by source
+    /// address and one by output interface.
+    fn source_routed() -> Option<Self> {
+        let mut lab = Self::new()?;
+        lab.source_routing = true;
+        let (h, table) = (lab.host_ns.clone(), lab.table());
+        let (gw4, gw6) = (lab.v4_gateway(), lab.v6_gateway());
+        ip(&[
+            "-n", &h, "route", "add", "default", "via", &gw4, "dev", &lab.nic, "table", &table,
+        ]);
+        ip(&[
+            "-n", &h, "-6", "route", "add", "default", "via", &gw6, "dev", &lab.nic, "table",
+            &table,
+        ]);
+        for (family, from) in [("-4", lab.v4_host()), ("-6", lab.v6_host())] {
+            let pref = lab.source_rule_pref();
+            ip(&[
+                "-n", &h, family, "rule", "add", "from", &from, "table", &table, "pref", &pref,
+            ]);
+        }
+        let pref = lab.oif_rule_pref();
+        ip(&[
+            "-n", &h, "rule", "add", "oif", &lab.nic, "table", &table, "pref", &pref,
+        ]);
+        Some(lab)
+    }
+
     fn v4_addr(&self) -> String {
         format!("10.201.{}.2/24", self.octet)
     }
@@ -116,6 +147,24 @@ impl Lab {
     }
     fn v6_addr(&self) -> String {
         format!("fd00:{}::2/64", self.octet)
+    }
+    fn v4_host(&self) -> String {
+        format!("10.201.{}.2", self.octet)
+    }
+    fn v6_host(&self) -> String {
+        format!("fd00:{}::2", self.octet)
+    }
+    fn v6_gateway(&self) -> String {
+        format!("fd00:{}::1", self.octet)
+    }
+    fn table(&self) -> String {
+        (100 + self.octet).to_string()
+    }
+    fn source_rule_pref(&self) -> String {
+        (1000 + self.octet).to_string()
+    }
+    fn oif_rule_pref(&self) -> String {
+        (2000 + self.octet).to_string()
     }
     fn ns_path(name: &str) -> PathBuf {
         Path::new("/run/netns").join(name)
@@ -139,6 +188,75 @@ impl Lab {
         let want = format!("{} via {}", self.v4_route_dst(), self.v4_gateway());
         assert!(routes.contains(&want), "{routes}");
         assert!(routes.contains("metric 50"), "{routes}");
+        if self.source_routing {
+            self.assert_source_routed(ns, name);
+        }
+    }
+
+    /// Asserts the NIC's table holds its default routes through `name` and that each of its
+    /// rules exists exactly once, the oif one naming `name`.
+    fn assert_source_routed(&self, ns: &str, name: &str) {
+        let table = self.table();
+        let v4 = self.table_routes(ns, "-4");
+        let want = format!("default via {} dev {name}", self.v4_gateway());
+        assert!(v4.contains(&want), "table {table} in {ns}: {v4}");
+        let v6 = self.table_routes(ns, "-6");
+        let want = format!("default via {} dev {name}", self.v6_gateway());
+        assert!(v6.contains(&want), "table {table} in {ns}: {v6}");
+        for (family, rule) in [
+            (
+                "-4",
+                format!(
+                    "{}:\tfrom {} lookup {table}",
+                    self.source_rule_pref(),
+                    self.v4_host()
+                ),
+            ),
+            (
+                "-6",
+                format!(
+                    "{}:\tfrom {} lookup {table}",
+                    self.source_rule_pref(),
+                    self.v6_host()
+                ),
+            ),
+            (
+                "-4",
+                format!(
+                    "{}:\tfrom all oif {name} lookup {table}",
+                    self.oif_rule_pref()
+                ),
+            ),
+        ] {
+            let rules = ip(&["-n", ns, family, "rule", "show"]);
+            let copies = rules.lines().filter(|l| l.trim_end() == rule).count();
+            assert_eq!(copies, 1, "{rule:?} in {ns}:\n{rules}");
+        }
+    }
+
+    /// The NIC's table in `ns` as `ip route show table` prints it; empty when the table has
+    /// no routes (or does not exist yet).
+    fn table_routes(&self, ns: &str, family: &str) -> String {
+        let out = Command::new("ip")
+            .args(["-n", ns, family, "route", "show", "table", &self.table()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The rules in `ns` that look up the NIC's table.
+    fn table_rules(&self, ns: &str) -> Vec<String> {
+        let suffix = format!("lookup {}", self.table());
+        ["-4", "-6"]
+            .into_iter()
+            .flat_map(|family| {
+                ip(&["-n", ns, family, "rule", "show"])
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .filter(|l| l.trim_end().ends_with(&suffix))
+            .collect()
     }
 
     fn has_link(&self, ns: &str, name: &str) -> bool {
@@ -186,6 +304,96 @@ fn attach_moves_renames_and_configures_then_release_restores() {
 }
 
 #[test]
+fn source_routing_tables_and_rules_follow_the_nic_and_come_back() {
+    let Some(lab) = Lab::source_routed() else {
+        return;
+    };
+    let (host, pod) = (lab.host(), lab.pod());
+
+    let outcome = attach(&host, &pod, &lab.nic, "rdma0", &Guards::default(), TIMEOUT).unwrap();
+    let AttachOutcome::Attached(snap) = outcome else {
+        panic!("expected a move, got {outcome:?}")
+    };
+    let table: u32 = lab.table().parse().unwrap();
+    let in_table = snap
+        .routes
+        .iter()
+        .filter(|r| r.table == Some(table))
+        .count();
+    assert_eq!(in_table, 2, "{snap:?}");
+    assert_eq!(snap.rules.len(), 3, "{snap:?}");
+    assert!(snap.rules.iter().all(|r| r.table == table), "{snap:?}");
+    lab.assert_configured(&lab.pod_ns, "rdma0");
+    // The kernel flushed the table routes with the link; the rules stayed (detached).
+    assert_eq!(lab.table_routes(&lab.host_ns, "-4").trim(), "");
+    assert_eq!(lab.table_routes(&lab.host_ns, "-6").trim(), "");
+    assert_eq!(lab.table_rules(&lab.host_ns).len(), 3);
+
+    release(&host, Some(&pod), &snap, "rdma0", TIMEOUT).unwrap();
+    lab.assert_configured(&lab.host_ns, &lab.nic);
+    assert_eq!(lab.table_rules(&lab.host_ns).len(), 3);
+    // The pod keeps no rule pointing at a table it no longer has.
+    assert!(lab.table_rules(&lab.pod_ns).is_empty());
+
+    release(&host, Some(&pod), &snap, "rdma0", TIMEOUT).unwrap();
+    lab.assert_configured(&lab.host_ns, &lab.nic);
+    assert_eq!(lab.table_rules(&lab.host_ns).len(), 3);
+
+    // Rules the host lost meanwhile are put back once.
+    ip(&[
+        "-n",
+        &lab.host_ns,
+        "rule",
+        "del",
+        "pref",
+        &lab.oif_rule_pref(),
+    ]);
+    release(&host, Some(&pod), &snap, "rdma0", TIMEOUT).unwrap();
+    lab.assert_configured(&lab.host_ns, &lab.nic);
+}
+
+#[test]
+fn rules_of_other_interfaces_and_tables_stay_out_of_the_snapshot() {
+    let Some(lab) = Lab::source_routed() else {
+        return;
+    };
+    let h = lab.host_ns.as_str();
+    // Another table, and a rule for the NIC's table that names the other veth end.
+    ip(&[
+        "-n",
+        h,
+        "rule",
+        "add",
+        "from",
+        "10.99.0.0/16",
+        "table",
+        "300",
+        "pref",
+        "500",
+    ]);
+    ip(&[
+        "-n",
+        h,
+        "rule",
+        "add",
+        "iif",
+        &lab.peer,
+        "table",
+        &lab.table(),
+        "pref",
+        "501",
+    ]);
+    let snap = snapshot(&lab.host(), &lab.nic, &Guards::default(), TIMEOUT).unwrap();
+    assert_eq!(snap.rules.len(), 3, "{snap:?}");
+    assert!(
+        snap.rules
+            .iter()
+            .all(|r| r.priority != 500 && r.priority != 501),
+        "{snap:?}"
+    );
+}
+
+#[test]
 fn default_route_and_node_ip_guards_refuse() {
     let Some(lab) = Lab::new() else { return };
     let host = lab.host();
@@ -225,7 +433,9 @@ fn default_route_and_node_ip_guards_refuse() {
 
 #[test]
 fn release_recovers_a_crash_before_and_after_the_move() {
-    let Some(lab) = Lab::new() else { return };
+    let Some(lab) = Lab::source_routed() else {
+        return;
+    };
     let (host, pod) = (lab.host(), lab.pod());
     let snap = snapshot(&host, &lab.nic, &Guards::default(), TIMEOUT).unwrap();
 
@@ -446,6 +656,9 @@ mod hook {
                 netns: netns_ref(&Lab::ns_path(&lab.pod_ns), u32::MAX).unwrap(),
                 phase: AttachPhase::Intent,
                 snapshot: snap.clone(),
+                pci_address: None,
+                rdma_device: None,
+                rdma_moved: false,
             }],
         };
         record.save(&claim_dir).unwrap();
@@ -495,6 +708,9 @@ mod hook {
                 netns: netns_ref(&Lab::ns_path(&lab.pod_ns), u32::MAX).unwrap(),
                 phase: AttachPhase::Attached,
                 snapshot: snap,
+                pci_address: None,
+                rdma_device: None,
+                rdma_moved: false,
             }],
         };
         record.save(&claim_dir).unwrap();

@@ -10,7 +10,6 @@ use serde::Deserialize;
 use std::io::Read;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 /// Name of the subdirectory of the state directory that holds per-claim files.
@@ -26,6 +25,15 @@ pub struct HookArgs {
 pub enum HookCommand {
     /// Move the claim's NICs into the container's network namespace (OCI createRuntime).
     Attach(AttachArgs),
+    /// Copy this binary to the host path that CDI specs name (a DaemonSet init container).
+    Install(InstallArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InstallArgs {
+    /// Destination file, e.g. `/opt/tandem/bin/tandem` on a hostPath mounted at that path.
+    #[arg(long)]
+    pub to: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -38,7 +46,7 @@ pub struct AttachArgs {
     pub state_dir: PathBuf,
     /// `host=<ifname>:pod=<ifname>`, once per NIC.
     #[arg(long = "interface", required = true)]
-    pub interfaces: Vec<InterfaceSpec>,
+    pub interfaces: Vec<InterfaceRequest>,
     /// procfs root, for `/proc/<pid>/ns/net`.
     #[arg(long, default_value = "/proc")]
     pub proc_root: PathBuf,
@@ -51,38 +59,6 @@ pub struct AttachArgs {
     /// Upper bound on each netlink request, in milliseconds.
     #[arg(long, default_value_t = DEFAULT_NETLINK_TIMEOUT.as_millis() as u64)]
     pub timeout_ms: u64,
-}
-
-/// One `--interface host=eth1:pod=rdma0` argument.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InterfaceSpec(pub InterfaceRequest);
-
-impl FromStr for InterfaceSpec {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut host = None;
-        let mut pod = None;
-        for part in s.split(':') {
-            match part.split_once('=') {
-                Some(("host", v)) => host = Some(v),
-                Some(("pod", v)) => pod = Some(v),
-                _ => return Err(format!("{s:?}: expected host=<ifname>:pod=<ifname>")),
-            }
-        }
-        match (host, pod) {
-            (Some(host), Some(pod)) => {
-                for name in [host, pod] {
-                    crate::netattach::validate_ifname(name).map_err(|e| e.to_string())?;
-                }
-                Ok(Self(InterfaceRequest {
-                    host_name: host.to_string(),
-                    pod_name: pod.to_string(),
-                }))
-            }
-            _ => Err(format!("{s:?}: both host= and pod= are required")),
-        }
-    }
 }
 
 /// The fields of the OCI runtime state the hook needs.
@@ -101,7 +77,29 @@ pub fn run(args: HookArgs) -> anyhow::Result<()> {
                 .context("reading the OCI container state from stdin")?;
             attach(&args, &stdin)
         }
+        HookCommand::Install(args) => {
+            let source = std::env::current_exe().context("locating the running binary")?;
+            install(&source, &args.to)
+        }
     }
+}
+
+/// Copies `source` to `to` through a temp file and a rename: a runtime starting a container
+/// at that moment runs either the old binary or the new one, never half of one. The rename
+/// also works while the old file is being executed, where writing over it would fail
+/// (ETXTBSY).
+pub fn install(source: &Path, to: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
+    let dir = to
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .with_context(|| format!("--to {} has no parent directory", to.display()))?;
+    crate::prepare::fsutil::ensure_dir(dir, 0o755)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    crate::prepare::fsutil::write_atomic(to, &bytes, 0o755)
+        .with_context(|| format!("installing the hook binary at {}", to.display()))?;
+    tracing::info!(path = %to.display(), bytes = bytes.len(), "hook binary installed");
+    Ok(())
 }
 
 /// The hook's work, with the container state passed in rather than read from stdin.
@@ -120,7 +118,7 @@ pub fn attach(args: &AttachArgs, state_json: &str) -> anyhow::Result<()> {
     }
     let claim_dir = claim_dir(&args.state_dir, &args.claim_uid);
     let host = Netns::open(&args.host_netns)?;
-    let requests: Vec<InterfaceRequest> = args.interfaces.iter().map(|i| i.0.clone()).collect();
+    let requests = &args.interfaces;
     let guards = Guards {
         node_ip: args.node_ip,
     };
@@ -129,7 +127,7 @@ pub fn attach(args: &AttachArgs, state_json: &str) -> anyhow::Result<()> {
         &host,
         &args.proc_root,
         pid,
-        &requests,
+        requests,
         &guards,
         Duration::from_millis(args.timeout_ms),
     )
@@ -150,14 +148,26 @@ pub fn claim_dir(state_dir: &Path, claim_uid: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
-    fn interface_specs_parse_and_validate() {
-        let spec: InterfaceSpec = "host=eth1:pod=rdma0".parse().unwrap();
-        assert_eq!(spec.0.host_name, "eth1");
-        assert_eq!(spec.0.pod_name, "rdma0");
-        assert!("host=eth1".parse::<InterfaceSpec>().is_err());
-        assert!("host=eth1:pod=a/b".parse::<InterfaceSpec>().is_err());
-        assert!("eth1:rdma0".parse::<InterfaceSpec>().is_err());
+    fn install_copies_an_executable_and_replaces_an_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("tandem-new");
+        std::fs::write(&source, b"#!/bin/sh\necho new\n").unwrap();
+        let to = dir.path().join("opt/tandem/bin/tandem");
+        install(&source, &to).unwrap();
+        std::fs::write(&source, b"#!/bin/sh\necho newer\n").unwrap();
+        install(&source, &to).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"#!/bin/sh\necho newer\n");
+        let mode = std::fs::metadata(&to).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755);
+        let leftovers: Vec<_> = std::fs::read_dir(to.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers, ["tandem"], "temp files left behind");
+        let err = install(&dir.path().join("missing"), &to).unwrap_err();
+        assert!(format!("{err:#}").contains("missing"), "{err:#}");
     }
 }

@@ -3,17 +3,20 @@
 //! first enters the namespace and then opens its own connection there.
 
 use super::{
-    Guards, InterfaceAddress, InterfaceRoute, InterfaceSnapshot, NetAttachError, check_guards,
-    is_link_local_v6, validate_ifname, validate_snapshot,
+    Guards, InterfaceAddress, InterfaceRoute, InterfaceRule, InterfaceSnapshot, IpFamily, IpPrefix,
+    LOCAL_TABLE, MAIN_TABLE, NetAttachError, check_guards, is_link_local_v6, validate_ifname,
+    validate_snapshot,
 };
 use futures::TryStreamExt;
 use nix::sched::{CloneFlags, setns};
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
 };
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
+use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
 use std::fs::File;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -43,6 +46,10 @@ impl Netns {
 
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
     }
 
     /// Device and inode of the namespace; equal identities are the same namespace.
@@ -146,7 +153,7 @@ impl Session<'_> {
             ifname,
             self.handle
                 .route()
-                .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+                .get(all_tables(RouteMessageBuilder::<Ipv4Addr>::new().build()))
                 .execute()
                 .try_collect::<Vec<_>>(),
         )?;
@@ -156,7 +163,7 @@ impl Session<'_> {
                 ifname,
                 self.handle
                     .route()
-                    .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+                    .get(all_tables(RouteMessageBuilder::<Ipv6Addr>::new().build()))
                     .execute()
                     .try_collect::<Vec<_>>(),
             )?,
@@ -164,13 +171,65 @@ impl Session<'_> {
         Ok(routes)
     }
 
-    /// Sets MTU, adds addresses, brings the link up (when asked) and adds the routes: the
-    /// order matters, a gateway route needs its on-link address and an up link.
+    fn rules(&self, ifname: &str) -> Result<Vec<RuleMessage>, NetAttachError> {
+        let mut rules = self.run(
+            "listing IPv4 rules",
+            ifname,
+            self.handle
+                .rule()
+                .get(IpVersion::V4)
+                .execute()
+                .try_collect::<Vec<_>>(),
+        )?;
+        rules.extend(
+            self.run(
+                "listing IPv6 rules",
+                ifname,
+                self.handle
+                    .rule()
+                    .get(IpVersion::V6)
+                    .execute()
+                    .try_collect::<Vec<_>>(),
+            )?,
+        );
+        Ok(rules)
+    }
+
+    /// Adds each rule unless an identical one exists: the kernel answers EEXIST for an
+    /// exclusive add of a rule equal in every selector, priority and protocol.
+    fn add_rules(&self, ifname: &str, rules: &[InterfaceRule]) -> Result<(), NetAttachError> {
+        for rule in rules {
+            let mut request = self.handle.rule().add();
+            *request.message_mut() = rule_message(rule);
+            self.run_allow_exists("adding rule", ifname, request.execute())?;
+        }
+        Ok(())
+    }
+
+    /// Deletes each rule that is there; a missing one is already done.
+    fn delete_rules(&self, ifname: &str, rules: &[InterfaceRule]) -> Result<(), NetAttachError> {
+        for rule in rules {
+            match self.run(
+                "deleting rule",
+                ifname,
+                self.handle.rule().del(rule_message(rule)).execute(),
+            ) {
+                Err(NetAttachError::Netlink { source, .. })
+                    if is_errno(&source, nix::errno::Errno::ENOENT) => {}
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets MTU, adds addresses, brings the link up (when asked) and adds the routes, then
+    /// `rules`: the order matters, a gateway route needs its on-link address and an up link.
     fn configure(
         &self,
         index: u32,
         name: &str,
         snapshot: &InterfaceSnapshot,
+        rules: &[InterfaceRule],
         up: bool,
     ) -> Result<(), NetAttachError> {
         self.run(
@@ -209,7 +268,7 @@ impl Session<'_> {
                 self.handle.route().add(message).execute(),
             )?;
         }
-        Ok(())
+        self.add_rules(name, rules)
     }
 }
 
@@ -312,7 +371,13 @@ pub fn move_and_configure(
     })?;
     in_netns(target, timeout, |s| {
         let link = s.require_link(pod_name)?;
-        s.configure(link.header.index, pod_name, snapshot, true)
+        s.configure(
+            link.header.index,
+            pod_name,
+            snapshot,
+            &snapshot.pod_rules(pod_name),
+            true,
+        )
     })
 }
 
@@ -336,9 +401,10 @@ pub fn attach(
 }
 
 /// Brings the interface recorded in `snapshot` back to `host` under its original name and
-/// restores its MTU, addresses, routes and up state. `target` is `None` when the pod's
-/// namespace is gone; the kernel then has returned a physical device to the host under the
-/// pod-side name, found here by hardware address. Safe to repeat.
+/// restores its MTU, addresses, routes (in every table), policy rules and up state; the pod's
+/// copies of the rules are deleted. `target` is `None` when the pod's namespace is gone; the
+/// kernel then has returned a physical device to the host under the pod-side name, found
+/// here by hardware address. Safe to repeat.
 pub fn release(
     host: &Netns,
     target: Option<&Netns>,
@@ -351,6 +417,9 @@ pub fn release(
     let host_name = snapshot.host_name.as_str();
     if let Some(target) = target {
         in_netns(target, timeout, |s| {
+            // The table routes leave with the link, the rules would stay behind pointing at
+            // a name the pod may reuse.
+            s.delete_rules(pod_name, &snapshot.pod_rules(pod_name))?;
             let Some(link) = s.link_named(pod_name)? else {
                 return Ok(());
             };
@@ -405,7 +474,7 @@ pub fn release(
                     .execute(),
             )?;
         }
-        s.configure(index, host_name, snapshot, snapshot.was_up)
+        s.configure(index, host_name, snapshot, &snapshot.rules, snapshot.was_up)
     })
 }
 
@@ -440,21 +509,34 @@ fn read_snapshot(
         .filter(|a| !is_link_local_v6(a.address))
         .collect();
     let (routes, carries_default) = select_routes(index, &s.routes(host_name)?);
-    Ok((
-        InterfaceSnapshot {
-            host_name: host_name.to_string(),
-            mtu,
-            hardware_address: hardware_address(&link),
-            addresses,
-            routes,
-            was_up: link.header.flags.contains(LinkFlags::Up),
-        },
-        carries_default,
-    ))
+    let mut snapshot = InterfaceSnapshot {
+        host_name: host_name.to_string(),
+        mtu,
+        hardware_address: hardware_address(&link),
+        addresses,
+        routes,
+        rules: Vec::new(),
+        was_up: link.header.flags.contains(LinkFlags::Up),
+    };
+    let tables = snapshot.own_tables();
+    for message in s.rules(host_name)? {
+        match interface_rule(&message) {
+            Some(rule) if rule.belongs_to(host_name, &tables) => snapshot.rules.push(rule),
+            Some(_) => {}
+            None if rule_mentions(&message, host_name, &tables) => tracing::warn!(
+                interface = host_name,
+                rule = ?message,
+                "policy rule uses selectors or an action netattach cannot copy; the pod will not get it"
+            ),
+            None => {}
+        }
+    }
+    Ok((snapshot, carries_default))
 }
 
-/// The main-table unicast routes out of `index` that a move loses and that the kernel will
-/// not re-create from the addresses, and whether any default route uses the interface.
+/// The unicast routes out of `index`, in any table but `local`, that a move loses and that the
+/// kernel will not re-create from the addresses, and whether a main-table default route uses
+/// the interface. Defaults in other tables are the per-NIC source routing and are kept.
 fn select_routes(index: u32, routes: &[RouteMessage]) -> (Vec<InterfaceRoute>, bool) {
     let mut selected = Vec::new();
     let mut carries_default = false;
@@ -472,10 +554,13 @@ fn select_routes(index: u32, routes: &[RouteMessage]) -> (Vec<InterfaceRoute>, b
             RouteAttribute::MultiPath(hops) => hops.iter().any(|h| h.interface_index == index),
             _ => false,
         });
-        if table != u32::from(RouteHeader::RT_TABLE_MAIN) || !uses_interface {
+        if table == u32::from(RouteHeader::RT_TABLE_UNSPEC)
+            || table == LOCAL_TABLE
+            || !uses_interface
+        {
             continue;
         }
-        if route.header.destination_prefix_length == 0 {
+        if table == MAIN_TABLE && route.header.destination_prefix_length == 0 {
             carries_default = true;
             continue;
         }
@@ -483,12 +568,21 @@ fn select_routes(index: u32, routes: &[RouteMessage]) -> (Vec<InterfaceRoute>, b
         {
             continue;
         }
-        let Some(destination) = route.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Destination(d) => route_ip(d),
-            _ => None,
-        }) else {
+        // A default route carries no destination attribute; its family is in the header.
+        let Some(destination) = route
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Destination(d) => route_ip(d),
+                _ => None,
+            })
+            .or_else(|| unspecified_of(route.header.address_family))
+        else {
             continue;
         };
+        if is_link_local_v6(destination) {
+            continue;
+        }
         selected.push(InterfaceRoute {
             destination,
             prefix_len: route.header.destination_prefix_length,
@@ -500,6 +594,7 @@ fn select_routes(index: u32, routes: &[RouteMessage]) -> (Vec<InterfaceRoute>, b
                 RouteAttribute::Priority(p) => Some(*p),
                 _ => None,
             }),
+            table: (table != MAIN_TABLE).then_some(table),
         });
     }
     (selected, carries_default)
@@ -521,7 +616,7 @@ fn route_message(
     if let Some(gateway) = route.gateway {
         builder = builder.gateway(gateway).map_err(|e| invalid(&e))?;
     }
-    builder = builder.output_interface(index);
+    builder = builder.output_interface(index).table_id(route.table_id());
     if let Some(metric) = route.metric {
         builder = builder.priority(metric);
     }
@@ -529,9 +624,162 @@ fn route_message(
 }
 
 fn is_already_exists(error: &rtnetlink::Error) -> bool {
-    matches!(error, rtnetlink::Error::NetlinkError(msg)
-        if msg.to_io().raw_os_error() == Some(nix::errno::Errno::EEXIST as i32))
+    is_errno(error, nix::errno::Errno::EEXIST)
 }
+
+fn is_errno(error: &rtnetlink::Error, errno: nix::errno::Errno) -> bool {
+    matches!(error, rtnetlink::Error::NetlinkError(msg)
+        if msg.to_io().raw_os_error() == Some(errno as i32))
+}
+
+/// A route dump request for every table: the builder's default (main) would otherwise
+/// filter on kernels that check dump requests strictly.
+fn all_tables(mut message: RouteMessage) -> RouteMessage {
+    message.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    message
+        .attributes
+        .retain(|a| !matches!(a, RouteAttribute::Table(_)));
+    message
+}
+
+fn unspecified_of(family: AddressFamily) -> Option<IpAddr> {
+    match family {
+        AddressFamily::Inet => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        AddressFamily::Inet6 => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        _ => None,
+    }
+}
+
+fn rule_table(message: &RuleMessage) -> u32 {
+    message
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(message.header.table))
+}
+
+/// Reads a kernel rule into an [`InterfaceRule`], or `None` when it is not a plain "look up
+/// this table" rule or uses a selector that type does not carry (copying it without that
+/// selector would widen it).
+fn interface_rule(message: &RuleMessage) -> Option<InterfaceRule> {
+    let header = &message.header;
+    let family = match header.family {
+        AddressFamily::Inet => IpFamily::Ipv4,
+        AddressFamily::Inet6 => IpFamily::Ipv6,
+        _ => return None,
+    };
+    let table = rule_table(message);
+    if header.action != RuleAction::ToTable
+        || header.tos != 0
+        || header.flags.contains(RuleFlags::Invert)
+        || table == u32::from(RouteHeader::RT_TABLE_UNSPEC)
+        || table == LOCAL_TABLE
+    {
+        return None;
+    }
+    let mut rule = InterfaceRule {
+        family,
+        priority: 0,
+        table,
+        from: None,
+        to: None,
+        iif: None,
+        oif: None,
+        fwmark: None,
+        fwmask: None,
+        protocol: None,
+    };
+    for attribute in &message.attributes {
+        match attribute {
+            RuleAttribute::Priority(p) => rule.priority = *p,
+            RuleAttribute::Table(_) => {}
+            RuleAttribute::Source(address) => {
+                rule.from = Some(IpPrefix {
+                    address: *address,
+                    prefix_len: header.src_len,
+                })
+            }
+            RuleAttribute::Destination(address) => {
+                rule.to = Some(IpPrefix {
+                    address: *address,
+                    prefix_len: header.dst_len,
+                })
+            }
+            RuleAttribute::Iifname(name) => rule.iif = Some(name.clone()),
+            RuleAttribute::Oifname(name) => rule.oif = Some(name.clone()),
+            RuleAttribute::FwMark(mark) => rule.fwmark = Some(*mark),
+            RuleAttribute::FwMask(mask) => rule.fwmask = Some(*mask),
+            RuleAttribute::Protocol(protocol) => {
+                rule.protocol = Some(u8::from(*protocol)).filter(|p| *p != 0)
+            }
+            RuleAttribute::L3MDev(false) => {}
+            // Some kernels always report the suppressors, with -1 for "not set".
+            RuleAttribute::SuppressPrefixLen(u32::MAX)
+            | RuleAttribute::SuppressIfGroup(u32::MAX) => {}
+            // The kernel reports these only when set: each narrows what the rule matches.
+            _ => return None,
+        }
+    }
+    Some(rule)
+}
+
+/// Whether a rule [`interface_rule`] could not read is still about the interface, so that
+/// leaving it behind is worth a warning.
+fn rule_mentions(message: &RuleMessage, host_name: &str, tables: &[u32]) -> bool {
+    tables.contains(&rule_table(message))
+        || message.attributes.iter().any(|a| {
+            matches!(a, RuleAttribute::Iifname(n) | RuleAttribute::Oifname(n) if n == host_name)
+        })
+}
+
+fn rule_message(rule: &InterfaceRule) -> RuleMessage {
+    let mut message = RuleMessage::default();
+    message.header.family = match rule.family {
+        IpFamily::Ipv4 => AddressFamily::Inet,
+        IpFamily::Ipv6 => AddressFamily::Inet6,
+    };
+    message.header.action = RuleAction::ToTable;
+    // The header holds 8 bits; FRA_TABLE, which the kernel prefers, holds the real id.
+    message.header.table = u8::try_from(rule.table).unwrap_or(RT_TABLE_COMPAT);
+    message.attributes.push(RuleAttribute::Table(rule.table));
+    message
+        .attributes
+        .push(RuleAttribute::Priority(rule.priority));
+    if let Some(from) = rule.from {
+        message.header.src_len = from.prefix_len;
+        message.attributes.push(RuleAttribute::Source(from.address));
+    }
+    if let Some(to) = rule.to {
+        message.header.dst_len = to.prefix_len;
+        message
+            .attributes
+            .push(RuleAttribute::Destination(to.address));
+    }
+    if let Some(iif) = &rule.iif {
+        message.attributes.push(RuleAttribute::Iifname(iif.clone()));
+    }
+    if let Some(oif) = &rule.oif {
+        message.attributes.push(RuleAttribute::Oifname(oif.clone()));
+    }
+    if let Some(mark) = rule.fwmark {
+        message.attributes.push(RuleAttribute::FwMark(mark));
+    }
+    if let Some(mask) = rule.fwmask {
+        message.attributes.push(RuleAttribute::FwMask(mask));
+    }
+    if let Some(protocol) = rule.protocol {
+        message
+            .attributes
+            .push(RuleAttribute::Protocol(RouteProtocol::from(protocol)));
+    }
+    message
+}
+
+/// `RT_TABLE_COMPAT`: what the 8-bit header says when the table id does not fit.
+const RT_TABLE_COMPAT: u8 = 252;
 
 fn route_ip(address: &RouteAddress) -> Option<IpAddr> {
     match address {

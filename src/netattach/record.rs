@@ -3,6 +3,7 @@
 //! unprepare (or a later retry) can bring back whatever left the host, even after a crash.
 
 use super::netlink::{Netns, interface_in_netns, move_and_configure, release, snapshot};
+use super::rdma::{RdmaMove, move_rdma_device};
 use super::{Guards, InterfaceSnapshot, NetAttachError, validate_ifname};
 use crate::prepare::fsutil;
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,17 @@ pub struct AttachedInterface {
     pub netns: NetnsRef,
     pub phase: AttachPhase,
     pub snapshot: InterfaceSnapshot,
+    /// PCI address of the NIC, so a later claim for the same NIC can find a release that is
+    /// still pending (the netdev is invisible to the host while it sits in the pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_address: Option<String>,
+    /// The NIC's RDMA device (`mlx5_0`), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdma_device: Option<String>,
+    /// Whether the RDMA device went into the pod with the netdev (RDMA netns mode
+    /// `exclusive`); release brings it back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rdma_moved: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +75,8 @@ pub enum RecordError {
     },
     #[error(transparent)]
     NetAttach(#[from] NetAttachError),
+    #[error(transparent)]
+    Rdma(#[from] super::rdma::RdmaError),
     #[error("claim {claim_dir}: {} interface(s) not released yet: {}", .failures.len(), .failures.join("; "))]
     Unreleased {
         claim_dir: PathBuf,
@@ -103,11 +117,75 @@ impl NetAttachRecord {
     }
 }
 
-/// One interface the hook is asked to attach.
+/// One interface the hook is asked to attach: the hook's `--interface` argument.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InterfaceRequest {
     pub host_name: String,
     pub pod_name: String,
+    pub pci_address: Option<String>,
+    pub rdma_device: Option<String>,
+}
+
+/// The hook argument is `host=eth1,pod=rdma0,pci=0000:18:00.0,rdma=mlx5_0` (`pci` and `rdma`
+/// optional). Specs written before PCI addresses were added use `:` between the two names
+/// (`host=eth1:pod=rdma0`); they stay valid because a prepared claim keeps its spec.
+impl InterfaceRequest {
+    /// The argument as preparation writes it into the CDI hook.
+    pub fn to_arg(&self) -> String {
+        let mut arg = format!("host={},pod={}", self.host_name, self.pod_name);
+        if let Some(pci) = &self.pci_address {
+            arg.push_str(&format!(",pci={pci}"));
+        }
+        if let Some(rdma) = &self.rdma_device {
+            arg.push_str(&format!(",rdma={rdma}"));
+        }
+        arg
+    }
+}
+
+impl std::str::FromStr for InterfaceRequest {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let separator = if s.contains(',') { ',' } else { ':' };
+        let (mut host, mut pod, mut pci, mut rdma) = (None, None, None, None);
+        for part in s.split(separator) {
+            let slot = match part.split_once('=') {
+                Some(("host", v)) => (&mut host, v),
+                Some(("pod", v)) => (&mut pod, v),
+                Some(("pci", v)) if separator == ',' => (&mut pci, v),
+                Some(("rdma", v)) if separator == ',' => (&mut rdma, v),
+                _ => {
+                    return Err(format!(
+                        "{s:?}: expected host=<ifname>,pod=<ifname>[,pci=<address>][,rdma=<device>]"
+                    ));
+                }
+            };
+            if slot.0.replace(slot.1).is_some() {
+                return Err(format!("{s:?}: {:?} given twice", part));
+            }
+        }
+        let (Some(host), Some(pod)) = (host, pod) else {
+            return Err(format!("{s:?}: both host= and pod= are required"));
+        };
+        for name in [host, pod] {
+            validate_ifname(name).map_err(|e| e.to_string())?;
+        }
+        if let Some(pci) = pci
+            && pci.parse::<crate::topology::PciAddress>().is_err()
+        {
+            return Err(format!("{s:?}: pci={pci:?} is not a PCI address"));
+        }
+        if let Some(rdma) = rdma {
+            validate_ifname(rdma).map_err(|e| format!("{s:?}: rdma device: {e}"))?;
+        }
+        Ok(Self {
+            host_name: host.to_string(),
+            pod_name: pod.to_string(),
+            pci_address: pci.map(str::to_string),
+            rdma_device: rdma.map(str::to_string),
+        })
+    }
 }
 
 /// Identifies the namespace file at `path` for the record.
@@ -165,6 +243,8 @@ pub fn attach_recorded(
                 // A crash after the move left the entry at Intent; the link is there, so
                 // finish the configuration idempotently and mark it.
                 move_back_safe_configure(host, &target, entry, timeout)?;
+                entry.rdma_moved =
+                    move_rdma_along(host, &target, entry.rdma_device.as_deref(), timeout)?;
                 entry.phase = AttachPhase::Attached;
                 record.save(claim_dir)?;
             }
@@ -179,25 +259,42 @@ pub fn attach_recorded(
             netns: ns_ref,
             phase: AttachPhase::Intent,
             snapshot: snap.clone(),
+            pci_address: request.pci_address.clone(),
+            rdma_device: request.rdma_device.clone(),
+            rdma_moved: false,
         });
         record.save(claim_dir)?;
-        if let Err(e) = move_and_configure(host, &target, &snap, &request.pod_name, timeout) {
-            // Put the interface back now rather than leaving a half-configured NIC in a pod
-            // that will fail to start; the entry stays if even that fails.
-            if release(host, Some(&target), &snap, &request.pod_name, timeout).is_ok() {
-                record
+        let moved = move_and_configure(host, &target, &snap, &request.pod_name, timeout)
+            .map_err(RecordError::from)
+            .and_then(|()| move_rdma_along(host, &target, request.rdma_device.as_deref(), timeout));
+        let rdma_moved = match moved {
+            Ok(rdma_moved) => rdma_moved,
+            Err(e) => {
+                // Put the interface back now rather than leaving a half-configured NIC in a
+                // pod that will fail to start; the entry stays if even that fails.
+                let entry = record
                     .interfaces
-                    .retain(|i| i.snapshot.host_name != request.host_name);
-                record.save(claim_dir)?;
+                    .iter()
+                    .find(|i| i.snapshot.host_name == request.host_name)
+                    .cloned();
+                if let Some(entry) = entry
+                    && release_from(&entry, host, Some(&target), timeout).is_ok()
+                {
+                    record
+                        .interfaces
+                        .retain(|i| i.snapshot.host_name != request.host_name);
+                    record.save(claim_dir)?;
+                }
+                return Err(e);
             }
-            return Err(e.into());
-        }
+        };
         if let Some(entry) = record
             .interfaces
             .iter_mut()
             .find(|e| e.snapshot.host_name == request.host_name)
         {
             entry.phase = AttachPhase::Attached;
+            entry.rdma_moved = rdma_moved;
         }
         record.save(claim_dir)?;
     }
@@ -267,24 +364,36 @@ pub fn release_recorded(
     timeout: Duration,
 ) -> Result<usize, RecordError> {
     let mut record = NetAttachRecord::load(claim_dir)?;
-    let mut released = 0;
+    let before = record.interfaces.len();
+    let failures = release_interfaces(&mut record, host, proc_root, run_netns_dir, timeout);
+    record.save(claim_dir)?;
+    if failures.is_empty() {
+        Ok(before)
+    } else {
+        Err(RecordError::Unreleased {
+            claim_dir: claim_dir.to_path_buf(),
+            failures,
+        })
+    }
+}
+
+/// Brings back every interface of `record` it can, removing those from it; returns one
+/// message per interface that stays (its namespace unreachable, a netlink failure).
+pub fn release_interfaces(
+    record: &mut NetAttachRecord,
+    host: &Netns,
+    proc_root: &Path,
+    run_netns_dir: &Path,
+    timeout: Duration,
+) -> Vec<String> {
     let mut failures = Vec::new();
     let mut remaining = Vec::new();
     for entry in std::mem::take(&mut record.interfaces) {
-        let target = find_netns(proc_root, run_netns_dir, &entry.netns)
-            .map(|p| Netns::open(&p))
-            .transpose();
-        let outcome = target.and_then(|target| {
-            release(
-                host,
-                target.as_ref(),
-                &entry.snapshot,
-                &entry.pod_name,
-                timeout,
-            )
-        });
-        match outcome {
-            Ok(()) => released += 1,
+        match release_one(&entry, host, proc_root, run_netns_dir, timeout) {
+            Ok(()) => {
+                tracing::info!(interface = %entry.snapshot.host_name, pod_name = %entry.pod_name,
+                    "interface released to the host");
+            }
             Err(e) => {
                 failures.push(e.to_string());
                 remaining.push(entry);
@@ -292,15 +401,53 @@ pub fn release_recorded(
         }
     }
     record.interfaces = remaining;
-    record.save(claim_dir)?;
-    if failures.is_empty() {
-        Ok(released)
-    } else {
-        Err(RecordError::Unreleased {
-            claim_dir: claim_dir.to_path_buf(),
-            failures,
-        })
+    failures
+}
+
+fn release_one(
+    entry: &AttachedInterface,
+    host: &Netns,
+    proc_root: &Path,
+    run_netns_dir: &Path,
+    timeout: Duration,
+) -> Result<(), RecordError> {
+    let target = find_netns(proc_root, run_netns_dir, &entry.netns)
+        .map(|p| Netns::open(&p))
+        .transpose()?;
+    release_from(entry, host, target.as_ref(), timeout)
+}
+
+/// Brings the entry's RDMA device (whatever `rdma_moved` says: a crash may have come between
+/// the move and the record) and then its netdev back from `target`. Without a live target the
+/// kernel has already returned both to the host namespace.
+fn release_from(
+    entry: &AttachedInterface,
+    host: &Netns,
+    target: Option<&Netns>,
+    timeout: Duration,
+) -> Result<(), RecordError> {
+    if let (Some(target), Some(device)) = (target, entry.rdma_device.as_deref()) {
+        move_rdma_device(target, host, device, timeout)?;
     }
+    release(host, target, &entry.snapshot, &entry.pod_name, timeout)?;
+    Ok(())
+}
+
+/// Moves the NIC's RDMA device into the pod when the kernel's RDMA netns mode is exclusive
+/// (in shared mode every namespace sees it already). Returns whether it moved.
+fn move_rdma_along(
+    host: &Netns,
+    target: &Netns,
+    device: Option<&str>,
+    timeout: Duration,
+) -> Result<bool, RecordError> {
+    let Some(device) = device else {
+        return Ok(false);
+    };
+    Ok(match move_rdma_device(host, target, device, timeout)? {
+        RdmaMove::Moved | RdmaMove::AlreadyThere => true,
+        RdmaMove::SharedMode | RdmaMove::NoRdmaSubsystem => false,
+    })
 }
 
 /// [`release_recorded`] for callers that hold paths: opens the host namespace only when the
@@ -317,4 +464,44 @@ pub fn release_claim_dir(
     }
     let host = Netns::open(host_netns)?;
     release_recorded(claim_dir, &host, proc_root, run_netns_dir, timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_arguments_parse_validate_and_round_trip() {
+        // The form written before PCI addresses were recorded.
+        let old: InterfaceRequest = "host=eth1:pod=rdma0".parse().unwrap();
+        assert_eq!(old.host_name, "eth1");
+        assert_eq!(old.pod_name, "rdma0");
+        assert_eq!(old.pci_address, None);
+        let full = "host=ens1f0,pod=rdma1,pci=0000:18:00.0,rdma=mlx5_0";
+        let request: InterfaceRequest = full.parse().unwrap();
+        assert_eq!(request.pci_address.as_deref(), Some("0000:18:00.0"));
+        assert_eq!(request.rdma_device.as_deref(), Some("mlx5_0"));
+        assert_eq!(request.to_arg(), full);
+        for bad in [
+            "host=eth1",
+            "host=eth1:pod=a/b",
+            "eth1:rdma0",
+            "host=eth1,pod=rdma0,pci=nonsense",
+            "host=eth1,pod=rdma0,rdma=a/b",
+            "host=eth1,host=eth2,pod=rdma0",
+            "host=eth1:pod=rdma0:pci=0000",
+        ] {
+            assert!(bad.parse::<InterfaceRequest>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn records_written_before_pci_and_rdma_fields_still_load() {
+        let old = r#"{"interfaces":[{"podName":"rdma0","netns":{"pid":1,"dev":4,"inode":9},
+            "phase":"attached","snapshot":{"hostName":"eth1","mtu":1500,"addresses":[],
+            "routes":[],"wasUp":true}}]}"#;
+        let record: NetAttachRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.interfaces[0].pci_address, None);
+        assert!(!record.interfaces[0].rdma_moved);
+    }
 }
