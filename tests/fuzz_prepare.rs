@@ -22,7 +22,9 @@ use tandem::plugin::proto::dra_v1::{
     dra_plugin_client::DraPluginClient,
 };
 use tandem::plugin::{PluginConfig, RunningPlugin};
-use tandem::prepare::cdi::{CdiDevice, CdiSpec, ContainerEdits, DeviceNode, Hook, Mount};
+use tandem::prepare::cdi::{
+    CdiDevice, CdiSpec, ContainerEdits, DeviceNode, Hook, Mount, NetDevice,
+};
 use tandem::prepare::checkpoint::{self, LoadOutcome};
 use tandem::prepare::config::resolve;
 use tandem::prepare::{PrepareConfig, Preparer};
@@ -192,13 +194,25 @@ fn container_edits() -> impl Strategy<Value = ContainerEdits> {
                 }),
             0..2,
         ),
+        prop::collection::vec(
+            ("[a-z0-9]{1,15}", "[a-z0-9]{1,15}").prop_map(|(host_interface_name, name)| {
+                NetDevice {
+                    host_interface_name,
+                    name,
+                }
+            }),
+            0..2,
+        ),
     )
-        .prop_map(|(env, device_nodes, mounts, hooks)| ContainerEdits {
-            env,
-            device_nodes,
-            mounts,
-            hooks,
-        })
+        .prop_map(
+            |(env, device_nodes, mounts, hooks, net_devices)| ContainerEdits {
+                env,
+                device_nodes,
+                mounts,
+                hooks,
+                net_devices,
+            },
+        )
 }
 
 fn cdi_spec() -> impl Strategy<Value = CdiSpec> {

@@ -37,13 +37,10 @@ impl Harness {
         let inventory = Arc::new(tandem::sysfs::discover(&roots).unwrap());
         let (inventory_tx, inventory_rx) = watch::channel(inventory.clone());
         let config = PrepareConfig {
-            driver_name: DRIVER.into(),
-            node_name: NODE.into(),
             cdi_dir: dir.path().join("cdi"),
             state_dir: dir.path().join("state"),
-            dev_root_in_container: "/dev".into(),
-            hook_path: None,
             proc_root: roots.proc.clone(),
+            ..PrepareConfig::new(DRIVER, NODE)
         };
         let api = FakeApiServer::start().await.unwrap();
         let preparer = Preparer::new(config.clone(), api.client(), inventory_rx).unwrap();

@@ -17,6 +17,7 @@ const MAX_POOL_NAME: usize = 253;
 const MAX_REQUESTS: usize = 32;
 const MAX_RESULTS: usize = 32;
 const MAX_RESERVED_FOR: usize = 256;
+const MAX_DEVICE_CONDITIONS: usize = 8;
 const MAX_SELECTORS: usize = 32;
 const MAX_CEL_LENGTH: usize = 10 * 1024;
 
@@ -705,11 +706,52 @@ fn validate_claim_status(claim: &Value, old: Option<&Value>, errors: &mut Vec<Fi
             "may not be specified when `allocated` is not set",
         ));
     }
+    let allocated: std::collections::BTreeSet<(&str, &str, &str)> = allocation
+        .map(|a| array(a.pointer("/devices/results")))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r.get("driver")?.as_str()?,
+                r.get("pool")?.as_str()?,
+                r.get("device")?.as_str()?,
+            ))
+        })
+        .collect();
+    let mut seen_devices = std::collections::BTreeSet::new();
     for (i, device) in array(status.get("devices")).iter().enumerate() {
         let field = format!("status.devices[{i}]");
         validate_driver_name(device.get("driver"), &format!("{field}.driver"), errors);
         validate_pool_name(device.get("pool"), &format!("{field}.pool"), errors);
         validate_dns_label(device.get("device"), &format!("{field}.device"), errors);
+        let str_of = |key: &str| device.get(key).and_then(Value::as_str).unwrap_or("");
+        let key = (str_of("driver"), str_of("pool"), str_of("device"));
+        if !allocated.contains(&key) {
+            errors.push(FieldError::invalid(
+                field.clone(),
+                &Value::String(format!("{}/{}/{}", key.0, key.1, key.2)),
+                "must be an allocated device in the claim",
+            ));
+        }
+        let share_id = device.get("shareID").and_then(Value::as_str).unwrap_or("");
+        if !seen_devices.insert((key, share_id)) {
+            errors.push(FieldError::duplicate(
+                field.clone(),
+                &format!("{}/{}/{}", key.0, key.1, key.2),
+            ));
+        }
+        let conditions = array(device.get("conditions"));
+        if conditions.len() > MAX_DEVICE_CONDITIONS {
+            errors.push(FieldError::too_many(
+                format!("{field}.conditions"),
+                conditions.len(),
+                MAX_DEVICE_CONDITIONS,
+                "items",
+            ));
+        }
+        for (j, condition) in conditions.iter().enumerate() {
+            validate_condition(condition, &format!("{field}.conditions[{j}]"), errors);
+        }
         if let Some(network) = device.get("networkData") {
             if network
                 .get("interfaceName")
@@ -740,7 +782,77 @@ fn validate_claim_status(claim: &Value, old: Option<&Value>, errors: &mut Vec<Fi
                     "items",
                 ));
             }
+            let mut seen_ips = std::collections::BTreeSet::new();
+            for (j, ip) in ips.iter().enumerate() {
+                let ip_field = format!("{field}.networkData.ips[{j}]");
+                match ip.as_str() {
+                    Some(text) if is_interface_cidr(text) => {
+                        if !seen_ips.insert(text) {
+                            errors.push(FieldError::duplicate(ip_field, text));
+                        }
+                    }
+                    _ => errors.push(FieldError::invalid(
+                        ip_field,
+                        ip,
+                        "must be a valid address in CIDR form, (e.g. 10.9.8.7/24 or 2001:db8::1/64)",
+                    )),
+                }
+            }
         }
+    }
+}
+
+/// An interface address with its prefix length, as `ip addr` shows it (`10.1.0.2/24`).
+fn is_interface_cidr(text: &str) -> bool {
+    let Some((address, prefix)) = text.split_once('/') else {
+        return false;
+    };
+    let Ok(address) = address.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    let max = if address.is_ipv4() { 32 } else { 128 };
+    !prefix.starts_with('+') && prefix.len() <= 3 && prefix.parse::<u8>().is_ok_and(|p| p <= max)
+}
+
+/// metav1.Condition: type and reason are required and shaped, status is True/False/Unknown,
+/// lastTransitionTime is required, message at most 32768 bytes.
+fn validate_condition(condition: &Value, field: &str, errors: &mut Vec<FieldError>) {
+    let text = |key: &str| condition.get(key).and_then(Value::as_str);
+    match text("type") {
+        Some(t) if !t.is_empty() && t.len() <= 316 => {}
+        _ => errors.push(FieldError::required(format!("{field}.type"), "")),
+    }
+    match text("status") {
+        Some("True" | "False" | "Unknown") => {}
+        _ => errors.push(FieldError::not_supported(
+            format!("{field}.status"),
+            condition.get("status").unwrap_or(&Value::Null),
+            &["False", "True", "Unknown"],
+        )),
+    }
+    let reason_ok = text("reason").is_some_and(|r| {
+        let mut chars = r.chars();
+        r.len() <= 1024
+            && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && r.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ',' || c == ':')
+            && !r.ends_with([',', ':'])
+    });
+    if !reason_ok {
+        errors.push(FieldError::invalid(
+            format!("{field}.reason"),
+            condition.get("reason").unwrap_or(&Value::Null),
+            "a condition reason must start with alphabetic character, optionally followed by a string of alphanumeric characters or '_,:', and must end with an alphanumeric character or '_'",
+        ));
+    }
+    if text("lastTransitionTime").is_none_or(str::is_empty) {
+        errors.push(FieldError::required(
+            format!("{field}.lastTransitionTime"),
+            "must be set",
+        ));
+    }
+    if text("message").is_some_and(|m| m.len() > 32768) {
+        errors.push(FieldError::too_long(format!("{field}.message"), 32768));
     }
 }
 

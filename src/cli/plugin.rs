@@ -2,7 +2,7 @@
 //! claims a previous run left half done, then serves registration, DRA v1/v1beta1 and the
 //! health stream until SIGTERM/SIGINT, rescanning the machine periodically.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +16,9 @@ use super::machine::MachineArgs;
 use crate::names;
 use crate::plugin::config::PluginConfig;
 use crate::plugin::metrics::{Endpoint, Liveness, PluginMetrics};
+use crate::plugin::netattach_reconcile::ReconcileTarget;
 use crate::plugin::server;
-use crate::prepare::{PrepareConfig, Preparer};
+use crate::prepare::{NetdevAttach, PrepareConfig, Preparer};
 use crate::slices::{self, network};
 use crate::slices::{NetworkFacts, NodeIdentity, Publisher, SliceOptions, node_identity};
 use crate::sysfs::{MachineRoots, discover};
@@ -51,6 +52,23 @@ pub struct PluginArgs {
     /// Host path of the `tandem` binary that CDI hooks run (netdev attach); none disables it.
     #[arg(long)]
     pub hook_path: Option<PathBuf>,
+    /// How an exclusively attached NIC reaches the pod: `hook` (the OCI hook at --hook-path)
+    /// or `cdi` (CDI 1.1 netDevices, moved by a runtime that implements them).
+    #[arg(long, default_value = "hook")]
+    pub netdev_attach: NetdevAttach,
+    /// The Kubernetes node IP; the interface holding it is never moved into a pod.
+    #[arg(long, env = "NODE_IP")]
+    pub node_ip: Option<IpAddr>,
+    /// The host network namespace, where released interfaces return (the plugin runs with
+    /// hostNetwork, so its own).
+    #[arg(long, default_value = "/proc/self/ns/net")]
+    pub host_netns: PathBuf,
+    /// Where the runtime pins pod network namespaces; searched to release an interface.
+    #[arg(long, default_value = crate::netattach::record::RUN_NETNS_DIR)]
+    pub netns_dir: PathBuf,
+    /// How often interfaces not yet back from a pod are retried and claim statuses updated.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub netattach_reconcile_period: Duration,
     /// kubeconfig file; without it the in-cluster config (or $KUBECONFIG) is used.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
@@ -160,7 +178,11 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir.clone(),
         dev_root_in_container: args.container_dev_root.clone(),
         hook_path: args.hook_path.clone(),
+        netdev_attach: args.netdev_attach,
+        node_ip: args.node_ip,
         proc_root: args.machine.proc_root.clone(),
+        host_netns: args.host_netns.clone(),
+        run_netns_dir: args.netns_dir.clone(),
         ..PrepareConfig::new(args.driver_name.clone(), args.node_name.clone())
     };
     let preparer = Preparer::new(prepare_config, client.clone(), inventory_rx.clone())
@@ -178,9 +200,10 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
     config.plugins_dir = args.kubelet_plugins_dir.clone();
     config.pod_uid = args.pod_uid.clone().filter(|uid| !uid.is_empty());
     config.health_report_interval = args.rescan_period;
+    let preparer = Arc::new(preparer);
     let running = server::start_with_metrics(
         &config,
-        Arc::new(preparer),
+        preparer.clone(),
         inventory_rx.clone(),
         Some(metrics.clone()),
     )
@@ -211,6 +234,17 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
         inventory_tx,
         shutdown.clone(),
     ));
+    let netattach = tokio::spawn(crate::plugin::netattach_reconcile::run(
+        preparer,
+        ReconcileTarget {
+            client: client.clone(),
+            driver: args.driver_name.clone(),
+            pool: args.node_name.clone(),
+            period: args.netattach_reconcile_period,
+            metrics: Some(metrics.clone()),
+        },
+        shutdown.clone(),
+    ));
     let slices = tokio::spawn(publish_slices(
         SliceTarget {
             client,
@@ -239,6 +273,7 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
     let served = running.wait().await;
     let _ = rescans.await;
     let _ = slices.await;
+    let _ = netattach.await;
     if let Some(endpoint) = endpoint {
         let _ = endpoint.await;
     }

@@ -77,6 +77,9 @@ pub struct PluginMetrics {
     publishes: Family<PublishLabels, Counter>,
     last_publish: Gauge<f64, AtomicU64>,
     discovery_problems: Gauge,
+    netattach_pending: Gauge,
+    netattach_attached: Gauge,
+    claim_status_writes: Family<PublishLabels, Counter>,
     discovered: AtomicBool,
     published: AtomicBool,
 }
@@ -100,6 +103,24 @@ impl PluginMetrics {
         let publishes = Family::<PublishLabels, Counter>::default();
         let last_publish = Gauge::<f64, AtomicU64>::default();
         let discovery_problems = Gauge::default();
+        let netattach_pending = Gauge::default();
+        let netattach_attached = Gauge::default();
+        let claim_status_writes = Family::<PublishLabels, Counter>::default();
+        registry.register(
+            "netattach_pending_releases",
+            "Interfaces of unprepared claims not yet back from their pod's network namespace",
+            netattach_pending.clone(),
+        );
+        registry.register(
+            "netattach_attached_interfaces",
+            "Interfaces the attach hook moved into pods of prepared claims",
+            netattach_attached.clone(),
+        );
+        registry.register(
+            "claim_status_writes",
+            "ResourceClaim status.devices writes for attached interfaces, by result",
+            claim_status_writes.clone(),
+        );
         registry.register(
             "requests",
             "Claims in kubelet prepare/unprepare calls, by method and outcome",
@@ -145,6 +166,9 @@ impl PluginMetrics {
             publishes,
             last_publish,
             discovery_problems,
+            netattach_pending,
+            netattach_attached,
+            claim_status_writes,
             discovered: AtomicBool::new(false),
             published: AtomicBool::new(false),
         }
@@ -186,6 +210,23 @@ impl PluginMetrics {
         }
         self.prepared_claims
             .set(i64::try_from(prepared.len()).unwrap_or(i64::MAX));
+    }
+
+    /// The state one netattach reconcile pass left.
+    pub fn observe_netattach(&self, pending: usize, attached: usize) {
+        self.netattach_pending
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        self.netattach_attached
+            .set(i64::try_from(attached).unwrap_or(i64::MAX));
+    }
+
+    /// One claim status write and whether it succeeded.
+    pub fn record_claim_status_write(&self, ok: bool) {
+        self.claim_status_writes
+            .get_or_create(&PublishLabels {
+                result: outcome(ok),
+            })
+            .inc();
     }
 
     /// Claims of `method` counted with `ok` (true) or error (false) outcome.

@@ -6,6 +6,7 @@ pub mod config;
 pub mod dra_service;
 pub mod health;
 pub mod metrics;
+pub mod netattach_reconcile;
 pub mod proto;
 pub mod registration;
 pub mod server;

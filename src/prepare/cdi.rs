@@ -36,6 +36,8 @@ pub struct ContainerEdits {
     pub mounts: Vec<Mount>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hooks: Vec<Hook>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net_devices: Vec<NetDevice>,
 }
 
 impl ContainerEdits {
@@ -44,7 +46,17 @@ impl ContainerEdits {
             && self.device_nodes.is_empty()
             && self.mounts.is_empty()
             && self.hooks.is_empty()
+            && self.net_devices.is_empty()
     }
+}
+
+/// A host network interface the runtime moves into the container's network namespace
+/// under `name` (CDI 1.1.0 `netDevices`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetDevice {
+    pub host_interface_name: String,
+    pub name: String,
 }
 
 /// An OCI hook. Hooks are in the spec since 0.3.0 (kubelet-dra.md lists no version that adds
@@ -99,8 +111,14 @@ pub struct Mount {
 /// The lowest cdiVersion a CDI library accepts for this spec. deviceNodes, env and mounts exist
 /// since 0.3.0; 0.5.0 is the first version that allows a device name starting with a digit,
 /// which a claim UID (hex) often does. Writing the lowest version keeps runtimes with an older
-/// CDI library working.
+/// CDI library working. `netDevices` need 1.1.0.
 pub fn minimum_version(spec: &CdiSpec) -> &'static str {
+    let net_devices = std::iter::once(&spec.container_edits)
+        .chain(spec.devices.iter().map(|d| &d.container_edits))
+        .any(|e| !e.net_devices.is_empty());
+    if net_devices {
+        return "1.1.0";
+    }
     let name_starts_with_non_letter = spec.devices.iter().any(|d| {
         d.name
             .chars()
@@ -173,6 +191,21 @@ mod tests {
         assert_eq!(
             minimum_version(&spec_with_device("3f2a-gpu-0000-1b-00-0")),
             "0.5.0"
+        );
+    }
+
+    #[test]
+    fn net_devices_need_version_1_1_and_use_cdi_field_names() {
+        let mut spec = spec_with_device("a-nic");
+        spec.devices[0].container_edits.net_devices = vec![NetDevice {
+            host_interface_name: "ens1f0".into(),
+            name: "rdma0".into(),
+        }];
+        assert_eq!(minimum_version(&spec), "1.1.0");
+        let json = serde_json::to_value(&spec.devices[0].container_edits).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"netDevices": [{"hostInterfaceName": "ens1f0", "name": "rdma0"}]})
         );
     }
 

@@ -6,6 +6,7 @@ use super::cdi::CdiSpec;
 use super::fsutil;
 use super::topology_file::ClaimTopology;
 use super::{PreparedDevice, RecordedDevice};
+use crate::netattach::record::AttachedInterface;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io;
@@ -53,6 +54,18 @@ pub struct Checkpoint {
     pub boot_id: String,
     /// By claim UID.
     pub claims: BTreeMap<String, ClaimEntry>,
+    /// Interfaces of unprepared claims that could not be brought back from the pod yet (its
+    /// namespace unreachable); the netattach reconcile retries them. By claim UID.
+    pub pending_releases: BTreeMap<String, PendingRelease>,
+}
+
+/// What an unprepared claim left in a pod's network namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingRelease {
+    pub namespace: String,
+    pub name: String,
+    pub interfaces: Vec<AttachedInterface>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +102,9 @@ struct ChecksummedBody<'a> {
     version: u32,
     boot_id: &'a str,
     claims: &'a BTreeMap<String, ClaimEntry>,
+    // Left out when empty, so files without pending releases hash as they always did.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pending_releases: &'a BTreeMap<String, PendingRelease>,
 }
 
 #[derive(Serialize)]
@@ -98,6 +114,8 @@ struct FileOut<'a> {
     boot_id: &'a str,
     checksum: String,
     claims: &'a BTreeMap<String, ClaimEntry>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pending_releases: &'a BTreeMap<String, PendingRelease>,
 }
 
 #[derive(Deserialize)]
@@ -107,6 +125,8 @@ struct FileV1 {
     boot_id: String,
     checksum: String,
     claims: BTreeMap<String, ClaimEntry>,
+    #[serde(default)]
+    pending_releases: BTreeMap<String, PendingRelease>,
 }
 
 /// Version 0: the pre-release layout, kept readable so that no prepared claim is ever
@@ -132,15 +152,21 @@ struct ClaimV0 {
     cdi_spec_path: Option<PathBuf>,
 }
 
+type BodyParts<'a> = (
+    &'a BTreeMap<String, ClaimEntry>,
+    &'a BTreeMap<String, PendingRelease>,
+);
+
 // The checksum guards against torn writes, bit rot and hand edits, not against an attacker
 // (who can write the file can write a matching hash), so a cryptographic hash buys nothing.
 use crate::hash::fnv1a64;
 
-fn checksum(boot_id: &str, claims: &BTreeMap<String, ClaimEntry>) -> Result<String, String> {
+fn checksum(checkpoint_boot_id: &str, checkpoint: BodyParts<'_>) -> Result<String, String> {
     let body = ChecksummedBody {
         version: CURRENT_VERSION,
-        boot_id,
-        claims,
+        boot_id: checkpoint_boot_id,
+        claims: checkpoint.0,
+        pending_releases: checkpoint.1,
     };
     let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
     Ok(format!("fnv1a64:{:016x}", fnv1a64(&bytes)))
@@ -195,6 +221,7 @@ pub fn migrate(value: serde_json::Value) -> Result<(Checkpoint, u32), String> {
                 Checkpoint {
                     boot_id: String::new(),
                     claims,
+                    pending_releases: BTreeMap::new(),
                 },
                 0,
             ))
@@ -203,7 +230,7 @@ pub fn migrate(value: serde_json::Value) -> Result<(Checkpoint, u32), String> {
             let file: FileV1 =
                 serde_json::from_value(value).map_err(|e| format!("version 1: {e}"))?;
             debug_assert_eq!(file.version, 1);
-            let expected = checksum(&file.boot_id, &file.claims)?;
+            let expected = checksum(&file.boot_id, (&file.claims, &file.pending_releases))?;
             if expected != file.checksum {
                 return Err(format!(
                     "checksum mismatch: file says {}, content hashes to {expected}",
@@ -214,6 +241,7 @@ pub fn migrate(value: serde_json::Value) -> Result<(Checkpoint, u32), String> {
                 Checkpoint {
                     boot_id: file.boot_id,
                     claims: file.claims,
+                    pending_releases: file.pending_releases,
                 },
                 1,
             ))
@@ -309,8 +337,13 @@ pub fn save(state_dir: &Path, checkpoint: &Checkpoint) -> Result<(), CheckpointE
     let file = FileOut {
         version: CURRENT_VERSION,
         boot_id: &checkpoint.boot_id,
-        checksum: checksum(&checkpoint.boot_id, &checkpoint.claims).map_err(invalid)?,
+        checksum: checksum(
+            &checkpoint.boot_id,
+            (&checkpoint.claims, &checkpoint.pending_releases),
+        )
+        .map_err(invalid)?,
         claims: &checkpoint.claims,
+        pending_releases: &checkpoint.pending_releases,
     };
     let bytes = serde_json::to_vec_pretty(&file).map_err(|e| invalid(e.to_string()))?;
     fsutil::ensure_dir(state_dir, STATE_DIR_MODE).map_err(io_error)?;
@@ -361,6 +394,7 @@ mod tests {
         Checkpoint {
             boot_id: "boot-1".into(),
             claims: [("u1".to_string(), entry(ClaimState::PrepareCompleted))].into(),
+            pending_releases: BTreeMap::new(),
         }
     }
 

@@ -36,11 +36,15 @@ pub enum NicAttach {
 }
 
 /// The effective configuration of one request.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestConfig {
     pub env: EnvFlavour,
     pub nic_attach: NicAttach,
+    /// The in-pod name of the request's exclusively attached NIC (`net1`); several NICs in
+    /// one request get `net10`, `net11`, ... Unset: `rdma0`, `rdma1`, ... across the claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface_name: Option<String>,
     /// Whether some config entry set `nicAttach`: unset means "exclusive when the hook is
     /// configured" for a NIC allocated in the claim, while an explicit `none` keeps it on
     /// the host.
@@ -62,10 +66,11 @@ impl RequestConfig {
 }
 
 /// One parsed `ClaimConfig`: the fields it sets, `None` for the ones it leaves alone.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct ConfigOverlay {
     env: Option<EnvFlavour>,
     nic_attach: Option<NicAttach>,
+    interface_name: Option<String>,
 }
 
 /// A config entry that is not a valid `ClaimConfig`.
@@ -98,10 +103,24 @@ fn parse_parameters(parameters: &serde_json::Value) -> Result<ConfigOverlay, (St
             "kind" => kind = Some(String::deserialize(value).map_err(wrong)?),
             "env" => overlay.env = Some(EnvFlavour::deserialize(value).map_err(wrong)?),
             "nicAttach" => overlay.nic_attach = Some(NicAttach::deserialize(value).map_err(wrong)?),
+            "interfaceName" => {
+                let name = String::deserialize(value).map_err(wrong)?;
+                // Two bytes stay free for the index suffix of a request with several NICs.
+                crate::netattach::validate_ifname(&name)
+                    .map_err(|e| (field.clone(), e.to_string()))?;
+                if name.len() > crate::netattach::MAX_IFNAME_LEN - 2 {
+                    return Err((
+                        field.clone(),
+                        format!("{name:?} is longer than 13 bytes (2 are kept for an index)"),
+                    ));
+                }
+                overlay.interface_name = Some(name);
+            }
             _ => {
                 return Err((
                     field.clone(),
-                    "unknown field; expected apiVersion, kind, env, nicAttach".to_string(),
+                    "unknown field; expected apiVersion, kind, env, nicAttach, interfaceName"
+                        .to_string(),
                 ));
             }
         }
@@ -205,6 +224,9 @@ pub fn resolve(
                     config.nic_attach = attach;
                     config.nic_attach_set = true;
                 }
+                if let Some(name) = &overlay.interface_name {
+                    config.interface_name = Some(name.clone());
+                }
             }
         }
         resolved.insert((*request).to_string(), config);
@@ -253,6 +275,7 @@ mod tests {
                 env: EnvFlavour::Nccl,
                 nic_attach: NicAttach::None,
                 nic_attach_set: false,
+                interface_name: None,
             }
         );
     }
@@ -280,6 +303,7 @@ mod tests {
                 env: EnvFlavour::Ucx,
                 nic_attach: NicAttach::Shared,
                 nic_attach_set: true,
+                interface_name: None,
             }
         );
     }

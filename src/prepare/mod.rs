@@ -16,9 +16,10 @@ pub mod topology_file;
 
 pub use claim::ClaimRef;
 pub use error::PrepareError;
-pub use preparer::{Preparer, RecoveryReport};
+pub use preparer::{ClaimAttachments, NetattachReport, Preparer, RecoveryReport};
 
 use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 /// One prepared device as the kubelet's `Device` message carries it.
@@ -64,12 +65,48 @@ pub struct PrepareConfig {
     /// `createRuntime` hook that moves their netdev into the pod; when unset, NICs hand out
     /// RDMA char devices only. Unprepare releases what the hook recorded either way.
     pub hook_path: Option<PathBuf>,
+    /// How exclusively attached NICs reach the pod: the hook above, or CDI `netDevices`.
+    pub netdev_attach: NetdevAttach,
+    /// The Kubernetes node IP, passed to the hook so the interface holding it never moves.
+    pub node_ip: Option<IpAddr>,
     /// procfs root (`/proc`), for the boot ID.
     pub proc_root: PathBuf,
+    /// Where released interfaces go back to: the plugin's own network namespace, which is
+    /// the host's because the DaemonSet runs with hostNetwork.
+    pub host_netns: PathBuf,
+    /// The real procfs (`/proc`, never a fixture), to find a pod's namespace by pid.
+    pub netns_proc_root: PathBuf,
+    /// Where runtimes pin pod network namespaces (`/run/netns`).
+    pub run_netns_dir: PathBuf,
+}
+
+/// Which CDI edit moves an exclusively attached NIC's netdev into the pod.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NetdevAttach {
+    /// `createRuntime` hook `tandem hook attach` (needs `hook_path`): addresses, routes,
+    /// rules and RDMA device move along, the claim status is written, release restores all.
+    #[default]
+    Hook,
+    /// CDI 1.1 `netDevices`: the runtime moves the interface (containerd 2.2+ with a
+    /// runtime implementing runtime-spec `linux.netDevices`).
+    Cdi,
+}
+
+impl std::str::FromStr for NetdevAttach {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "hook" => Ok(Self::Hook),
+            "cdi" => Ok(Self::Cdi),
+            other => Err(format!("{other:?}: expected \"hook\" or \"cdi\"")),
+        }
+    }
 }
 
 impl PrepareConfig {
-    /// The defaults a DaemonSet pod uses: `/var/run/cdi`, `/var/lib/tandem`, `/dev`, `/proc`.
+    /// The defaults a DaemonSet pod uses: `/var/run/cdi`, `/var/lib/tandem`, `/dev`, `/proc`,
+    /// no hook.
     pub fn new(driver_name: impl Into<String>, node_name: impl Into<String>) -> Self {
         Self {
             driver_name: driver_name.into(),
@@ -78,7 +115,12 @@ impl PrepareConfig {
             state_dir: PathBuf::from("/var/lib/tandem"),
             dev_root_in_container: PathBuf::from("/dev"),
             hook_path: None,
+            netdev_attach: NetdevAttach::Hook,
+            node_ip: None,
             proc_root: PathBuf::from("/proc"),
+            host_netns: PathBuf::from("/proc/self/ns/net"),
+            netns_proc_root: PathBuf::from("/proc"),
+            run_netns_dir: PathBuf::from(crate::netattach::record::RUN_NETNS_DIR),
         }
     }
 }

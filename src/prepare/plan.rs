@@ -2,7 +2,7 @@
 //! against the inventory and the other prepared claims, pairs GPUs with NICs, and builds the
 //! CDI spec, environment and topology file. The preparer only writes what this returns.
 
-use super::cdi::{self, CdiDevice, CdiSpec, ContainerEdits, DeviceNode, Hook, Mount};
+use super::cdi::{self, CdiDevice, CdiSpec, ContainerEdits, DeviceNode, Hook, Mount, NetDevice};
 use super::claim::{AllocatedDevice, ClaimRef, OurAllocation};
 use super::config::{self, EnvFlavour, NicAttach};
 use super::env::claim_env;
@@ -10,6 +10,7 @@ use super::error::PrepareError;
 use super::topology_file::{ClaimTopology, TopologyGpu, TopologyNic, TopologyPair};
 use super::{PreparedDevice, RecordedDevice};
 use crate::names::{CONTAINER_TOPOLOGY_FILE, accelerator_device_name, nic_device_name};
+use crate::netattach::record::InterfaceRequest;
 use crate::topology::{
     Accelerator, AcceleratorKind, CharDevice, DeviceRef, Inventory, Nic, PciAddress, PciFunction,
     device_issues, pair_devices, pair_node,
@@ -56,6 +57,17 @@ impl DeviceHolders {
         }
     }
 
+    /// Marks `device` as unavailable for a reason other than a prepared claim (its netdev is
+    /// still in the pod of an unprepared claim); it conflicts with every allocation.
+    pub fn add_unavailable(&mut self, device: String, reason: String) {
+        self.holders.entry(device).or_default().push(Holder {
+            claim_uid: String::new(),
+            claim: reason,
+            share_id: false,
+            admin_access: false,
+        });
+    }
+
     /// Another claim whose hold on `device` excludes this allocation. Admin access coexists
     /// with anything (it is for monitoring and repair); shares coexist with shares.
     fn conflicting(&self, claim_uid: &str, device: &AllocatedDevice) -> Option<&str> {
@@ -80,9 +92,20 @@ pub struct PlanContext<'a> {
     /// Host path of this claim's topology file (`<state_dir>/claims/<uid>/topology.json`).
     pub topology_host_path: &'a Path,
     pub inventory: &'a Inventory,
-    /// Where `tandem hook attach` is installed on the host; `None` keeps every NIC's netdev
-    /// on the host.
-    pub netattach_hook: Option<NetattachHook<'a>>,
+    /// How an exclusively attached NIC's netdev reaches the pod; `None` keeps every NIC's
+    /// netdev on the host.
+    pub netdev_mover: Option<NetdevMover<'a>>,
+}
+
+/// The CDI edit that moves a netdev into the pod.
+#[derive(Clone, Copy, Debug)]
+pub enum NetdevMover<'a> {
+    /// A `createRuntime` hook running `tandem hook attach`: works with any CDI runtime, and
+    /// brings addresses, routes and rules along.
+    Hook(NetattachHook<'a>),
+    /// CDI 1.1 `netDevices`: the runtime moves the interface itself (it keeps addresses but
+    /// not routes or rules; runtime-spec `linux.netDevices`).
+    Cdi,
 }
 
 /// What the CDI hook entry of an exclusively attached NIC needs.
@@ -92,6 +115,8 @@ pub struct NetattachHook<'a> {
     pub path: &'a Path,
     /// The plugin's state directory, where the hook records what it moved.
     pub state_dir: &'a Path,
+    /// The Kubernetes node IP: the hook refuses to move the interface that holds it.
+    pub node_ip: Option<std::net::IpAddr>,
 }
 
 /// Seconds the runtime gives the hook; the hook bounds each netlink request far below it.
@@ -243,7 +268,7 @@ pub fn plan_claim(
     }
     // Asking for `exclusive` on a node that cannot move netdevs is refused rather than
     // quietly downgraded: the pod would start without the interface it asked for.
-    if ctx.netattach_hook.is_none() && !nics.is_empty() {
+    if ctx.netdev_mover.is_none() && !nics.is_empty() {
         let asked = per_request
             .iter()
             .find(|(_, c)| c.nic_attach_set && c.nic_attach == config::NicAttach::Exclusive);
@@ -251,22 +276,34 @@ pub fn plan_claim(
             return Err(PrepareError::ConflictingConfig {
                 claim: claim.to_string(),
                 reason: format!(
-                    "request {request:?} asks for nicAttach \"exclusive\", but this node's plugin has no --hook-path to move network interfaces with"
+                    "request {request:?} asks for nicAttach \"exclusive\", but this node's plugin has no --hook-path (nor --netdev-attach=cdi) to move network interfaces with"
                 ),
             });
         }
     }
-    let pod_names = exclusive_pod_names(ctx, &per_request, &nics, &pairing);
+    let pod_names = exclusive_pod_names(ctx, claim, &per_request, &nics, &pairing)?;
     for (allocated, nic) in &nics {
         let mut edits = nic_edits(ctx, claim, allocated, nic, false)?;
-        if let (Some(hook), Some(pod_name), Some(host_name)) = (
-            ctx.netattach_hook,
+        if let (Some(mover), Some(pod_name), Some(host_name)) = (
+            ctx.netdev_mover,
             pod_names.get(&nic.pci.address),
             nic.if_name(),
         ) {
-            edits
-                .hooks
-                .push(netattach_hook(claim, hook, host_name, pod_name)?);
+            let request = InterfaceRequest {
+                host_name: host_name.to_string(),
+                pod_name: pod_name.clone(),
+                pci_address: Some(nic.pci.address.to_string()),
+                rdma_device: nic.rdma.as_ref().map(|r| r.name.clone()),
+            };
+            match mover {
+                NetdevMover::Hook(hook) => {
+                    edits.hooks.push(netattach_hook(claim, hook, &request)?);
+                }
+                NetdevMover::Cdi => edits.net_devices.push(NetDevice {
+                    host_interface_name: request.host_name,
+                    name: request.pod_name,
+                }),
+            }
         }
         push_device(
             &kind,
@@ -320,51 +357,84 @@ pub fn plan_claim(
     })
 }
 
-/// `rdma0`, `rdma1`, ... for the claim's exclusively attached NICs, in pairing order (the
-/// NIC of the first GPU first), then the unpaired ones by PCI address.
+/// The in-pod names of the claim's exclusively attached NICs: a request's `interfaceName`
+/// (with an index when the request holds several NICs), else `rdma0`, `rdma1`, ... in pairing
+/// order (the NIC of the first GPU first), then the unpaired ones by PCI address.
 fn exclusive_pod_names(
     ctx: &PlanContext<'_>,
+    claim: &ClaimRef,
     per_request: &BTreeMap<String, config::RequestConfig>,
     nics: &[(&AllocatedDevice, &Nic)],
     pairing: &crate::topology::pairing::Pairing,
-) -> BTreeMap<PciAddress, String> {
-    let hook_configured = ctx.netattach_hook.is_some();
-    let exclusive: BTreeSet<PciAddress> = nics
+) -> Result<BTreeMap<PciAddress, String>, PrepareError> {
+    let mover_configured = ctx.netdev_mover.is_some();
+    // The config deciding each NIC: its first request that asks for exclusive.
+    let exclusive: BTreeMap<PciAddress, &config::RequestConfig> = nics
         .iter()
-        .filter(|(allocated, nic)| {
-            nic.if_name().is_some()
-                && allocated.requests.iter().any(|r| {
-                    per_request
-                        .get(r)
-                        .is_some_and(|c| c.exclusive_for_claimed_nic(hook_configured))
-                })
+        .filter(|(_, nic)| nic.if_name().is_some())
+        .filter_map(|(allocated, nic)| {
+            allocated
+                .requests
+                .iter()
+                .filter_map(|r| per_request.get(r))
+                .find(|c| c.exclusive_for_claimed_nic(mover_configured))
+                .map(|c| (nic.pci.address, c))
         })
-        .map(|(_, nic)| nic.pci.address)
         .collect();
     let mut ordered: Vec<PciAddress> = Vec::new();
     let paired = pairing.pairs.iter().map(|p| p.nic);
     for address in paired
         .chain(pairing.unpaired_nics.iter().copied())
-        .chain(exclusive.iter().copied())
+        .chain(exclusive.keys().copied())
     {
-        if exclusive.contains(&address) && !ordered.contains(&address) {
+        if exclusive.contains_key(&address) && !ordered.contains(&address) {
             ordered.push(address);
         }
     }
-    ordered
-        .into_iter()
-        .enumerate()
-        .map(|(index, address)| (address, crate::netattach::default_pod_name(index)))
-        .collect()
+    let mut per_name: BTreeMap<&str, usize> = BTreeMap::new();
+    for config in exclusive.values() {
+        if let Some(name) = config.interface_name.as_deref() {
+            *per_name.entry(name).or_default() += 1;
+        }
+    }
+    let mut seen_of_name: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut default_index = 0;
+    let mut names = BTreeMap::new();
+    for address in ordered {
+        let name = match exclusive
+            .get(&address)
+            .and_then(|c| c.interface_name.as_deref())
+        {
+            Some(name) if per_name.get(name).copied().unwrap_or(0) == 1 => name.to_string(),
+            Some(name) => {
+                let seen = seen_of_name.entry(name).or_default();
+                *seen += 1;
+                format!("{name}{}", *seen - 1)
+            }
+            None => {
+                default_index += 1;
+                crate::netattach::default_pod_name(default_index - 1)
+            }
+        };
+        if names.values().any(|n| n == &name) {
+            return Err(PrepareError::ConflictingConfig {
+                claim: claim.to_string(),
+                reason: format!(
+                    "two exclusively attached NICs would both be called {name:?} in the pod; give the requests distinct interfaceName values"
+                ),
+            });
+        }
+        names.insert(address, name);
+    }
+    Ok(names)
 }
 
 fn netattach_hook(
     claim: &ClaimRef,
     hook: NetattachHook<'_>,
-    host_name: &str,
-    pod_name: &str,
+    request: &InterfaceRequest,
 ) -> Result<Hook, PrepareError> {
-    let args = [
+    let mut args = vec![
         "tandem".to_string(),
         "hook".into(),
         "attach".into(),
@@ -372,9 +442,11 @@ fn netattach_hook(
         claim.uid.clone(),
         "--state-dir".into(),
         path_string(claim, "state directory", hook.state_dir)?,
-        "--interface".into(),
-        format!("host={host_name}:pod={pod_name}"),
     ];
+    if let Some(node_ip) = hook.node_ip {
+        args.extend(["--node-ip".to_string(), node_ip.to_string()]);
+    }
+    args.extend(["--interface".to_string(), request.to_arg()]);
     Ok(Hook {
         hook_name: "createRuntime".to_string(),
         path: path_string(claim, "netattach hook", hook.path)?,
@@ -681,7 +753,7 @@ mod tests {
             dev_root_in_container: Path::new("/dev"),
             topology_host_path: &topology,
             inventory,
-            netattach_hook: None,
+            netdev_mover: None,
         };
         plan_claim(&ctx, &claim(uid), allocation, holders)
     }
@@ -814,9 +886,10 @@ mod tests {
         );
     }
 
-    fn plan_with_hook(
+    fn plan_with_mover(
         inventory: &Inventory,
         allocation: &OurAllocation,
+        mover: NetdevMover<'_>,
     ) -> Result<ClaimPlan, PrepareError> {
         let topology = PathBuf::from("/var/lib/tandem/claims/u/topology.json");
         let ctx = PlanContext {
@@ -824,12 +897,62 @@ mod tests {
             dev_root_in_container: Path::new("/dev"),
             topology_host_path: &topology,
             inventory,
-            netattach_hook: Some(NetattachHook {
-                path: Path::new("/opt/tandem/bin/tandem"),
-                state_dir: Path::new("/var/lib/tandem"),
-            }),
+            netdev_mover: Some(mover),
         };
         plan_claim(&ctx, &claim("u"), allocation, &DeviceHolders::default())
+    }
+
+    fn plan_with_hook(
+        inventory: &Inventory,
+        allocation: &OurAllocation,
+    ) -> Result<ClaimPlan, PrepareError> {
+        plan_with_mover(
+            inventory,
+            allocation,
+            NetdevMover::Hook(NetattachHook {
+                path: Path::new("/opt/tandem/bin/tandem"),
+                state_dir: Path::new("/var/lib/tandem"),
+                node_ip: Some("192.0.2.10".parse().unwrap()),
+            }),
+        )
+    }
+
+    fn claim_config(requests: &[&str], fields: serde_json::Value) -> DeviceAllocationConfiguration {
+        let mut parameters = serde_json::json!({
+            "apiVersion": "tandem.dev/v1alpha1",
+            "kind": "ClaimConfig",
+        });
+        for (k, v) in fields.as_object().unwrap() {
+            parameters[k] = v.clone();
+        }
+        DeviceAllocationConfiguration {
+            source: "FromClaim".into(),
+            requests: Some(requests.iter().map(|r| r.to_string()).collect()),
+            opaque: Some(k8s_openapi::api::resource::v1::OpaqueDeviceConfiguration {
+                driver: "tandem.dev".into(),
+                parameters: k8s_openapi::apimachinery::pkg::runtime::RawExtension(parameters),
+            }),
+        }
+    }
+
+    /// The GPU, the NIC paired with it and another NIC with a netdev.
+    fn gpu_and_two_nics(inventory: &Inventory) -> (&Accelerator, &Nic, &Nic) {
+        let gpu = &inventory.accelerators[0];
+        let paired = crate::topology::pair_devices(
+            &[&gpu.pci],
+            &inventory.nics.iter().map(|n| &n.pci).collect::<Vec<_>>(),
+        );
+        let first_nic = inventory
+            .nics
+            .iter()
+            .find(|n| n.pci.address == paired.pairs[0].nic)
+            .unwrap();
+        let other_nic = inventory
+            .nics
+            .iter()
+            .find(|n| n.pci.address != first_nic.pci.address && n.if_name().is_some())
+            .unwrap();
+        (gpu, first_nic, other_nic)
     }
 
     fn nic_hooks(plan: &ClaimPlan) -> Vec<(String, Vec<String>)> {
@@ -850,21 +973,7 @@ mod tests {
     #[test]
     fn exclusive_nics_get_the_attach_hook_in_pairing_order_unless_config_says_none() {
         let (_dir, inventory) = inventory();
-        let gpu = &inventory.accelerators[0];
-        let paired = crate::topology::pair_devices(
-            &[&gpu.pci],
-            &inventory.nics.iter().map(|n| &n.pci).collect::<Vec<_>>(),
-        );
-        let first_nic = inventory
-            .nics
-            .iter()
-            .find(|n| n.pci.address == paired.pairs[0].nic)
-            .unwrap();
-        let other_nic = inventory
-            .nics
-            .iter()
-            .find(|n| n.pci.address != first_nic.pci.address && n.if_name().is_some())
-            .unwrap();
+        let (gpu, first_nic, other_nic) = gpu_and_two_nics(&inventory);
         let allocation = OurAllocation {
             devices: vec![
                 allocated("gpus", &accelerator_device_name(&gpu.pci.address)),
@@ -881,14 +990,27 @@ mod tests {
             assert_eq!(name, "createRuntime");
             assert_eq!(&args[..5], ["tandem", "hook", "attach", "--claim-uid", "u"]);
             assert!(args.contains(&"/var/lib/tandem".to_string()), "{args:?}");
+            assert!(
+                args.windows(2).any(|w| w == ["--node-ip", "192.0.2.10"]),
+                "{args:?}"
+            );
         }
-        let interfaces: Vec<&String> = hooks.iter().map(|(_, a)| a.last().unwrap()).collect();
+        let interfaces: Vec<InterfaceRequest> = hooks
+            .iter()
+            .map(|(_, a)| a.last().unwrap().parse().unwrap())
+            .collect();
+        let expect = |nic: &Nic, host: &str, pod: &str| InterfaceRequest {
+            host_name: host.to_string(),
+            pod_name: pod.to_string(),
+            pci_address: Some(nic.pci.address.to_string()),
+            rdma_device: nic.rdma.as_ref().map(|r| r.name.clone()),
+        };
         assert!(
-            interfaces.contains(&&format!("host={first_if}:pod=rdma0")),
+            interfaces.contains(&expect(first_nic, first_if, "rdma0")),
             "{interfaces:?}"
         );
         assert!(
-            interfaces.contains(&&format!("host={other_if}:pod=rdma1")),
+            interfaces.contains(&expect(other_nic, other_if, "rdma1")),
             "{interfaces:?}"
         );
 
@@ -935,5 +1057,85 @@ mod tests {
             nic_hooks(&plan_with_hook(&inventory, &with_exclusive).unwrap()).len(),
             2
         );
+    }
+
+    #[test]
+    fn interface_names_come_from_config_and_clash_is_refused() {
+        let (_dir, inventory) = inventory();
+        let (gpu, first_nic, other_nic) = gpu_and_two_nics(&inventory);
+        let pod_names = |allocation: &OurAllocation| -> Result<Vec<String>, PrepareError> {
+            let plan = plan_with_hook(&inventory, allocation)?;
+            let mut names: Vec<String> = nic_hooks(&plan)
+                .iter()
+                .map(|(_, a)| {
+                    a.last()
+                        .unwrap()
+                        .parse::<InterfaceRequest>()
+                        .unwrap()
+                        .pod_name
+                })
+                .collect();
+            names.sort();
+            Ok(names)
+        };
+        let mut allocation = OurAllocation {
+            devices: vec![
+                allocated("gpus", &accelerator_device_name(&gpu.pci.address)),
+                allocated("fast", &nic_device_name(&first_nic.pci.address)),
+                allocated("slow", &nic_device_name(&other_nic.pci.address)),
+            ],
+            config: vec![claim_config(
+                &["fast"],
+                serde_json::json!({"interfaceName": "net1"}),
+            )],
+        };
+        // The named request gets its name; the other keeps the default sequence.
+        assert_eq!(pod_names(&allocation).unwrap(), ["net1", "rdma0"]);
+        // One name for a request with several NICs: an index is appended.
+        allocation.devices[2].requests = vec!["fast".into()];
+        assert_eq!(pod_names(&allocation).unwrap(), ["net10", "net11"]);
+        // A name that collides with the default of another NIC is refused, naming the clash.
+        allocation.devices[2].requests = vec!["slow".into()];
+        allocation.config = vec![claim_config(
+            &["fast"],
+            serde_json::json!({"interfaceName": "rdma0"}),
+        )];
+        let refused = pod_names(&allocation).unwrap_err().to_string();
+        assert!(refused.contains("\"rdma0\""), "{refused}");
+        // Names that cannot be interface names never reach a hook.
+        allocation.config = vec![claim_config(
+            &["fast"],
+            serde_json::json!({"interfaceName": "a/b"}),
+        )];
+        assert!(plan_with_hook(&inventory, &allocation).is_err());
+    }
+
+    #[test]
+    fn cdi_mode_emits_net_devices_instead_of_the_hook() {
+        let (_dir, inventory) = inventory();
+        let (gpu, first_nic, _) = gpu_and_two_nics(&inventory);
+        let allocation = OurAllocation {
+            devices: vec![
+                allocated("gpus", &accelerator_device_name(&gpu.pci.address)),
+                allocated("nics", &nic_device_name(&first_nic.pci.address)),
+            ],
+            config: Vec::new(),
+        };
+        let plan = plan_with_mover(&inventory, &allocation, NetdevMover::Cdi).unwrap();
+        assert!(nic_hooks(&plan).is_empty());
+        let spec = plan.spec.unwrap();
+        let net_devices: Vec<&NetDevice> = spec
+            .devices
+            .iter()
+            .flat_map(|d| &d.container_edits.net_devices)
+            .collect();
+        assert_eq!(
+            net_devices,
+            [&NetDevice {
+                host_interface_name: first_nic.if_name().unwrap().to_string(),
+                name: "rdma0".into(),
+            }]
+        );
+        assert_eq!(spec.cdi_version, "1.1.0");
     }
 }

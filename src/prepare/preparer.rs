@@ -3,13 +3,15 @@
 //! task, and re-reads the file every time so another plugin instance's writes are never missed.
 
 use super::cdi::{self, CdiSpec};
-use super::checkpoint::{self, ClaimEntry, ClaimState, LoadOutcome};
+use super::checkpoint::{self, Checkpoint, ClaimEntry, ClaimState, LoadOutcome, PendingRelease};
 use super::claim::{self, ClaimRef};
 use super::error::PrepareError;
 use super::fsutil;
 use super::plan::{self, ClaimPlan, DeviceHolders, PlanContext};
 use super::topology_file::ClaimTopology;
 use super::{PrepareConfig, PreparedDevice};
+use crate::netattach::record::{self, AttachedInterface, NetAttachRecord, RecordError};
+use crate::netattach::{DEFAULT_NETLINK_TIMEOUT, Netns};
 use crate::topology::InventoryWatch;
 use k8s_openapi::api::resource::v1::ResourceClaim;
 use std::collections::{BTreeMap, BTreeSet};
@@ -44,6 +46,24 @@ pub struct RecoveryReport {
     pub restored: Vec<String>,
     /// Claims still prepared after recovery.
     pub prepared_claims: usize,
+}
+
+/// What one [`Preparer::reconcile_netattach`] pass found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetattachReport {
+    /// Interfaces brought back to the host in this pass.
+    pub released: usize,
+    /// Interfaces of unprepared claims still in a pod's namespace.
+    pub pending: usize,
+    /// Prepared claims whose pods hold interfaces.
+    pub attached: Vec<ClaimAttachments>,
+}
+
+/// The interfaces the hook recorded for one prepared claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimAttachments {
+    pub claim: ClaimRef,
+    pub interfaces: Vec<AttachedInterface>,
 }
 
 pub struct Preparer {
@@ -149,6 +169,18 @@ impl Preparer {
         results
     }
 
+    /// One netattach reconcile pass: retries the pending releases and lists the prepared
+    /// claims' attached interfaces (for their ResourceClaim status).
+    pub async fn reconcile_netattach(&self) -> Result<NetattachReport, PrepareError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.reconcile_netattach_locked())
+            .await
+            .map_err(|e| PrepareError::State {
+                path: checkpoint::checkpoint_path(&self.inner.config.state_dir),
+                message: format!("netattach reconcile task failed: {e}"),
+            })?
+    }
+
     /// Unprepares each distinct claim from the checkpoint alone. Unknown claims succeed.
     pub async fn unprepare(&self, claims: &[ClaimRef]) -> UnprepareResults {
         let (mut results, unique) = distinct_valid_claims(claims);
@@ -250,6 +282,19 @@ struct Planned {
 }
 
 impl Inner {
+    fn netdev_mover(&self) -> Option<plan::NetdevMover<'_>> {
+        match self.config.netdev_attach {
+            super::NetdevAttach::Cdi => Some(plan::NetdevMover::Cdi),
+            super::NetdevAttach::Hook => self.config.hook_path.as_deref().map(|path| {
+                plan::NetdevMover::Hook(plan::NetattachHook {
+                    path,
+                    state_dir: &self.config.state_dir,
+                    node_ip: self.config.node_ip,
+                })
+            }),
+        }
+    }
+
     fn claim_dir(&self, uid: &str) -> PathBuf {
         self.config.state_dir.join(CLAIMS_SUBDIR).join(uid)
     }
@@ -297,8 +342,28 @@ impl Inner {
             };
             holders.add(&holder, &entry.devices);
         }
+        // A NIC whose netdev has not come back from an earlier pod cannot be attached again;
+        // one more try now, and what stays is refused with the reason.
+        let mut dirty = self.retry_pending_releases(&mut cp) > 0;
+        for (uid, pending) in &cp.pending_releases {
+            for interface in &pending.interfaces {
+                let Some(address) = interface
+                    .pci_address
+                    .as_deref()
+                    .and_then(|a| a.parse::<crate::topology::PciAddress>().ok())
+                else {
+                    continue;
+                };
+                holders.add_unavailable(
+                    crate::names::nic_device_name(&address),
+                    format!(
+                        "{}/{} {uid} (unprepared, but its interface {} is still in its pod's network namespace)",
+                        pending.namespace, pending.name, interface.snapshot.host_name
+                    ),
+                );
+            }
+        }
         let mut planned: Vec<Planned> = Vec::new();
-        let mut dirty = false;
 
         for (claim, fetched) in work {
             let uid = claim.uid.clone();
@@ -353,12 +418,7 @@ impl Inner {
                         dev_root_in_container: &self.config.dev_root_in_container,
                         topology_host_path: &topology_path,
                         inventory: &inventory,
-                        netattach_hook: self.config.hook_path.as_deref().map(|path| {
-                            plan::NetattachHook {
-                                path,
-                                state_dir: &self.config.state_dir,
-                            }
-                        }),
+                        netdev_mover: self.netdev_mover(),
                     };
                     plan::plan_claim(&ctx, &claim, &allocation, &holders)
                 });
@@ -518,6 +578,151 @@ impl Inner {
         Ok(())
     }
 
+    /// Brings back the NICs the hook moved into the claim's pod and returns those that cannot
+    /// come back yet (their namespace unreachable), which the caller must keep in the
+    /// checkpoint's pending releases before the claim directory, and the record in it, go.
+    fn release_claim_interfaces(
+        &self,
+        claim: &ClaimRef,
+    ) -> Result<Vec<AttachedInterface>, PrepareError> {
+        let claim_dir = self.claim_dir(&claim.uid);
+        let record_error = |e: RecordError| PrepareError::StateIo {
+            path: claim_dir.join(record::RECORD_FILE),
+            source: std::io::Error::other(e.to_string()),
+        };
+        let mut record = NetAttachRecord::load(&claim_dir).map_err(record_error)?;
+        if record.interfaces.is_empty() {
+            return Ok(Vec::new());
+        }
+        let failures = match Netns::open(&self.config.host_netns) {
+            Ok(host) => record::release_interfaces(
+                &mut record,
+                &host,
+                &self.config.netns_proc_root,
+                &self.config.run_netns_dir,
+                DEFAULT_NETLINK_TIMEOUT,
+            ),
+            Err(e) => vec![e.to_string()],
+        };
+        for failure in &failures {
+            tracing::warn!(claim = %claim, error = %failure,
+                "interface not yet released; the netattach reconcile retries it");
+        }
+        record.save(&claim_dir).map_err(record_error)?;
+        Ok(record.interfaces)
+    }
+
+    /// Retries every pending release; returns how many interfaces came back.
+    fn retry_pending_releases(&self, cp: &mut Checkpoint) -> usize {
+        if cp.pending_releases.is_empty() {
+            return 0;
+        }
+        let host = match Netns::open(&self.config.host_netns) {
+            Ok(host) => host,
+            Err(error) => {
+                tracing::warn!(%error, "cannot open the host network namespace; pending releases wait");
+                return 0;
+            }
+        };
+        let mut released = 0;
+        cp.pending_releases.retain(|uid, pending| {
+            let mut record = NetAttachRecord {
+                interfaces: std::mem::take(&mut pending.interfaces),
+            };
+            let before = record.interfaces.len();
+            let failures = record::release_interfaces(
+                &mut record,
+                &host,
+                &self.config.netns_proc_root,
+                &self.config.run_netns_dir,
+                DEFAULT_NETLINK_TIMEOUT,
+            );
+            for failure in &failures {
+                tracing::info!(claim_uid = %uid, namespace = %pending.namespace, name = %pending.name,
+                    error = %failure, "interface not yet released");
+            }
+            released += before - record.interfaces.len();
+            pending.interfaces = record.interfaces;
+            !pending.interfaces.is_empty()
+        });
+        released
+    }
+
+    /// Releases a claim's interfaces ahead of removing its files: what stays in the pod is
+    /// written to the checkpoint's pending releases first, so no crash can lose it.
+    fn release_before_removal(
+        &self,
+        cp: &mut Checkpoint,
+        claim: &ClaimRef,
+    ) -> Result<(), PrepareError> {
+        let leftover = self.release_claim_interfaces(claim)?;
+        if leftover.is_empty() {
+            return Ok(());
+        }
+        let previous = cp.pending_releases.insert(
+            claim.uid.clone(),
+            PendingRelease {
+                namespace: claim.namespace.clone(),
+                name: claim.name.clone(),
+                interfaces: leftover,
+            },
+        );
+        if let Err(e) = checkpoint::save(&self.config.state_dir, cp) {
+            match previous {
+                Some(previous) => cp.pending_releases.insert(claim.uid.clone(), previous),
+                None => cp.pending_releases.remove(&claim.uid),
+            };
+            return Err(self.checkpoint_error(claim, &e));
+        }
+        Ok(())
+    }
+
+    fn reconcile_netattach_locked(&self) -> Result<NetattachReport, PrepareError> {
+        let _guard = self
+            .lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (mut cp, _) =
+            checkpoint::load(&self.config.state_dir).map_err(|e| PrepareError::State {
+                path: e.path,
+                message: e.source.to_string(),
+            })?;
+        let released = self.retry_pending_releases(&mut cp);
+        if released > 0 {
+            checkpoint::save(&self.config.state_dir, &cp).map_err(|e| PrepareError::State {
+                path: e.path,
+                message: e.source.to_string(),
+            })?;
+        }
+        let mut attached = Vec::new();
+        for (uid, entry) in &cp.claims {
+            let claim_dir = self.claim_dir(uid);
+            match NetAttachRecord::load(&claim_dir) {
+                Ok(record) if !record.interfaces.is_empty() => attached.push(ClaimAttachments {
+                    claim: ClaimRef {
+                        namespace: entry.namespace.clone(),
+                        name: entry.name.clone(),
+                        uid: uid.clone(),
+                    },
+                    interfaces: record.interfaces,
+                }),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(claim_uid = %uid, %error, "unreadable netattach record")
+                }
+            }
+        }
+        Ok(NetattachReport {
+            released,
+            pending: cp
+                .pending_releases
+                .values()
+                .map(|p| p.interfaces.len())
+                .sum(),
+            attached,
+        })
+    }
+
     /// Removes every file a claim may own: the recorded ones and the ones derived from its
     /// UID (a crash can leave a file behind before its path was recorded).
     fn remove_claim_files(
@@ -525,23 +730,6 @@ impl Inner {
         uid: &str,
         entry: &ClaimEntry,
     ) -> Result<(), (PathBuf, std::io::Error)> {
-        // NICs the hook moved into the pod come back first; while one cannot (its pod's
-        // namespace still holds it), the claim stays with its record so the next unprepare
-        // or recover() retries.
-        let claim_dir = self.claim_dir(uid);
-        crate::netattach::record::release_claim_dir(
-            &claim_dir,
-            &self.config.proc_root.join("1/ns/net"),
-            &self.config.proc_root,
-            Path::new(crate::netattach::record::RUN_NETNS_DIR),
-            crate::netattach::DEFAULT_NETLINK_TIMEOUT,
-        )
-        .map_err(|e| {
-            (
-                claim_dir.join(crate::netattach::record::RECORD_FILE),
-                std::io::Error::other(e.to_string()),
-            )
-        })?;
         let mut paths: BTreeSet<PathBuf> = entry.files.iter().cloned().collect();
         paths.extend(entry.cdi_spec_path.clone());
         paths.insert(self.spec_path(uid));
@@ -601,8 +789,12 @@ impl Inner {
                 topology: None,
                 files: Vec::new(),
             };
-            let entry = cp.claims.get(&uid).unwrap_or(&empty);
-            match self.remove_claim_files(&uid, entry) {
+            let entry = cp.claims.get(&uid).cloned().unwrap_or(empty);
+            if let Err(e) = self.release_before_removal(&mut cp, &claim) {
+                answers.insert(uid, Err(e));
+                continue;
+            }
+            match self.remove_claim_files(&uid, &entry) {
                 Ok(()) => {
                     if cp.claims.remove(&uid).is_some() {
                         tracing::info!(claim = %claim, "claim unprepared");
@@ -648,8 +840,14 @@ impl Inner {
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in started {
-            if let Some(entry) = cp.claims.get(&uid) {
-                self.remove_claim_files(&uid, entry)
+            if let Some(entry) = cp.claims.get(&uid).cloned() {
+                let claim = ClaimRef {
+                    namespace: entry.namespace.clone(),
+                    name: entry.name.clone(),
+                    uid: uid.clone(),
+                };
+                self.release_before_removal(&mut cp, &claim)?;
+                self.remove_claim_files(&uid, &entry)
                     .map_err(|(path, source)| PrepareError::StateIo { path, source })?;
                 tracing::warn!(claim_uid = %uid, namespace = %entry.namespace, name = %entry.name,
                     "rolled back a claim whose preparation was interrupted");
