@@ -34,6 +34,12 @@ const OVERLAYS: &[&str] = &[
     "deploy/overlays/kind",
 ];
 const NODE_PLUGIN: &str = "tandem-node";
+/// Overlays that move exclusively allocated NICs into pods (the plugin has `--hook-path`);
+/// the others hand NICs out as RDMA char devices only.
+const EXCLUSIVE_ATTACH_OVERLAYS: &[&str] = &["deploy/overlays/production"];
+/// What moving a netdev into a pod's namespace takes: SYS_ADMIN to setns(2) there, NET_ADMIN
+/// to move and configure the link (docs/install.md explains both).
+const EXCLUSIVE_ATTACH_CAPABILITIES: &[&str] = &["NET_ADMIN", "SYS_ADMIN"];
 const CONTROLLER: &str = "tandem-controller";
 
 fn repo_root() -> PathBuf {
@@ -285,6 +291,60 @@ fn host_mount_holding(pod: &PodSpec, container: &Container, path: &str) -> Optio
         .and_then(|m| host_mount(pod, container, &m.mount_path))
 }
 
+/// Where `path` inside the container lies on the host, through its hostPath mounts.
+fn host_path_of(pod: &PodSpec, container: &Container, path: &str) -> Option<String> {
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| path == m.mount_path || path.starts_with(&format!("{}/", m.mount_path)))
+        .max_by_key(|m| m.mount_path.len())?;
+    let (host, _) = host_mount(pod, container, &mount.mount_path)?;
+    Some(format!("{host}{}", &path[mount.mount_path.len()..]))
+}
+
+/// The value of `--flag=value` or `--flag value` in the container's args.
+fn flag_value<'a>(container: &'a Container, flag: &str) -> Option<&'a str> {
+    let args = container.args.as_deref().unwrap_or_default();
+    args.iter().enumerate().find_map(|(i, arg)| {
+        if let Some(value) = arg.strip_prefix(flag).and_then(|r| r.strip_prefix('=')) {
+            Some(value)
+        } else if arg == flag {
+            args.get(i + 1).map(String::as_str)
+        } else {
+            None
+        }
+    })
+}
+
+/// Capabilities a container adds, as a set.
+fn added_capabilities(container: &Container) -> BTreeSet<&str> {
+    container
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .and_then(|c| c.add.as_ref())
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect()
+}
+
+/// The init containers that run `tandem hook install`, with the path each installs to.
+fn hook_installers(pod: &PodSpec) -> Vec<(&Container, Option<&str>)> {
+    pod.init_containers
+        .iter()
+        .flatten()
+        .filter(|c| {
+            c.args
+                .as_deref()
+                .unwrap_or_default()
+                .starts_with(&["hook".into(), "install".into()])
+        })
+        .map(|c| (c, flag_value(c, "--to")))
+        .collect()
+}
+
 #[test]
 fn every_overlay_renders_into_typed_objects_in_existing_namespaces() {
     let Some(overlays) = render_all("every_overlay_renders") else {
@@ -375,6 +435,17 @@ fn node_plugin_mounts_the_kubelet_cdi_and_state_directories_at_their_host_paths(
             "{}: POD_UID turns on the per-pod sockets that maxSurge needs",
             r.overlay
         );
+        // The attach hook's guard against moving the node's own interface reads NODE_IP
+        // (flag --node-ip, env NODE_IP); a literal address would be wrong on every other node.
+        assert_eq!(
+            field_ref(container, "NODE_IP").as_deref(),
+            Some("status.hostIP"),
+            "{}",
+            r.overlay
+        );
+        if let Some(node_ip) = flag_value(container, "--node-ip") {
+            assert_eq!(node_ip, "$(NODE_IP)", "{}", r.overlay);
+        }
     }
 }
 
@@ -469,30 +540,164 @@ fn node_plugin_runs_unprivileged_with_no_capabilities_beyond_the_documented_ones
         return;
     };
     for r in overlays {
-        let (_, _, container) = r.node_plugin();
-        let security = container.security_context.as_ref().unwrap();
-        assert_ne!(security.privileged, Some(true), "{}", r.overlay);
-        assert_eq!(
-            security.allow_privilege_escalation,
-            Some(false),
-            "{}",
-            r.overlay
-        );
-        assert_eq!(
-            security.read_only_root_filesystem,
+        let (_, pod, plugin) = r.node_plugin();
+        assert_ne!(
+            pod.host_pid,
             Some(true),
-            "{}",
+            "{}: pod namespaces are found through /run/netns, not the host's /proc",
             r.overlay
         );
-        let capabilities = security.capabilities.as_ref().unwrap();
-        assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_string()][..]));
-        for added in capabilities.add.iter().flatten() {
-            assert!(
-                ["NET_ADMIN", "SYS_ADMIN"].contains(&added.as_str()),
-                "{}: capability {added} is not one docs/install.md explains",
+        let init_containers = pod.init_containers.iter().flatten();
+        for container in std::iter::once(plugin).chain(init_containers) {
+            let name = &container.name;
+            let security = container
+                .security_context
+                .as_ref()
+                .unwrap_or_else(|| panic!("{}: {name} has no securityContext", r.overlay));
+            assert_ne!(security.privileged, Some(true), "{}: {name}", r.overlay);
+            assert_eq!(
+                security.allow_privilege_escalation,
+                Some(false),
+                "{}: {name}",
+                r.overlay
+            );
+            assert_eq!(
+                security.read_only_root_filesystem,
+                Some(true),
+                "{}: {name}",
+                r.overlay
+            );
+            let capabilities = security.capabilities.as_ref().unwrap();
+            assert_eq!(
+                capabilities.drop.as_deref(),
+                Some(&["ALL".to_string()][..]),
+                "{}: {name}",
                 r.overlay
             );
         }
+        // Only the plugin of an overlay with exclusive attach adds capabilities, and then
+        // exactly the two that moving a netdev into a pod takes.
+        let attach_on = EXCLUSIVE_ATTACH_OVERLAYS.contains(&r.overlay.as_str());
+        let expected: BTreeSet<&str> = if attach_on {
+            EXCLUSIVE_ATTACH_CAPABILITIES.iter().copied().collect()
+        } else {
+            BTreeSet::new()
+        };
+        assert_eq!(
+            added_capabilities(plugin),
+            expected,
+            "{}: plugin",
+            r.overlay
+        );
+        for init in pod.init_containers.iter().flatten() {
+            assert!(
+                added_capabilities(init).is_empty(),
+                "{}: init container {} adds capabilities",
+                r.overlay,
+                init.name
+            );
+        }
+    }
+}
+
+#[test]
+fn exclusive_attach_installs_the_hook_where_the_hook_path_points() {
+    let Some(overlays) = render_all("exclusive_attach") else {
+        return;
+    };
+    for r in overlays {
+        let (_, pod, plugin) = r.node_plugin();
+        let hook_path = flag_value(plugin, "--hook-path");
+        let installers = hook_installers(pod);
+        if !EXCLUSIVE_ATTACH_OVERLAYS.contains(&r.overlay.as_str()) {
+            assert_eq!(hook_path, None, "{}: attach is off here", r.overlay);
+            assert!(
+                installers.is_empty(),
+                "{}: installs a hook nothing runs",
+                r.overlay
+            );
+            continue;
+        }
+        let hook_path =
+            hook_path.unwrap_or_else(|| panic!("{}: the plugin has no --hook-path", r.overlay));
+        assert!(hook_path.starts_with('/'), "{}: {hook_path}", r.overlay);
+
+        // One init container copies the plugin's own binary to exactly that host path.
+        let [(installer, target)] = installers.as_slice() else {
+            panic!(
+                "{}: {} hook install init containers",
+                r.overlay,
+                installers.len()
+            );
+        };
+        assert_eq!(
+            *target,
+            Some(hook_path),
+            "{}: the init container installs elsewhere than --hook-path",
+            r.overlay
+        );
+        assert_eq!(
+            installer.image, plugin.image,
+            "{}: the hook must be the plugin's own version",
+            r.overlay
+        );
+        let (host_dir, read_only) = host_mount_holding(pod, installer, hook_path)
+            .unwrap_or_else(|| panic!("{}: {hook_path} is not in a hostPath mount", r.overlay));
+        assert!(
+            !read_only,
+            "{}: the init container writes {host_dir}",
+            r.overlay
+        );
+        assert_eq!(
+            host_path_of(pod, installer, hook_path).as_deref(),
+            Some(hook_path),
+            "{}: --hook-path is a host path, so the install mount must be at the same path",
+            r.overlay
+        );
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.host_path.as_ref().is_some_and(|h| h.path == host_dir))
+            .unwrap();
+        assert_eq!(
+            volume.host_path.as_ref().unwrap().type_.as_deref(),
+            Some("DirectoryOrCreate"),
+            "{}: a fresh node has no {host_dir} yet",
+            r.overlay
+        );
+
+        // Releasing an interface enters the pod's namespace through its pin in the netns
+        // directory, which appears after the plugin started: it needs host-to-container
+        // propagation to be seen at all.
+        let netns_dir =
+            flag_value(plugin, "--netns-dir").unwrap_or(tandem::netattach::record::RUN_NETNS_DIR);
+        let mount = plugin
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == netns_dir)
+            .unwrap_or_else(|| panic!("{}: nothing mounted at {netns_dir}", r.overlay));
+        assert_eq!(
+            mount.mount_propagation.as_deref(),
+            Some("HostToContainer"),
+            "{}: {netns_dir}",
+            r.overlay
+        );
+        assert_eq!(
+            host_mount(pod, plugin, netns_dir)
+                .map(|(host, _)| host)
+                .as_deref(),
+            Some(netns_dir),
+            "{}: {netns_dir} must be the host's",
+            r.overlay
+        );
+        assert_eq!(
+            pod.host_network,
+            Some(true),
+            "{}: the default --host-netns /proc/self/ns/net is the host's only with hostNetwork",
+            r.overlay
+        );
     }
 }
 
@@ -578,7 +783,10 @@ fn overlays_pick_the_image_they_promise() {
         return;
     };
     for r in overlays {
-        let containers = [r.node_plugin().2, r.controller().2];
+        let (_, plugin_pod, plugin) = r.node_plugin();
+        let containers = std::iter::once(plugin)
+            .chain(plugin_pod.init_containers.iter().flatten())
+            .chain([r.controller().2]);
         for container in containers {
             let image = container.image.as_deref().unwrap();
             match r.overlay.as_str() {
@@ -821,6 +1029,8 @@ struct ApiUse {
     type_name: &'static str,
     group: &'static str,
     resource: &'static str,
+    /// `status` for `*_status` calls, which RBAC grants as `<resource>/status`.
+    subresource: Option<&'static str>,
     scope: Scope,
     verbs: &'static [&'static str],
     /// The one object the calls touch, when the code names it (RBAC resourceNames). Never
@@ -830,17 +1040,43 @@ struct ApiUse {
 
 macro_rules! api_use {
     ($who:ident, $file:literal, $ty:ident, $scope:expr, [$($verb:literal),+], $name:expr) => {
+        api_use!(@row $who, $file, $ty, None, $scope, [$($verb),+], $name)
+    };
+    // `Type / "status"`: calls on the status subresource (`patch_status`, `replace_status`).
+    ($who:ident, $file:literal, $ty:ident / $sub:literal, $scope:expr, [$($verb:literal),+], $name:expr) => {
+        api_use!(@row $who, $file, $ty, Some($sub), $scope, [$($verb),+], $name)
+    };
+    (@row $who:ident, $file:literal, $ty:ident, $sub:expr, $scope:expr, [$($verb:literal),+], $name:expr) => {
         ApiUse {
             who: Who::$who,
             file: $file,
             type_name: stringify!($ty),
             group: <$ty as Resource>::GROUP,
             resource: <$ty as Resource>::URL_PATH_SEGMENT,
+            subresource: $sub,
             scope: $scope,
             verbs: &[$($verb),+],
             only_name: $name,
         }
     };
+}
+
+impl ApiUse {
+    /// The resource as an RBAC rule names it: `resourceclaims`, `resourceclaims/status`.
+    fn rbac_resource(&self) -> String {
+        match self.subresource {
+            Some(sub) => format!("{}/{sub}", self.resource),
+            None => self.resource.to_string(),
+        }
+    }
+
+    /// The verbs as the source scan names them: `patch`, or `patch/status` on a subresource.
+    fn scanned_verbs(&self) -> impl Iterator<Item = String> + '_ {
+        self.verbs.iter().map(|verb| match self.subresource {
+            Some(sub) => format!("{verb}/{sub}"),
+            None => verb.to_string(),
+        })
+    }
 }
 
 /// Files that use kube's Api only against the in-process fake apiserver (`tandem demo` and
@@ -867,6 +1103,16 @@ fn api_uses() -> Vec<ApiUse> {
             ResourceSlice,
             Scope::Cluster,
             ["get", "list", "watch", "create", "update", "delete"],
+            None
+        ),
+        // apply_claim_status: server-side apply (field manager = the driver name) of
+        // status.devices for the NICs attached to the claim's pod.
+        api_use!(
+            NodePlugin,
+            "netattach/status.rs",
+            ResourceClaim / "status",
+            Scope::Cluster,
+            ["patch"],
             None
         ),
         // rail_configmap_data: get_opt of the controller's rail ConfigMap every rescan.
@@ -1029,7 +1275,7 @@ fn scanned_api_types() -> BTreeMap<String, BTreeSet<String>> {
     found
 }
 
-/// Text in a file that shows a verb is called there.
+/// Text in a file that shows a verb (as `scanned_verbs` spells it) is called there.
 fn evidence_of(verb: &str) -> &'static [&'static str] {
     match verb {
         "get" => &[".get_opt(", ".get("],
@@ -1039,6 +1285,9 @@ fn evidence_of(verb: &str) -> &'static [&'static str] {
         "update" => &[".replace("],
         "patch" => &[".patch("],
         "delete" => &[".delete("],
+        "get/status" => &[".get_status("],
+        "update/status" => &[".replace_status("],
+        "patch/status" => &[".patch_status("],
         other => panic!("verb {other} has no evidence rule"),
     }
 }
@@ -1048,12 +1297,13 @@ const KUBE_CALLS: &[(&str, &[&str])] = &[
     (".get_opt(", &["get"]),
     ("ListParams", &["list"]),
     ("watcher(", &["list", "watch"]),
-    ("PostParams", &["create", "update"]),
-    ("PatchParams", &["patch"]),
+    ("PostParams", &["create", "update", "update/status"]),
+    ("PatchParams", &["patch", "patch/status"]),
     ("DeleteParams", &["delete"]),
     ("delete_collection(", &["deletecollection"]),
-    ("patch_status(", &["patch on a status subresource"]),
-    ("replace_status(", &["update on a status subresource"]),
+    ("get_status(", &["get/status"]),
+    ("patch_status(", &["patch/status"]),
+    ("replace_status(", &["update/status"]),
 ];
 
 #[test]
@@ -1075,10 +1325,10 @@ fn api_use_table_matches_the_source() {
     for file in listed.keys() {
         let text = std::fs::read_to_string(repo_root().join("src").join(file)).unwrap();
         let code = production_code(&text);
-        let verbs: BTreeSet<&str> = uses
+        let verbs: BTreeSet<String> = uses
             .iter()
             .filter(|u| u.file == file)
-            .flat_map(|u| u.verbs.iter().copied())
+            .flat_map(ApiUse::scanned_verbs)
             .collect();
         for verb in &verbs {
             assert!(
@@ -1090,7 +1340,7 @@ fn api_use_table_matches_the_source() {
         for (call, needs) in KUBE_CALLS {
             if code.contains(call) {
                 assert!(
-                    needs.iter().any(|v| verbs.contains(v)),
+                    needs.iter().any(|v| verbs.contains(*v)),
                     "src/{file} uses {call}, which needs {needs:?}; the table lists {verbs:?}"
                 );
             }
@@ -1112,7 +1362,7 @@ fn expected_grants() -> BTreeSet<Grant> {
             grants.insert((
                 u.who,
                 u.group.to_string(),
-                u.resource.to_string(),
+                u.rbac_resource(),
                 verb.to_string(),
                 u.scope.clone(),
                 name,
