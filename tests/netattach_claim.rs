@@ -325,6 +325,16 @@ async fn claim_nic_moves_into_the_pod_through_the_cdi_hook_and_comes_back_on_unp
         "{routes}"
     );
 
+    // The rescans keep publishing the NIC with its host facts while its netdev is away.
+    let attached = tandem::netattach::record::attached_pci_addresses(&node.config.state_dir);
+    assert_eq!(
+        attached
+            .iter()
+            .map(tandem::names::nic_device_name)
+            .collect::<Vec<_>>(),
+        [NIC]
+    );
+
     // Second container of the same pod: a no-op that succeeds.
     let out = lab.run_hook(&hook, "ctr-2");
     assert!(

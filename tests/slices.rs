@@ -560,6 +560,7 @@ async fn rescans_carry_link_state_and_vanished_devices_into_the_slices() {
             period,
             trigger.clone(),
             inventory_tx,
+            None,
             shutdown.clone(),
         )),
         tokio::spawn(run_slice_builder(

@@ -12,9 +12,6 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Name of the subdirectory of the state directory that holds per-claim files.
-const CLAIMS_SUBDIR: &str = "claims";
-
 #[derive(Args, Debug)]
 pub struct HookArgs {
     #[command(subcommand)]
@@ -116,7 +113,7 @@ pub fn attach(args: &AttachArgs, state_json: &str) -> anyhow::Result<()> {
     {
         bail!("invalid --claim-uid {:?}", args.claim_uid);
     }
-    let claim_dir = claim_dir(&args.state_dir, &args.claim_uid);
+    let claim_dir = crate::prepare::claim_state_dir(&args.state_dir, &args.claim_uid);
     let host = Netns::open(&args.host_netns)?;
     let requests = &args.interfaces;
     let guards = Guards {
@@ -138,11 +135,6 @@ pub fn attach(args: &AttachArgs, state_json: &str) -> anyhow::Result<()> {
         )
     })?;
     Ok(())
-}
-
-/// `state_dir/claims/<uid>`, the directory claim preparation owns for the claim.
-pub fn claim_dir(state_dir: &Path, claim_uid: &str) -> PathBuf {
-    state_dir.join(CLAIMS_SUBDIR).join(claim_uid)
 }
 
 #[cfg(test)]

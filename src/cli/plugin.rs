@@ -227,11 +227,15 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
     if let Err(error) = slices::spawn_link_watcher(link_events.clone(), shutdown.clone()) {
         tracing::warn!(%error, "cannot watch netlink link events; relying on periodic rescans");
     }
+    let state_dir = args.state_dir.clone();
+    let attached: slices::AttachedNics =
+        Arc::new(move || crate::netattach::record::attached_pci_addresses(&state_dir));
     let rescans = tokio::spawn(slices::run_rescans(
         roots,
         args.rescan_period,
         link_events,
         inventory_tx,
+        Some(attached),
         shutdown.clone(),
     ));
     let netattach = tokio::spawn(crate::plugin::netattach_reconcile::run(

@@ -117,6 +117,23 @@ impl NetAttachRecord {
     }
 }
 
+/// PCI addresses of the NICs recorded in any claim's record under `state_dir` (attached or
+/// being attached): their netdevs may be in pods, out of the host's sysfs. Unreadable records
+/// are skipped; the next rescan asks again.
+pub fn attached_pci_addresses(
+    state_dir: &Path,
+) -> std::collections::BTreeSet<crate::topology::PciAddress> {
+    let claims = state_dir.join(crate::prepare::CLAIMS_SUBDIR);
+    fs::read_dir(&claims)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| NetAttachRecord::load(&entry.path()).ok())
+        .flat_map(|record| record.interfaces)
+        .filter_map(|i| i.pci_address?.parse().ok())
+        .collect()
+}
+
 /// One interface the hook is asked to attach: the hook's `--interface` argument.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InterfaceRequest {

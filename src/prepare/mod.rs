@@ -22,6 +22,16 @@ use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+/// The subdirectory of the state directory that holds one directory per prepared claim
+/// (topology file, netattach record).
+pub const CLAIMS_SUBDIR: &str = "claims";
+
+/// `<state_dir>/claims/<uid>`: the claim's own state directory, shared by preparation and
+/// the attach hook.
+pub fn claim_state_dir(state_dir: &std::path::Path, claim_uid: &str) -> PathBuf {
+    state_dir.join(CLAIMS_SUBDIR).join(claim_uid)
+}
+
 /// One prepared device as the kubelet's `Device` message carries it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -9,7 +9,7 @@ use super::error::PrepareError;
 use super::fsutil;
 use super::plan::{self, ClaimPlan, DeviceHolders, PlanContext};
 use super::topology_file::ClaimTopology;
-use super::{PrepareConfig, PreparedDevice};
+use super::{CLAIMS_SUBDIR, PrepareConfig, PreparedDevice};
 use crate::netattach::record::{self, AttachedInterface, NetAttachRecord, RecordError};
 use crate::netattach::{DEFAULT_NETLINK_TIMEOUT, Netns};
 use crate::topology::InventoryWatch;
@@ -22,7 +22,6 @@ use std::sync::{Arc, Mutex};
 const PUBLIC_FILE_MODE: u32 = 0o644;
 const CDI_DIR_MODE: u32 = 0o755;
 const PRIVATE_DIR_MODE: u32 = 0o700;
-const CLAIMS_SUBDIR: &str = "claims";
 const TOPOLOGY_FILE_NAME: &str = "topology.json";
 
 pub type PrepareResults = BTreeMap<String, Result<Vec<PreparedDevice>, PrepareError>>;
@@ -296,7 +295,7 @@ impl Inner {
     }
 
     fn claim_dir(&self, uid: &str) -> PathBuf {
-        self.config.state_dir.join(CLAIMS_SUBDIR).join(uid)
+        super::claim_state_dir(&self.config.state_dir, uid)
     }
 
     fn spec_path(&self, uid: &str) -> PathBuf {

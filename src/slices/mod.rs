@@ -11,4 +11,7 @@ pub use build::{
     build_slices, build_slices_from_devices,
 };
 pub use publish::{PublishError, PublishReport, Publisher, node_identity};
-pub use rescan::{GoneTracker, run_rescans, run_slice_builder, spawn_link_watcher};
+pub use rescan::{
+    AttachedNics, GoneTracker, keep_attached_nics, run_rescans, run_slice_builder,
+    spawn_link_watcher,
+};

@@ -7,9 +7,9 @@ use super::build::{
     build_slices_from_devices, gone_taint,
 };
 use crate::sysfs::{MachineRoots, discover};
-use crate::topology::{Inventory, InventoryWatch};
+use crate::topology::{Inventory, InventoryWatch, PciAddress};
 use k8s_openapi::api::resource::v1::{Device, ResourceSlice};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,14 +24,19 @@ pub const RESCAN_DEBOUNCE: Duration = Duration::from_millis(250);
 /// `RTMGRP_LINK`: the rtnetlink multicast group of link (netdev) changes.
 const RTMGRP_LINK: u32 = 1;
 
+/// The PCI addresses of NICs whose netdev sits in a pod's network namespace right now.
+pub type AttachedNics = Arc<dyn Fn() -> BTreeSet<PciAddress> + Send + Sync>;
+
 /// Rediscovers the machine every `period`, and `RESCAN_DEBOUNCE` after `trigger` fires, and
 /// publishes the inventory when it differs from the last one. A failed discovery keeps the last
-/// inventory: a transient sysfs read error must not make every device vanish.
+/// inventory: a transient sysfs read error must not make every device vanish. NICs that
+/// `attached` names keep their host-side facts (see [`keep_attached_nics`]).
 pub async fn run_rescans(
     roots: MachineRoots,
     period: Duration,
     trigger: Arc<Notify>,
     inventory: watch::Sender<Arc<Inventory>>,
+    attached: Option<AttachedNics>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -46,9 +51,17 @@ pub async fn run_rescans(
             }
         }
         let scan_roots = roots.clone();
-        match tokio::task::spawn_blocking(move || discover(&scan_roots)).await {
-            Ok(Ok(found)) => {
+        let attached = attached.clone();
+        let scanned = tokio::task::spawn_blocking(move || {
+            discover(&scan_roots).map(|found| (found, attached.map(|f| f())))
+        })
+        .await;
+        match scanned {
+            Ok(Ok((mut found, attached))) => {
                 let changed = inventory.send_if_modified(|current| {
+                    if let Some(attached) = &attached {
+                        keep_attached_nics(&mut found, current, attached);
+                    }
                     if **current == found {
                         return false;
                     }
@@ -61,6 +74,36 @@ pub async fn run_rescans(
             }
             Ok(Err(error)) => tracing::warn!(%error, "rescan failed; keeping the last inventory"),
             Err(error) => tracing::warn!(%error, "rescan task failed; keeping the last inventory"),
+        }
+    }
+}
+
+/// A netdev moved into a pod's namespace vanishes from the host's sysfs (and in RDMA
+/// exclusive mode its RDMA device too), so a rescan would publish the allocated NIC as a
+/// bare PCI function: no `ifName`, `rdma` false, no subnet. For NICs in `attached`, the facts
+/// of the `previous` inventory are kept until the interface is back.
+pub fn keep_attached_nics(
+    found: &mut Inventory,
+    previous: &Inventory,
+    attached: &BTreeSet<PciAddress>,
+) {
+    for nic in found
+        .nics
+        .iter_mut()
+        .filter(|n| attached.contains(&n.pci.address))
+    {
+        let Some(before) = previous
+            .nics
+            .iter()
+            .find(|p| p.pci.address == nic.pci.address)
+        else {
+            continue;
+        };
+        if nic.netdevs.is_empty() {
+            nic.netdevs = before.netdevs.clone();
+        }
+        if nic.rdma.is_none() {
+            nic.rdma = before.rdma.clone();
         }
     }
 }
@@ -217,6 +260,44 @@ mod tests {
             name: name.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn nics_attached_to_pods_keep_their_host_facts_and_others_do_not() {
+        let dir = crate::fixture::scratch_dir().unwrap();
+        let desc = crate::fixture::builtin("dgx-h100").unwrap();
+        let roots = crate::fixture::write_machine(&desc, dir.path()).unwrap();
+        let previous = discover(&roots).unwrap();
+        let rdma_nics: Vec<PciAddress> = previous
+            .nics
+            .iter()
+            .filter(|n| n.rdma.is_some() && !n.netdevs.is_empty())
+            .map(|n| n.pci.address)
+            .take(2)
+            .collect();
+        // Both netdevs (and RDMA devices) left the host's view; only the first is in a pod.
+        let mut found = previous.clone();
+        for nic in found
+            .nics
+            .iter_mut()
+            .filter(|n| rdma_nics.contains(&n.pci.address))
+        {
+            nic.netdevs.clear();
+            nic.rdma = None;
+        }
+        let attached: BTreeSet<PciAddress> = [rdma_nics[0]].into();
+        keep_attached_nics(&mut found, &previous, &attached);
+        let nic = |inventory: &Inventory, address: PciAddress| {
+            inventory
+                .nics
+                .iter()
+                .find(|n| n.pci.address == address)
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(nic(&found, rdma_nics[0]), nic(&previous, rdma_nics[0]));
+        let unattached = nic(&found, rdma_nics[1]);
+        assert!(unattached.netdevs.is_empty() && unattached.rdma.is_none());
     }
 
     #[test]
