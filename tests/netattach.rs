@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tandem::netattach::{
@@ -14,18 +13,9 @@ use tandem::netattach::{
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// Runs `ip` and returns stdout; panics with stderr on failure (test setup only).
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+#[path = "support/netns.rs"]
+mod netns;
+use netns::{add_netns_or_skip, delete_netns, ip, unique_tag};
 
 /// A "host" and a "pod" namespace with a veth pair in the host one; the `nic` end carries
 /// an IPv4 and an IPv6 address, MTU 9000 and a gateway route. Both namespaces (and with them
@@ -42,12 +32,7 @@ struct Lab {
 
 impl Lab {
     fn new() -> Option<Self> {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipping: netattach tests need root");
-            return None;
-        }
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let tag = format!("{}{n}", std::process::id() % 100_000);
+        let (tag, n) = unique_tag();
         let lab = Lab {
             host_ns: format!("tdmh{tag}"),
             pod_ns: format!("tdmp{tag}"),
@@ -56,22 +41,8 @@ impl Lab {
             octet: 10 + n,
             source_routing: false,
         };
-        let made = Command::new("ip")
-            .args(["netns", "add", &lab.host_ns])
-            .output();
-        match made {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => {
-                eprintln!(
-                    "skipping: `ip netns add` failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                return None;
-            }
-            Err(e) => {
-                eprintln!("skipping: cannot run `ip`: {e}");
-                return None;
-            }
+        if !add_netns_or_skip(&lab.host_ns) {
+            return None;
         }
         ip(&["netns", "add", &lab.pod_ns]);
         let h = lab.host_ns.as_str();
@@ -271,9 +242,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for ns in [&self.pod_ns, &self.host_ns] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
+        delete_netns(&[&self.pod_ns, &self.host_ns]);
     }
 }
 

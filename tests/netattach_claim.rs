@@ -11,7 +11,6 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use tandem::apiserver_fake::FakeApiServer;
 use tandem::cli::demo::{ClaimRequest, create_allocated_claim};
 use tandem::netattach::status::apply_claim_status;
@@ -28,21 +27,13 @@ const GPU: &str = "gpu-0000-1b-00-0";
 const NIC: &str = "nic-0000-18-00-0";
 const NIC_IFNAME: &str = "ibp24s0";
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+#[path = "support/netns.rs"]
+mod netns;
+use netns::{add_netns_or_skip, delete_netns, ip, unique_tag};
 
 fn inode(path: &Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).ok().map(|m| m.ino())
-}
-
-fn ip(args: &[&str]) -> String {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A "host" namespace holding veth `ibp24s0` (10.210.N.2/24, MTU 9000, a route via
@@ -57,26 +48,10 @@ struct Lab {
 
 impl Lab {
     fn new() -> Option<Self> {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipping: netattach claim tests need root");
-            return None;
-        }
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let tag = format!("{}{n}", std::process::id() % 100_000);
+        let (tag, n) = unique_tag();
         let host_ns = format!("tdch{tag}");
-        match Command::new("ip").args(["netns", "add", &host_ns]).output() {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => {
-                eprintln!(
-                    "skipping: `ip netns add` failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                return None;
-            }
-            Err(e) => {
-                eprintln!("skipping: cannot run `ip`: {e}");
-                return None;
-            }
+        if !add_netns_or_skip(&host_ns) {
+            return None;
         }
         let pod_ns = format!("tdcp{tag}");
         ip(&["netns", "add", &pod_ns]);
@@ -192,9 +167,7 @@ impl Drop for Lab {
     fn drop(&mut self) {
         let _ = self.pod_process.kill();
         let _ = self.pod_process.wait();
-        for ns in [&self.pod_ns, &self.host_ns] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
+        delete_netns(&[&self.pod_ns, &self.host_ns]);
     }
 }
 
@@ -276,6 +249,32 @@ impl Node {
     }
 }
 
+/// Prepares one claim; its answer.
+async fn prepare_one(preparer: &Preparer, claim: &ClaimRef) -> Result<(), String> {
+    let mut answers = preparer.prepare(std::slice::from_ref(claim)).await;
+    answers
+        .remove(&claim.uid)
+        .unwrap()
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Unprepares one claim, which must succeed.
+async fn unprepare_one(preparer: &Preparer, claim: &ClaimRef) {
+    let mut answers = preparer.unprepare(std::slice::from_ref(claim)).await;
+    answers.remove(&claim.uid).unwrap().unwrap();
+}
+
+/// Runs the NIC's hook for one container; it must succeed.
+fn attach_ok(lab: &Lab, hook: &Value, container: &str) {
+    let out = lab.run_hook(hook, container);
+    assert!(
+        out.status.success(),
+        "hook failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The createRuntime hook on the NIC's CDI device.
 fn nic_hook(spec: &Value) -> Value {
     let devices = spec["devices"].as_array().unwrap();
@@ -301,17 +300,11 @@ async fn claim_nic_moves_into_the_pod_through_the_cdi_hook_and_comes_back_on_unp
     let preparer = node.preparer(&node.config);
     let claim = node.claim("train").await;
 
-    let prepared = preparer.prepare(std::slice::from_ref(&claim)).await;
-    prepared[&claim.uid].as_ref().unwrap();
+    prepare_one(&preparer, &claim).await.unwrap();
     let hook = nic_hook(&node.spec(&claim));
 
     // First container: the interface moves in, renamed and configured.
-    let out = lab.run_hook(&hook, "ctr-1");
-    assert!(
-        out.status.success(),
-        "hook failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    attach_ok(&lab, &hook, "ctr-1");
     assert!(lab.link(&lab.host_ns, NIC_IFNAME).is_none());
     let in_pod = lab.link(&lab.pod_ns, "rdma0").expect("rdma0 in the pod");
     assert!(in_pod.contains("mtu 9000"), "{in_pod}");
@@ -336,12 +329,7 @@ async fn claim_nic_moves_into_the_pod_through_the_cdi_hook_and_comes_back_on_unp
     );
 
     // Second container of the same pod: a no-op that succeeds.
-    let out = lab.run_hook(&hook, "ctr-2");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    attach_ok(&lab, &hook, "ctr-2");
     assert!(lab.link(&lab.pod_ns, "rdma0").is_some());
 
     // The reconcile sees the attachment; its status lands on the claim.
@@ -377,8 +365,7 @@ async fn claim_nic_moves_into_the_pod_through_the_cdi_hook_and_comes_back_on_unp
     );
 
     // Unprepare: back on the host with its name, address, MTU and route.
-    let unprepared = preparer.unprepare(std::slice::from_ref(&claim)).await;
-    unprepared[&claim.uid].as_ref().unwrap();
+    unprepare_one(&preparer, &claim).await;
     assert!(lab.link(&lab.pod_ns, "rdma0").is_none());
     let back = lab
         .link(&lab.host_ns, NIC_IFNAME)
@@ -413,22 +400,11 @@ async fn an_interface_that_cannot_come_back_stays_pending_across_a_restart_until
     };
     let preparer = node.preparer(&blind);
     let claim = node.claim("first").await;
-    preparer
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .remove(&claim.uid)
-        .unwrap()
-        .unwrap();
-    let out = lab.run_hook(&nic_hook(&node.spec(&claim)), "ctr-1");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    prepare_one(&preparer, &claim).await.unwrap();
+    attach_ok(&lab, &nic_hook(&node.spec(&claim)), "ctr-1");
 
     // Unprepare answers the kubelet, and keeps what it could not release.
-    let unprepared = preparer.unprepare(std::slice::from_ref(&claim)).await;
-    unprepared[&claim.uid].as_ref().unwrap();
+    unprepare_one(&preparer, &claim).await;
     assert!(
         !node
             .config
@@ -443,13 +419,7 @@ async fn an_interface_that_cannot_come_back_stays_pending_across_a_restart_until
 
     // The NIC cannot go to another claim while its netdev is away, and the error says why.
     let next = node.claim("second").await;
-    let refused = preparer
-        .prepare(std::slice::from_ref(&next))
-        .await
-        .remove(&next.uid)
-        .unwrap()
-        .unwrap_err()
-        .to_string();
+    let refused = prepare_one(&preparer, &next).await.unwrap_err();
     assert!(
         refused.contains(NIC) && refused.contains("still in its pod's network namespace"),
         "{refused}"
@@ -471,12 +441,7 @@ async fn an_interface_that_cannot_come_back_stays_pending_across_a_restart_until
     let (cp, _) = tandem::prepare::checkpoint::load(&node.config.state_dir).unwrap();
     assert!(cp.pending_releases.is_empty());
     // And now the second claim gets the NIC.
-    restarted
-        .prepare(std::slice::from_ref(&next))
-        .await
-        .remove(&next.uid)
-        .unwrap()
-        .unwrap();
+    prepare_one(&restarted, &next).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -489,12 +454,7 @@ async fn the_hook_refuses_the_interface_holding_the_node_ip() {
     };
     let preparer = node.preparer(&guarded);
     let claim = node.claim("guarded").await;
-    preparer
-        .prepare(std::slice::from_ref(&claim))
-        .await
-        .remove(&claim.uid)
-        .unwrap()
-        .unwrap();
+    prepare_one(&preparer, &claim).await.unwrap();
     let out = lab.run_hook(&nic_hook(&node.spec(&claim)), "ctr-1");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
