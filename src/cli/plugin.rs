@@ -252,6 +252,7 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
     let slices = tokio::spawn(publish_slices(
         SliceTarget {
             client,
+            state_dir: args.state_dir.clone(),
             driver: args.driver_name.clone(),
             node: args.node_name.clone(),
             options: SliceOptions {
@@ -287,6 +288,8 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
 /// Where and how `publish_slices` publishes.
 struct SliceTarget {
     client: kube::Client,
+    /// Where the attach records are: NICs in pods keep their host addresses in the slices.
+    state_dir: PathBuf,
     driver: String,
     node: String,
     options: SliceOptions,
@@ -301,7 +304,16 @@ struct SliceTarget {
 /// the last value: a transient error must not strip subnets and rails from every NIC.
 async fn refresh_network(target: &SliceTarget, facts: &mut NetworkFacts) {
     match network::interface_addresses().await {
-        Ok(addresses) => facts.addresses = addresses,
+        Ok(mut addresses) => {
+            let state_dir = target.state_dir.clone();
+            let recorded = tokio::task::spawn_blocking(move || {
+                crate::netattach::record::recorded_interfaces(&state_dir)
+            })
+            .await
+            .unwrap_or_default();
+            network::keep_attached_addresses(&mut addresses, &recorded);
+            facts.addresses = addresses;
+        }
         Err(error) => tracing::warn!(%error, "reading NIC addresses failed; keeping the last ones"),
     }
     match network::rail_configmap_data(target.client.clone(), &target.controller_namespace).await {

@@ -117,12 +117,10 @@ impl NetAttachRecord {
     }
 }
 
-/// PCI addresses of the NICs recorded in any claim's record under `state_dir` (attached or
-/// being attached): their netdevs may be in pods, out of the host's sysfs. Unreadable records
-/// are skipped; the next rescan asks again.
-pub fn attached_pci_addresses(
-    state_dir: &Path,
-) -> std::collections::BTreeSet<crate::topology::PciAddress> {
+/// Every interface recorded in any claim's record under `state_dir` (attached or being
+/// attached): their netdevs may be in pods, out of the host's sysfs and address dump.
+/// Unreadable records are skipped; callers ask again on their next pass.
+pub fn recorded_interfaces(state_dir: &Path) -> Vec<AttachedInterface> {
     let claims = state_dir.join(crate::prepare::CLAIMS_SUBDIR);
     fs::read_dir(&claims)
         .into_iter()
@@ -130,6 +128,15 @@ pub fn attached_pci_addresses(
         .flatten()
         .filter_map(|entry| NetAttachRecord::load(&entry.path()).ok())
         .flat_map(|record| record.interfaces)
+        .collect()
+}
+
+/// The PCI addresses of [`recorded_interfaces`].
+pub fn attached_pci_addresses(
+    state_dir: &Path,
+) -> std::collections::BTreeSet<crate::topology::PciAddress> {
+    recorded_interfaces(state_dir)
+        .into_iter()
         .filter_map(|i| i.pci_address?.parse().ok())
         .collect()
 }

@@ -47,6 +47,27 @@ fn address_of(message: &AddressMessage) -> Option<String> {
     Some(format!("{address}/{}", message.header.prefix_len))
 }
 
+/// Adds the host addresses of interfaces that sit in pods (`interfaces`, from the attach
+/// records) where the host's dump no longer has them, so a NIC keeps its `tandem.dev/subnet`
+/// while a claim holds it.
+pub fn keep_attached_addresses(
+    addresses: &mut BTreeMap<String, Vec<String>>,
+    interfaces: &[crate::netattach::record::AttachedInterface],
+) {
+    for interface in interfaces {
+        let snapshot = &interface.snapshot;
+        addresses
+            .entry(snapshot.host_name.clone())
+            .or_insert_with(|| {
+                snapshot
+                    .addresses
+                    .iter()
+                    .map(|a| format!("{}/{}", a.address, a.prefix_len))
+                    .collect()
+            });
+    }
+}
+
 /// Every interface's addresses (`ifName → ["192.168.1.5/24", ...]`, in kernel order).
 pub async fn interface_addresses() -> Result<BTreeMap<String, Vec<String>>, NetworkError> {
     let (connection, handle, _) = rtnetlink::new_connection().map_err(NetworkError::Socket)?;
@@ -121,6 +142,28 @@ pub async fn rail_configmap_data(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interfaces_in_pods_keep_their_recorded_addresses_and_live_ones_win() {
+        let record: crate::netattach::record::NetAttachRecord =
+            serde_json::from_value(serde_json::json!({"interfaces": [
+                {"podName": "rdma0", "netns": {"pid": 1, "dev": 4, "inode": 9},
+                 "phase": "attached",
+                 "snapshot": {"hostName": "ibp24s0", "mtu": 9000, "wasUp": true, "routes": [],
+                              "addresses": [{"address": "10.1.0.2", "prefixLen": 24}]}},
+                {"podName": "rdma1", "netns": {"pid": 1, "dev": 4, "inode": 9},
+                 "phase": "attached",
+                 "snapshot": {"hostName": "ibp64s0", "mtu": 9000, "wasUp": true, "routes": [],
+                              "addresses": [{"address": "10.2.0.2", "prefixLen": 24}]}}
+            ]}))
+            .unwrap();
+        // ibp64s0 is back on the host already (with a new address): the dump is the truth.
+        let mut addresses: BTreeMap<String, Vec<String>> =
+            [("ibp64s0".to_string(), vec!["10.9.0.2/24".to_string()])].into();
+        keep_attached_addresses(&mut addresses, &record.interfaces);
+        assert_eq!(addresses["ibp24s0"], ["10.1.0.2/24"]);
+        assert_eq!(addresses["ibp64s0"], ["10.9.0.2/24"]);
+    }
 
     #[tokio::test]
     async fn loopback_holds_the_ipv4_loopback_prefix() {
