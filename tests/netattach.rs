@@ -273,6 +273,43 @@ fn attach_moves_renames_and_configures_then_release_restores() {
 }
 
 #[test]
+fn release_leaves_a_same_named_interface_of_another_pod_alone() {
+    let Some(lab) = Lab::new() else { return };
+    let (host, pod) = (lab.host(), lab.pod());
+    let outcome = attach(&host, &pod, &lab.nic, "rdma0", &Guards::default(), TIMEOUT).unwrap();
+    let AttachOutcome::Attached(snap) = outcome else {
+        panic!("expected a move, got {outcome:?}")
+    };
+    // Another pod's namespace (as when a dead pod's namespace inode is reused) holding its
+    // own rdma0: a release pointed at it must not take that interface.
+    let (tag, _) = unique_tag();
+    let stranger = format!("tdms{tag}");
+    assert!(add_netns_or_skip(&stranger));
+    let _cleanup = StrangerNs(stranger.clone());
+    ip(&[
+        "-n", &stranger, "link", "add", "rdma0", "type", "veth", "peer", "name", "rdma0p",
+    ]);
+    let stranger_ns = Netns::open(&Lab::ns_path(&stranger)).unwrap();
+    let err = release(&host, Some(&stranger_ns), &snap, "rdma0", TIMEOUT).unwrap_err();
+    assert!(matches!(err, NetAttachError::NotFound { .. }), "{err}");
+    assert!(lab.has_link(&stranger, "rdma0"));
+    assert!(lab.has_link(&lab.pod_ns, "rdma0"));
+    // The right namespace still gets ours back.
+    release(&host, Some(&pod), &snap, "rdma0", TIMEOUT).unwrap();
+    lab.assert_configured(&lab.host_ns, &lab.nic);
+    assert!(lab.has_link(&stranger, "rdma0"));
+}
+
+/// Deletes an extra namespace on drop.
+struct StrangerNs(String);
+
+impl Drop for StrangerNs {
+    fn drop(&mut self) {
+        delete_netns(&[&self.0]);
+    }
+}
+
+#[test]
 fn source_routing_tables_and_rules_follow_the_nic_and_come_back() {
     let Some(lab) = Lab::source_routed() else {
         return;

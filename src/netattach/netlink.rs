@@ -417,10 +417,21 @@ pub fn release(
     let host_name = snapshot.host_name.as_str();
     if let Some(target) = target {
         in_netns(target, timeout, |s| {
+            let link = s.link_named(pod_name)?;
+            // Namespace inode numbers are reused once a namespace dies: a namespace found by
+            // the recorded inode may be a newer pod's, whose own `rdma0` must stay. The
+            // hardware address tells ours apart.
+            if let (Some(link), Some(mac)) = (&link, snapshot.hardware_address.as_deref())
+                && hardware_address(link).is_some_and(|found| found != mac)
+            {
+                tracing::warn!(interface = pod_name, ns = %s.ns, expected = mac,
+                    "namespace holds another interface of that name; not ours to move");
+                return Ok(());
+            }
             // The table routes leave with the link, the rules would stay behind pointing at
             // a name the pod may reuse.
             s.delete_rules(pod_name, &snapshot.pod_rules(pod_name))?;
-            let Some(link) = s.link_named(pod_name)? else {
+            let Some(link) = link else {
                 return Ok(());
             };
             s.run(
