@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::apiserver_fake::FakeApiServer;
 use crate::fixture;
 use crate::names;
+use crate::netattach::record::InterfaceRequest;
 use crate::plugin::client::unix_channel;
 use crate::plugin::config::PluginConfig;
 use crate::plugin::proto::dra_v1::{self, dra_plugin_client::DraPluginClient};
@@ -359,6 +360,9 @@ async fn demo(fixture_name: &str) -> anyhow::Result<()> {
     prepare_config.cdi_dir = cdi_dir.clone();
     prepare_config.state_dir = state_dir.clone();
     prepare_config.proc_root = roots.proc.clone();
+    // As on a production node: NICs of the claim get the attach hook in their CDI devices.
+    // The demo shows it; running it needs root and a pod's network namespace.
+    prepare_config.hook_path = std::env::current_exe().ok();
     let preparer = Preparer::new(prepare_config, client.clone(), inventory_rx.clone())
         .context("setting up claim preparation")?;
     preparer
@@ -471,6 +475,32 @@ async fn demo(fixture_name: &str) -> anyhow::Result<()> {
         if seen.insert(variable) {
             println!("  {variable}");
         }
+    }
+
+    println!(
+        "\nNICs the runtime moves into the pod (createRuntime hook `tandem hook attach`; not run here, it needs root and the pod's network namespace):"
+    );
+    let moves: Vec<InterfaceRequest> = edits
+        .iter()
+        .filter_map(|e| e.get("hooks").and_then(Value::as_array))
+        .flatten()
+        .filter_map(|hook| hook["args"].as_array())
+        .filter_map(|args| {
+            let position = args.iter().position(|a| a == "--interface")?;
+            args.get(position + 1)?.as_str()?.parse().ok()
+        })
+        .collect();
+    if moves.is_empty() {
+        println!("  none");
+    }
+    for request in &moves {
+        println!(
+            "  {} -> {} in the pod (PCI {}, RDMA device {}), with its addresses, MTU, routes and rules",
+            request.host_name,
+            request.pod_name,
+            request.pci_address.as_deref().unwrap_or("?"),
+            request.rdma_device.as_deref().unwrap_or("none")
+        );
     }
 
     heading(7, "Kubelet: NodeUnprepareResources (v1)");
