@@ -334,6 +334,93 @@ async fn status_subresource_separates_spec_and_status() {
 }
 
 #[tokio::test]
+async fn claim_device_status_is_validated_against_the_allocation_and_dropped_with_it() {
+    let server = FakeApiServer::start().await.unwrap();
+    let api: Api<ResourceClaim> = Api::namespaced(server.client(), "ns1");
+    let claim: ResourceClaim = serde_json::from_value(json!({
+        "metadata": {"name": "c1"},
+        "spec": {"devices": {"requests": [{"name": "nic", "exactly": {"deviceClassName": "nic.tandem.dev"}}]}},
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &claim).await.unwrap();
+    let allocation = json!({"status": {"allocation": {"devices": {"results": [
+        {"request": "nic", "driver": "tandem.dev", "pool": "node-a", "device": "nic-0000-18-00-0"}
+    ]}}}});
+    api.patch_status("c1", &PatchParams::default(), &Patch::Merge(allocation))
+        .await
+        .unwrap();
+    let device_status = |device: &str, ips: Value, reason: &str| {
+        json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": {"name": "c1"},
+        "status": {"devices": [{
+            "driver": "tandem.dev", "pool": "node-a", "device": device,
+            "networkData": {"interfaceName": "rdma0", "ips": ips},
+            "conditions": [{"type": "Ready", "status": "True", "reason": reason,
+                "message": "", "lastTransitionTime": "2026-11-22T10:00:00Z"}],
+        }]}})
+    };
+    let apply = PatchParams::apply("tandem.dev").force();
+    // A device the claim was not allocated, an address without its prefix and a reason the
+    // apiserver's pattern refuses: each named by its field.
+    for (patch, field) in [
+        (
+            device_status("nic-0000-40-00-0", json!(["10.1.0.2/24"]), "Attached"),
+            "status.devices[0]",
+        ),
+        (
+            device_status("nic-0000-18-00-0", json!(["10.1.0.2"]), "Attached"),
+            "status.devices[0].networkData.ips[0]",
+        ),
+        (
+            device_status(
+                "nic-0000-18-00-0",
+                json!(["10.1.0.2/24", "10.1.0.2/24"]),
+                "Attached",
+            ),
+            "status.devices[0].networkData.ips[1]",
+        ),
+        (
+            device_status("nic-0000-18-00-0", json!(["10.1.0.2/24"]), "not ok"),
+            "status.devices[0].conditions[0].reason",
+        ),
+    ] {
+        let status = api_error(api.patch_status("c1", &apply, &Patch::Apply(patch)).await);
+        assert_eq!(status.code, 422);
+        assert!(
+            status.message.contains(field),
+            "{field}: {}",
+            status.message
+        );
+    }
+    let applied = api
+        .patch_status(
+            "c1",
+            &apply,
+            &Patch::Apply(device_status(
+                "nic-0000-18-00-0",
+                json!(["10.1.0.2/24", "fd00::2/64"]),
+                "InterfaceAttached",
+            )),
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied.status.unwrap().devices.unwrap().len(), 1);
+
+    // Deallocation drops the device's status with it, as the registry does.
+    api.patch_status(
+        "c1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"allocation": null}})),
+    )
+    .await
+    .unwrap();
+    let after = api.get("c1").await.unwrap().status.unwrap();
+    assert!(after.allocation.is_none());
+    assert!(after.devices.unwrap_or_default().is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn resource_slice_generation_follows_spec_changes() {
     let server = FakeApiServer::start().await.unwrap();
     let api: Api<ResourceSlice> = Api::all(server.client());

@@ -581,6 +581,9 @@ impl Store {
             metadata(&mut new).insert("generation".into(), Value::from(generation + 1));
         }
         apply_defaults(info, &mut new, &now_rfc3339());
+        if info.kind == "ResourceClaim" {
+            drop_deallocated_status_devices(&mut new, &old);
+        }
         let errors = validate(info, &new, Some(&old));
         if !errors.is_empty() {
             return Err(ApiError::invalid(info, name, &errors));
@@ -778,4 +781,34 @@ mod tests {
         );
         assert!(decode_continue("zz").is_err());
     }
+}
+
+/// The registry's `dropDeallocatedStatusDevices`: a write that removes devices from a claim's
+/// allocation (deallocation) also drops their `status.devices` entries, which validation
+/// would otherwise reject as not allocated.
+fn drop_deallocated_status_devices(new: &mut Value, old: &Value) {
+    let allocated = |claim: &Value| -> Vec<(String, String, String)> {
+        claim
+            .pointer("/status/allocation/devices/results")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let field = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                (field("driver"), field("pool"), field("device"))
+            })
+            .collect()
+    };
+    let (before, after) = (allocated(old), allocated(new));
+    let Some(devices) = new
+        .pointer_mut("/status/devices")
+        .and_then(Value::as_array_mut)
+    else {
+        return;
+    };
+    devices.retain(|d| {
+        let field = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let key = (field("driver"), field("pool"), field("device"));
+        !(before.contains(&key) && !after.contains(&key))
+    });
 }
