@@ -751,6 +751,36 @@ impl Store {
     }
 }
 
+/// The registry's `dropDeallocatedStatusDevices`: a write that removes devices from a claim's
+/// allocation (deallocation) also drops their `status.devices` entries, which validation
+/// would otherwise reject as not allocated.
+fn drop_deallocated_status_devices(new: &mut Value, old: &Value) {
+    let allocated = |claim: &Value| -> Vec<(String, String, String)> {
+        claim
+            .pointer("/status/allocation/devices/results")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let field = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                (field("driver"), field("pool"), field("device"))
+            })
+            .collect()
+    };
+    let (before, after) = (allocated(old), allocated(new));
+    let Some(devices) = new
+        .pointer_mut("/status/devices")
+        .and_then(Value::as_array_mut)
+    else {
+        return;
+    };
+    devices.retain(|d| {
+        let field = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let key = (field("driver"), field("pool"), field("device"));
+        !before.contains(&key) || after.contains(&key)
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -781,34 +811,4 @@ mod tests {
         );
         assert!(decode_continue("zz").is_err());
     }
-}
-
-/// The registry's `dropDeallocatedStatusDevices`: a write that removes devices from a claim's
-/// allocation (deallocation) also drops their `status.devices` entries, which validation
-/// would otherwise reject as not allocated.
-fn drop_deallocated_status_devices(new: &mut Value, old: &Value) {
-    let allocated = |claim: &Value| -> Vec<(String, String, String)> {
-        claim
-            .pointer("/status/allocation/devices/results")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .map(|r| {
-                let field = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-                (field("driver"), field("pool"), field("device"))
-            })
-            .collect()
-    };
-    let (before, after) = (allocated(old), allocated(new));
-    let Some(devices) = new
-        .pointer_mut("/status/devices")
-        .and_then(Value::as_array_mut)
-    else {
-        return;
-    };
-    devices.retain(|d| {
-        let field = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-        let key = (field("driver"), field("pool"), field("device"));
-        !(before.contains(&key) && !after.contains(&key))
-    });
 }
