@@ -5,31 +5,28 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::Arc;
 
+#[path = "support/claims.rs"]
+mod claims;
+#[path = "support/in_process_node.rs"]
+mod in_process_node;
+
+use claims::create_gpu_nic_claims;
+use in_process_node::InProcessNode;
 use k8s_openapi::api::resource::v1::{DeviceAllocationConfiguration, OpaqueDeviceConfiguration};
 use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use serde_json::{Value, json};
-use tandem::apiserver_fake::FakeApiServer;
-use tandem::cli::demo::{ClaimRequest, create_allocated_claim};
-use tandem::fixture;
 use tandem::names;
-use tandem::plugin::client::unix_channel;
 use tandem::plugin::proto::dra_v1::{
     Claim, NodePrepareResourcesRequest, NodeUnprepareResourcesRequest,
-    dra_plugin_client::DraPluginClient,
 };
-use tandem::plugin::{PluginConfig, RunningPlugin};
 use tandem::prepare::cdi::{
     CdiDevice, CdiSpec, ContainerEdits, DeviceNode, Hook, Mount, NetDevice,
 };
 use tandem::prepare::checkpoint::{self, LoadOutcome};
 use tandem::prepare::config::resolve;
-use tandem::prepare::{PrepareConfig, Preparer};
-use tandem::sysfs::discover;
-use tokio::sync::watch;
 
 const NODE: &str = "node-fuzz";
 const NAMESPACE: &str = "fuzz";
@@ -245,93 +242,20 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Writes a real checkpoint by preparing a real claim, so corruption starts from the bytes
-/// the plugin writes.
-struct Node {
-    dir: tempfile::TempDir,
-    /// Held so the apiserver lives as long as the plugin that talks to it.
-    _apiserver: FakeApiServer,
-    preparer: Arc<Preparer>,
-    plugin: RunningPlugin,
-    real_claims: Vec<Claim>,
-}
-
-impl Node {
-    async fn start() -> Node {
-        let dir = fixture::scratch_dir().unwrap();
-        let roots = fixture::write_machine(
-            &fixture::builtin("dgx-h100").unwrap(),
-            &dir.path().join("machine"),
-        )
-        .unwrap();
-        let inventory = Arc::new(discover(&roots).unwrap());
-        let (inventory_tx, _) = watch::channel(inventory.clone());
-        let apiserver = FakeApiServer::start().await.unwrap();
-        let mut prepare_config = PrepareConfig::new(names::DEFAULT_DRIVER_NAME, NODE);
-        prepare_config.cdi_dir = dir.path().join("cdi");
-        prepare_config.state_dir = dir.path().join("state");
-        prepare_config.proc_root = roots.proc.clone();
-        let preparer = Arc::new(
-            Preparer::new(prepare_config, apiserver.client(), inventory_tx.subscribe()).unwrap(),
-        );
-        preparer.recover().await.unwrap();
-        let mut config = PluginConfig::new(NODE);
-        config.registry_dir = dir.path().join("plugins_registry");
-        config.plugins_dir = dir.path().join("plugins");
-        let plugin = tandem::plugin::start(&config, preparer.clone(), inventory_tx.subscribe())
-            .await
-            .unwrap();
-        let rdma: Vec<_> = inventory.nics.iter().filter(|n| n.is_rdma()).collect();
-        let mut real_claims = Vec::new();
-        for (i, (gpu, nic)) in inventory.accelerators.iter().zip(&rdma).take(3).enumerate() {
-            let name = format!("real-{i}");
-            let created = create_allocated_claim(
-                &apiserver.client(),
-                NAMESPACE,
-                &name,
-                names::DEFAULT_DRIVER_NAME,
-                NODE,
-                &[
-                    ClaimRequest {
-                        name: "gpus".into(),
-                        device_class: names::DEVICE_CLASS_GPU.into(),
-                        devices: vec![names::accelerator_device_name(&gpu.pci.address)],
-                    },
-                    ClaimRequest {
-                        name: "nics".into(),
-                        device_class: names::DEVICE_CLASS_NIC.into(),
-                        devices: vec![names::nic_device_name(&nic.pci.address)],
-                    },
-                ],
-            )
-            .await
-            .unwrap();
-            real_claims.push(Claim {
-                namespace: NAMESPACE.into(),
-                name,
-                uid: created.metadata.uid.unwrap(),
-            });
-        }
-        Node {
-            dir,
-            _apiserver: apiserver,
-            preparer,
-            plugin,
-            real_claims,
-        }
-    }
-
-    fn state_dir(&self) -> std::path::PathBuf {
-        self.dir.path().join("state")
-    }
-
-    fn cdi_dir(&self) -> std::path::PathBuf {
-        self.dir.path().join("cdi")
-    }
-
-    async fn client(&self) -> DraPluginClient<tonic::transport::Channel> {
-        DraPluginClient::new(unix_channel(&self.plugin.paths().dra).await.unwrap())
-    }
+/// The in-process node with three real claims, whose preparation writes a real checkpoint, so
+/// corruption starts from the bytes the plugin writes.
+async fn start_with_real_claims() -> (InProcessNode, Vec<Claim>) {
+    let node = InProcessNode::start(NODE).await;
+    let real_claims = create_gpu_nic_claims(
+        &node.apiserver.client(),
+        &node.inventory,
+        NAMESPACE,
+        NODE,
+        "real",
+        3,
+    )
+    .await;
+    (node, real_claims)
 }
 
 fn set_aside_files(state_dir: &Path) -> usize {
@@ -350,30 +274,30 @@ fn set_aside_files(state_dir: &Path) -> usize {
 #[test]
 fn corrupt_checkpoints_are_set_aside_never_panic() {
     let rt = runtime();
-    let node = rt.block_on(Node::start());
+    let (node, real_claims) = rt.block_on(start_with_real_claims());
     rt.block_on(async {
         let mut client = node.client().await;
         let answer = client
             .node_prepare_resources(NodePrepareResourcesRequest {
-                claims: node.real_claims.clone(),
+                claims: real_claims.clone(),
             })
             .await
             .unwrap()
             .into_inner();
-        for claim in &node.real_claims {
+        for claim in &real_claims {
             assert_eq!(answer.claims[&claim.uid].error, "", "{}", claim.name);
         }
     });
-    let path = checkpoint::checkpoint_path(&node.state_dir());
+    let path = checkpoint::checkpoint_path(&node.state_dir);
     let good = std::fs::read(&path).unwrap();
-    let (loaded, outcome) = checkpoint::load(&node.state_dir()).unwrap();
+    let (loaded, outcome) = checkpoint::load(&node.state_dir).unwrap();
     assert_eq!(
         outcome,
         LoadOutcome::Loaded {
             migrated_from: None
         }
     );
-    assert_eq!(loaded.claims.len(), node.real_claims.len());
+    assert_eq!(loaded.claims.len(), real_claims.len());
 
     #[derive(Debug, Clone)]
     enum Damage {
@@ -402,22 +326,22 @@ fn corrupt_checkpoints_are_set_aside_never_panic() {
                 Damage::Replace(bytes) => bytes.clone(),
             };
             std::fs::write(&path, &bytes).unwrap();
-            let before = set_aside_files(&node.state_dir());
-            let (loaded, outcome) = checkpoint::load(&node.state_dir()).unwrap();
+            let before = set_aside_files(&node.state_dir);
+            let (loaded, outcome) = checkpoint::load(&node.state_dir).unwrap();
             match outcome {
                 LoadOutcome::SetAside { set_aside_to, .. } => {
                     prop_assert!(loaded.claims.is_empty());
                     prop_assert!(!path.exists(), "corrupt checkpoint left in place");
                     prop_assert_eq!(&std::fs::read(&set_aside_to).unwrap(), &bytes);
-                    prop_assert_eq!(set_aside_files(&node.state_dir()), before + 1);
+                    prop_assert_eq!(set_aside_files(&node.state_dir), before + 1);
                     std::fs::remove_file(set_aside_to).unwrap();
                 }
                 // A flip inside insignificant whitespace, or a replacement that is valid:
                 // only then may it load, and then it must be the original content.
                 LoadOutcome::Loaded { .. } => {
                     if bytes != good {
-                        let (reloaded, _) = checkpoint::load(&node.state_dir()).unwrap();
-                        prop_assert!(reloaded.claims.len() <= node.real_claims.len());
+                        let (reloaded, _) = checkpoint::load(&node.state_dir).unwrap();
+                        prop_assert!(reloaded.claims.len() <= real_claims.len());
                     }
                 }
                 LoadOutcome::Fresh => prop_assert!(false, "file exists but loaded as fresh"),
@@ -441,12 +365,12 @@ fn corrupt_checkpoints_are_set_aside_never_panic() {
             .client()
             .await
             .node_unprepare_resources(NodeUnprepareResourcesRequest {
-                claims: node.real_claims.clone(),
+                claims: real_claims.clone(),
             })
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(answer.claims.len(), node.real_claims.len());
+        assert_eq!(answer.claims.len(), real_claims.len());
     });
 }
 
@@ -470,8 +394,7 @@ fn hostile_string() -> impl Strategy<Value = String> {
 #[test]
 fn arbitrary_claim_lists_get_one_answer_per_uid() {
     let rt = runtime();
-    let node = rt.block_on(Node::start());
-    let real = node.real_claims.clone();
+    let (node, real) = rt.block_on(start_with_real_claims());
     let entry = prop_oneof![
         3 => (0..real.len()).prop_map(Some),
         7 => Just(None),
@@ -541,8 +464,8 @@ fn arbitrary_claim_lists_get_one_answer_per_uid() {
 
     // Whatever the lists did, specs and checkpoint agree: every checkpointed claim has its
     // spec and every spec belongs to a checkpointed claim.
-    let (state, _) = checkpoint::load(&node.state_dir()).unwrap();
-    let spec_uids: BTreeMap<String, ()> = std::fs::read_dir(node.cdi_dir())
+    let (state, _) = checkpoint::load(&node.state_dir).unwrap();
+    let spec_uids: BTreeMap<String, ()> = std::fs::read_dir(&node.cdi_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter_map(|n| {

@@ -10,126 +10,49 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::resource::v1::ResourceClaim;
+#[path = "support/claims.rs"]
+mod claims;
+#[path = "support/in_process_node.rs"]
+mod in_process_node;
 #[path = "support/plugin_process.rs"]
 mod plugin_process;
+#[path = "support/tree_walk.rs"]
+mod tree_walk;
 
+use claims::create_gpu_nic_claim;
+use in_process_node::InProcessNode;
 use plugin_process::plugin_command;
 use tandem::apiserver_fake::{FakeApiServer, InjectedFailure};
 use tandem::cli::demo::{ClaimRequest, create_allocated_claim};
 use tandem::fixture;
 use tandem::names;
-use tandem::plugin::client::unix_channel;
 use tandem::plugin::proto::dra_v1::{
-    Claim, NodePrepareResourcesRequest, NodePrepareResourcesResponse,
-    NodeUnprepareResourcesRequest, dra_plugin_client::DraPluginClient,
+    Claim, NodePrepareResourcesRequest, NodePrepareResourcesResponse, NodeUnprepareResourcesRequest,
 };
-use tandem::plugin::{PluginConfig, RunningPlugin};
 use tandem::prepare::checkpoint::{self, ClaimState};
 use tandem::prepare::claim::{ClaimRef, our_allocation};
 use tandem::prepare::{PrepareConfig, Preparer};
-use tandem::sysfs::discover;
-use tandem::topology::Inventory;
-use tempfile::TempDir;
 use tokio::sync::watch;
+use tree_walk::entries_under;
 
 const NODE: &str = "node-hostile";
 const NAMESPACE: &str = "hostile";
 /// The kubelet's deadline for one NodePrepareResources call.
 const KUBELET_DEADLINE: Duration = Duration::from_secs(45);
 
-struct Node {
-    dir: TempDir,
-    apiserver: FakeApiServer,
-    inventory: Arc<Inventory>,
-    plugin: RunningPlugin,
-    cdi_dir: PathBuf,
-    state_dir: PathBuf,
-}
-
-impl Node {
-    async fn start() -> Node {
-        let dir = fixture::scratch_dir().unwrap();
-        let cdi_dir = dir.path().join("cdi");
-        let state_dir = dir.path().join("state");
-        Self::start_with(dir, cdi_dir, state_dir, None).await
-    }
-
-    /// A node whose preparer talks to `client` (default: the fake apiserver's).
-    async fn start_with(
-        dir: TempDir,
-        cdi_dir: PathBuf,
-        state_dir: PathBuf,
-        client: Option<kube::Client>,
-    ) -> Node {
-        let roots = fixture::write_machine(
-            &fixture::builtin("dgx-h100").unwrap(),
-            &dir.path().join("machine"),
-        )
-        .unwrap();
-        let inventory = Arc::new(discover(&roots).unwrap());
-        let (inventory_tx, _) = watch::channel(inventory.clone());
-        let apiserver = FakeApiServer::start().await.unwrap();
-        let mut prepare_config = PrepareConfig::new(names::DEFAULT_DRIVER_NAME, NODE);
-        prepare_config.cdi_dir = cdi_dir.clone();
-        prepare_config.state_dir = state_dir.clone();
-        prepare_config.proc_root = roots.proc.clone();
-        let client = client.unwrap_or_else(|| apiserver.client());
-        let preparer =
-            Arc::new(Preparer::new(prepare_config, client, inventory_tx.subscribe()).unwrap());
-        preparer.recover().await.unwrap();
-        let mut config = PluginConfig::new(NODE);
-        config.registry_dir = dir.path().join("plugins_registry");
-        config.plugins_dir = dir.path().join("plugins");
-        let plugin = tandem::plugin::start(&config, preparer, inventory_tx.subscribe())
-            .await
-            .unwrap();
-        // The sender may go: the inventory never changes in these tests.
-        std::mem::forget(inventory_tx);
-        Node {
-            dir,
-            apiserver,
-            inventory,
-            plugin,
-            cdi_dir,
-            state_dir,
-        }
-    }
-
-    async fn client(&self) -> DraPluginClient<tonic::transport::Channel> {
-        DraPluginClient::new(unix_channel(&self.plugin.paths().dra).await.unwrap())
-    }
-
+/// The catalogue's helpers on the shared in-process node.
+impl InProcessNode {
     /// Claim `name` for GPU `index` and its NIC, allocated from `pool`.
     async fn claim_in_pool(&self, name: &str, index: usize, pool: &str) -> Claim {
-        let rdma: Vec<_> = self.inventory.nics.iter().filter(|n| n.is_rdma()).collect();
-        let created = create_allocated_claim(
+        create_gpu_nic_claim(
             &self.apiserver.client(),
+            &self.inventory,
             NAMESPACE,
             name,
-            names::DEFAULT_DRIVER_NAME,
             pool,
-            &[
-                ClaimRequest {
-                    name: "gpu".into(),
-                    device_class: names::DEVICE_CLASS_GPU.into(),
-                    devices: vec![names::accelerator_device_name(
-                        &self.inventory.accelerators[index].pci.address,
-                    )],
-                },
-                ClaimRequest {
-                    name: "nic".into(),
-                    device_class: names::DEVICE_CLASS_NIC.into(),
-                    devices: vec![names::nic_device_name(&rdma[index].pci.address)],
-                },
-            ],
+            index,
         )
         .await
-        .unwrap();
-        Claim {
-            namespace: NAMESPACE.into(),
-            name: name.into(),
-            uid: created.metadata.uid.unwrap(),
-        }
     }
 
     async fn claim(&self, name: &str, index: usize) -> Claim {
@@ -189,26 +112,15 @@ impl Node {
 
 /// Every path under `root`, to prove a hostile input wrote nothing anywhere.
 fn all_paths(root: &Path) -> BTreeSet<PathBuf> {
-    let mut found = BTreeSet::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(path.clone());
-            }
-            found.insert(path);
-        }
-    }
-    found
+    entries_under(root)
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect()
 }
 
 #[tokio::test]
 async fn devices_of_another_node_or_pool_are_refused() {
-    let node = Node::start().await;
+    let node = InProcessNode::start(NODE).await;
     let foreign = node.claim_in_pool("foreign", 0, "other-node").await;
     let answer = node.prepare(vec![foreign.clone()]).await;
     let error = &answer.claims[&foreign.uid].error;
@@ -248,7 +160,7 @@ async fn device_names_with_separators_or_dots_are_refused() {
         assert!(error.contains("hostile/dots"), "{error}");
     }
     // And the fake apiserver, like the real one, refuses to store them at all.
-    let node = Node::start().await;
+    let node = InProcessNode::start(NODE).await;
     let stored = create_allocated_claim(
         &node.apiserver.client(),
         NAMESPACE,
@@ -267,7 +179,7 @@ async fn device_names_with_separators_or_dots_are_refused() {
 
 #[tokio::test]
 async fn claim_uids_that_would_escape_the_directories_are_refused() {
-    let node = Node::start().await;
+    let node = InProcessNode::start(NODE).await;
     let before = all_paths(node.dir.path());
     let hostile: Vec<Claim> = [
         "../../../tmp/evil",
@@ -301,7 +213,7 @@ async fn claim_uids_that_would_escape_the_directories_are_refused() {
 
 #[tokio::test]
 async fn the_same_claim_twice_in_one_call_is_prepared_once() {
-    let node = Node::start().await;
+    let node = InProcessNode::start(NODE).await;
     let claim = node.claim("twice", 0).await;
     let answer = node.prepare(vec![claim.clone(), claim.clone()]).await;
     assert_eq!(answer.claims.len(), 1);
@@ -316,7 +228,7 @@ async fn the_same_claim_twice_in_one_call_is_prepared_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_claims_in_one_call_are_all_answered_in_time() {
-    let node = Node::start().await;
+    let node = InProcessNode::start(NODE).await;
     let real = node.claim("real", 0).await;
     let mut claims: Vec<Claim> = (0..9_999)
         .map(|i| Claim {
@@ -389,7 +301,7 @@ async fn read_only_state_directory_gives_clear_errors_and_loses_nothing() {
     // Unmounted before the temp dir goes, so its removal does not hit a busy mount point.
     let unmount = mounted.then(|| Unmount(state_dir.clone()));
     let cdi_dir = dir.path().join("cdi");
-    let node = Node::start_with(dir, cdi_dir, state_dir.clone(), None).await;
+    let node = InProcessNode::start_with(NODE, dir, cdi_dir, state_dir.clone(), None).await;
     let before = node.claim("before", 0).await;
     let after = node.claim("after", 1).await;
     let leaving = node.claim("leaving", 2).await;
@@ -458,7 +370,7 @@ async fn full_state_directory_gives_clear_errors_and_loses_nothing() {
     // Unmounted before the temp dir goes, so its removal does not hit a busy mount point.
     let unmount = mounted.then(|| Unmount(state_dir.clone()));
     let cdi_dir = dir.path().join("cdi");
-    let node = Node::start_with(dir, cdi_dir, state_dir.clone(), None).await;
+    let node = InProcessNode::start_with(NODE, dir, cdi_dir, state_dir.clone(), None).await;
     let before = node.claim("before", 0).await;
     let after = node.claim("after", 1).await;
     assert_eq!(
@@ -520,7 +432,7 @@ async fn cdi_directory_symlink_is_resolved_and_dangling_one_refused() {
     let link = dir.path().join("cdi");
     std::os::unix::fs::symlink(&real_cdi, &link).unwrap();
     let state_dir = dir.path().join("state");
-    let node = Node::start_with(dir, link.clone(), state_dir, None).await;
+    let node = InProcessNode::start_with(NODE, dir, link.clone(), state_dir, None).await;
     let claim = node.claim("linked", 0).await;
     assert_eq!(
         node.prepare(vec![claim.clone()]).await.claims[&claim.uid].error,
@@ -571,7 +483,7 @@ async fn hung_apiserver_times_out_before_the_kubelet_deadline() {
     let hung = kube::Client::try_from(kube::Config::new(uri)).unwrap();
     let dir = fixture::scratch_dir().unwrap();
     let (cdi_dir, state_dir) = (dir.path().join("cdi"), dir.path().join("state"));
-    let node = Node::start_with(dir, cdi_dir, state_dir, Some(hung)).await;
+    let node = InProcessNode::start_with(NODE, dir, cdi_dir, state_dir, Some(hung)).await;
     let claim = node.claim("slow", 0).await;
     let started = Instant::now();
     let answer = node.prepare(vec![claim.clone()]).await;
@@ -590,7 +502,7 @@ async fn hung_apiserver_times_out_before_the_kubelet_deadline() {
 /// retry succeeds once the apiserver recovers; claims prepared earlier are untouched.
 #[tokio::test]
 async fn apiserver_500s_give_a_retryable_error() {
-    let node = Node::start().await;
+    let node = InProcessNode::start(NODE).await;
     let earlier = node.claim("earlier", 0).await;
     let claim = node.claim("flaky", 1).await;
     assert_eq!(
@@ -621,7 +533,7 @@ async fn apiserver_500s_give_a_retryable_error() {
 /// CDI spec is 0644 (the runtime reads it) and the checkpoint 0600 (claim details, root only).
 #[tokio::test]
 async fn sockets_specs_and_checkpoint_have_least_privilege_modes() {
-    let node = Node::start().await;
+    let node = InProcessNode::start(NODE).await;
     let claim = node.claim("modes", 0).await;
     assert_eq!(
         node.prepare(vec![claim.clone()]).await.claims[&claim.uid].error,

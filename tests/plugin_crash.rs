@@ -4,25 +4,23 @@
 //! answered as unprepared may leave either behind.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[path = "support/plugin_process.rs"]
-mod plugin_process;
+#[path = "support/claims.rs"]
+mod claims;
+#[path = "support/plugin_harness.rs"]
+mod plugin_harness;
+#[path = "support/seeded_rng.rs"]
+mod seeded_rng;
 
-use plugin_process::plugin_command;
+use claims::create_gpu_nic_claims;
+use plugin_harness::{Answered, Operation, PluginLayout, call_one};
+use seeded_rng::SeededRng;
 use tandem::apiserver_fake::FakeApiServer;
-use tandem::cli::demo::{ClaimRequest, create_allocated_claim};
-use tandem::fixture;
-use tandem::names;
-use tandem::plugin::client::unix_channel;
-use tandem::plugin::proto::dra_v1::{
-    Claim, NodePrepareResourcesRequest, NodeUnprepareResourcesRequest,
-    dra_plugin_client::DraPluginClient,
-};
+use tandem::plugin::proto::dra_v1::Claim;
 use tandem::prepare::checkpoint::{self, ClaimState};
-use tandem::sysfs::{MachineRoots, discover};
+use tandem::sysfs::discover;
 use tokio::process::Child;
 use tokio::sync::Mutex;
 
@@ -33,135 +31,26 @@ const WORKERS: usize = 4;
 /// Kills the run must see before it may end (within its time bound).
 const MIN_KILLS: u32 = 8;
 
-/// splitmix64: a seeded, reproducible stream without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// What the plugin last told the kubelet about a claim.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Answered {
-    Prepared,
-    Unprepared,
-    /// The call died with the process: the kubelet would retry, and so do we at the end.
-    Unknown,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Operation {
-    Prepare,
-    Unprepare,
-}
-
-struct Layout {
-    dir: PathBuf,
-    roots: MachineRoots,
-    kubeconfig: PathBuf,
-}
-
-impl Layout {
-    fn dra_socket(&self) -> PathBuf {
-        self.dir.join("plugins/tandem.dev/dra.sock")
-    }
-    fn registration_socket(&self) -> PathBuf {
-        self.dir.join("plugins_registry/tandem.dev-reg.sock")
-    }
-    fn cdi_dir(&self) -> PathBuf {
-        self.dir.join("cdi")
-    }
-    fn state_dir(&self) -> PathBuf {
-        self.dir.join("state")
-    }
-
-    fn spawn_plugin(&self) -> Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("plugin.log"))
-            .unwrap();
-        plugin_command(
-            NODE,
-            &self.dir,
-            &self.state_dir(),
-            &self.roots,
-            &self.kubeconfig,
-        )
-        .args(["--rescan-period", "1h"])
-        .env("RUST_LOG", "info")
-        .stderr(log)
-        .spawn()
-        .unwrap()
-    }
-}
-
-/// Connects once the plugin listens; a killed plugin leaves its socket file behind, so the
-/// file existing is not enough.
-async fn connect(socket: &Path) -> DraPluginClient<tonic::transport::Channel> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(channel) = unix_channel(socket).await {
-            return DraPluginClient::new(channel);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "plugin did not come up on {}",
-            socket.display()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// The plugin as this test runs it: no rescans to race with, info logs for a failure.
+fn spawn_plugin(layout: &PluginLayout) -> Child {
+    layout.spawn_plugin("1h", "info")
 }
 
 /// One call as the kubelet makes it; None when the plugin died under it.
-async fn call(socket: &Path, claim: &Claim, operation: Operation) -> Option<Answered> {
-    let mut client = connect(socket).await;
-    match operation {
-        Operation::Prepare => {
-            let response = client
-                .node_prepare_resources(NodePrepareResourcesRequest {
-                    claims: vec![claim.clone()],
-                })
-                .await
-                .ok()?
-                .into_inner();
-            let answer = response
-                .claims
-                .get(&claim.uid)
-                .expect("claim left out of the answer");
-            assert_eq!(answer.error, "", "prepare of {} failed", claim.name);
-            assert_eq!(answer.devices.len(), 2);
-            Some(Answered::Prepared)
-        }
-        Operation::Unprepare => {
-            let response = client
-                .node_unprepare_resources(NodeUnprepareResourcesRequest {
-                    claims: vec![claim.clone()],
-                })
-                .await
-                .ok()?
-                .into_inner();
-            let answer = response
-                .claims
-                .get(&claim.uid)
-                .expect("claim left out of the answer");
-            assert_eq!(answer.error, "", "unprepare of {} failed", claim.name);
-            Some(Answered::Unprepared)
-        }
+async fn call(layout: &PluginLayout, claim: &Claim, operation: Operation) -> Option<Answered> {
+    let mut client = layout.connect().await;
+    let answer = call_one(&mut client, claim, operation)
+        .await
+        .ok()?
+        .expect("claim left out of the answer");
+    assert_eq!(answer.error, "", "{operation:?} of {} failed", claim.name);
+    if operation == Operation::Prepare {
+        assert_eq!(answer.devices, 2);
     }
+    Some(operation.answered())
 }
 
-fn spec_exists(layout: &Layout, uid: &str) -> bool {
+fn spec_exists(layout: &PluginLayout, uid: &str) -> bool {
     std::fs::read_dir(layout.cdi_dir()).is_ok_and(|entries| {
         entries
             .filter_map(Result::ok)
@@ -169,7 +58,7 @@ fn spec_exists(layout: &Layout, uid: &str) -> bool {
     })
 }
 
-fn check(layout: &Layout, claims: &[Claim], answered: &BTreeMap<String, Answered>) -> usize {
+fn check(layout: &PluginLayout, claims: &[Claim], answered: &BTreeMap<String, Answered>) -> usize {
     let (state, _) = checkpoint::load(&layout.state_dir()).unwrap();
     let mut checked = 0;
     for claim in claims {
@@ -217,58 +106,23 @@ async fn sigkill_during_prepare_and_unprepare_loses_nothing() {
     eprintln!("crash test seed {seed} (set TANDEM_CRASH_SEED to replay)");
     let started = Instant::now();
 
-    let dir = tempfile::tempdir().unwrap();
-    let roots = fixture::write_machine(
-        &fixture::builtin("dgx-h100").unwrap(),
-        &dir.path().join("machine"),
-    )
-    .unwrap();
-    let inventory = discover(&roots).unwrap();
     let apiserver = FakeApiServer::start().await.unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    apiserver.write_kubeconfig(&kubeconfig).unwrap();
-    let layout = Arc::new(Layout {
-        dir: dir.path().to_path_buf(),
-        roots,
-        kubeconfig,
-    });
+    let layout = Arc::new(PluginLayout::create(NODE, "dgx-h100", &apiserver));
+    let inventory = discover(layout.roots()).unwrap();
 
     // One GPU and one RDMA NIC per claim, no device in two claims.
-    let rdma_nics: Vec<_> = inventory.nics.iter().filter(|n| n.is_rdma()).collect();
-    let mut claims = Vec::new();
-    for (i, (gpu, nic)) in inventory.accelerators.iter().zip(&rdma_nics).enumerate() {
-        let name = format!("claim-{i}");
-        let requests = [
-            ClaimRequest {
-                name: "gpu".into(),
-                device_class: names::DEVICE_CLASS_GPU.into(),
-                devices: vec![names::accelerator_device_name(&gpu.pci.address)],
-            },
-            ClaimRequest {
-                name: "nic".into(),
-                device_class: names::DEVICE_CLASS_NIC.into(),
-                devices: vec![names::nic_device_name(&nic.pci.address)],
-            },
-        ];
-        let created = create_allocated_claim(
-            &apiserver.client(),
-            NAMESPACE,
-            &name,
-            names::DEFAULT_DRIVER_NAME,
-            NODE,
-            &requests,
-        )
-        .await
-        .unwrap();
-        claims.push(Claim {
-            namespace: NAMESPACE.into(),
-            name,
-            uid: created.metadata.uid.unwrap(),
-        });
-    }
+    let claims = create_gpu_nic_claims(
+        &apiserver.client(),
+        &inventory,
+        NAMESPACE,
+        NODE,
+        "claim",
+        usize::MAX,
+    )
+    .await;
     assert!(claims.len() >= WORKERS * 2);
 
-    let child = Arc::new(Mutex::new(layout.spawn_plugin()));
+    let child = Arc::new(Mutex::new(spawn_plugin(&layout)));
     let finished = tokio_util::sync::CancellationToken::new();
 
     // The killer: SIGKILL at a random moment, restart, repeat until the calls are done.
@@ -276,7 +130,7 @@ async fn sigkill_during_prepare_and_unprepare_loses_nothing() {
     let killer = {
         let (child, layout, finished) = (child.clone(), layout.clone(), finished.clone());
         let kill_count = kill_count.clone();
-        let mut rng = Rng(seed ^ 0xdead_beef);
+        let mut rng = SeededRng::new(seed ^ 0xdead_beef);
         tokio::spawn(async move {
             let mut kills = 0u32;
             loop {
@@ -290,7 +144,7 @@ async fn sigkill_during_prepare_and_unprepare_loses_nothing() {
                 running.wait().await.unwrap();
                 kills += 1;
                 kill_count.store(kills, std::sync::atomic::Ordering::SeqCst);
-                *running = layout.spawn_plugin();
+                *running = spawn_plugin(&layout);
             }
         })
     };
@@ -309,7 +163,7 @@ async fn sigkill_during_prepare_and_unprepare_loses_nothing() {
             .collect();
         let layout = layout.clone();
         let kill_count = kill_count.clone();
-        let mut rng = Rng(seed.wrapping_add(worker as u64 + 1));
+        let mut rng = SeededRng::new(seed.wrapping_add(worker as u64 + 1));
         workers.push(tokio::spawn(async move {
             let mut answered: BTreeMap<String, Answered> = mine
                 .iter()
@@ -329,7 +183,7 @@ async fn sigkill_during_prepare_and_unprepare_loses_nothing() {
                 } else {
                     Operation::Unprepare
                 };
-                let result = call(&layout.dra_socket(), claim, operation).await;
+                let result = call(&layout, claim, operation).await;
                 definitive += usize::from(result.is_some());
                 answered.insert(claim.uid.clone(), result.unwrap_or(Answered::Unknown));
             }
@@ -353,15 +207,15 @@ async fn sigkill_during_prepare_and_unprepare_loses_nothing() {
         let mut running = child.lock().await;
         running.start_kill().unwrap();
         running.wait().await.unwrap();
-        *running = layout.spawn_plugin();
+        *running = spawn_plugin(&layout);
     }
-    drop(connect(&layout.dra_socket()).await);
+    drop(layout.connect().await);
     let checked = check(&layout, &claims, &answered);
 
     // Claims whose last call died: retry as the kubelet would, then they must hold too.
     for claim in &claims {
         if answered[&claim.uid] == Answered::Unknown {
-            let result = call(&layout.dra_socket(), claim, Operation::Unprepare).await;
+            let result = call(&layout, claim, Operation::Unprepare).await;
             answered.insert(
                 claim.uid.clone(),
                 result.expect("plugin died without a killer"),

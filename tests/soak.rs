@@ -10,24 +10,29 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[path = "support/plugin_process.rs"]
-mod plugin_process;
+#[path = "support/claims.rs"]
+mod claims;
+#[path = "support/plugin_harness.rs"]
+mod plugin_harness;
+#[path = "support/seeded_rng.rs"]
+mod seeded_rng;
+#[path = "support/tree_walk.rs"]
+mod tree_walk;
 
-use plugin_process::plugin_command;
+use claims::create_gpu_nic_claims;
+use plugin_harness::{Answered, Operation, PluginLayout, call_one};
+use seeded_rng::SeededRng;
 use tandem::apiserver_fake::FakeApiServer;
-use tandem::cli::demo::{ClaimRequest, create_allocated_claim};
-use tandem::fixture;
-use tandem::names;
 use tandem::plugin::client::unix_channel;
 use tandem::plugin::proto::dra_v1::{
-    Claim, NodePrepareResourcesRequest, NodeUnprepareResourcesRequest,
-    dra_plugin_client::DraPluginClient,
+    NodeUnprepareResourcesRequest, dra_plugin_client::DraPluginClient,
 };
 use tandem::prepare::checkpoint::{self, ClaimState};
-use tandem::sysfs::{MachineRoots, discover};
+use tandem::sysfs::discover;
 use tokio::process::Child;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
+use tree_walk::entries_under;
 
 const NODE: &str = "node-soak";
 const NAMESPACE: &str = "soak";
@@ -38,79 +43,10 @@ const CALL_INTERVAL: Duration = Duration::from_millis(20);
 const RSS_GROWTH_FACTOR: f64 = 1.5;
 const RSS_SLACK_KIB: u64 = 8 * 1024;
 
-/// splitmix64: a seeded, reproducible stream without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Answered {
-    Prepared,
-    Unprepared,
-    /// The call died with the process or was refused: nothing may be assumed.
-    Unknown,
-}
-
-struct Layout {
-    dir: PathBuf,
-    roots: MachineRoots,
-    kubeconfig: PathBuf,
-}
-
-impl Layout {
-    fn dra_socket(&self) -> PathBuf {
-        self.dir.join("plugins/tandem.dev/dra.sock")
-    }
-    fn cdi_dir(&self) -> PathBuf {
-        self.dir.join("cdi")
-    }
-    fn state_dir(&self) -> PathBuf {
-        self.dir.join("state")
-    }
-
-    fn spawn_plugin(&self) -> Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("plugin.log"))
-            .unwrap();
-        plugin_command(
-            NODE,
-            &self.dir,
-            &self.state_dir(),
-            &self.roots,
-            &self.kubeconfig,
-        )
-        // Rescan often so the flipped port state reaches the health checks.
-        .args(["--rescan-period", "1s"])
-        .env("RUST_LOG", "warn")
-        .stderr(log)
-        .spawn()
-        .unwrap()
-    }
-}
-
-async fn connect(socket: &Path) -> DraPluginClient<tonic::transport::Channel> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(channel) = unix_channel(socket).await {
-            return DraPluginClient::new(channel);
-        }
-        assert!(Instant::now() < deadline, "plugin did not come up");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// The plugin as the soak runs it: rescanning often so the flipped port state reaches the
+/// health checks.
+fn spawn_plugin(layout: &PluginLayout) -> Child {
+    layout.spawn_plugin("1s", "warn")
 }
 
 /// Resident set size of `pid` in KiB, from /proc/<pid>/status.
@@ -122,7 +58,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-fn spec_exists(layout: &Layout, uid: &str) -> bool {
+fn spec_exists(layout: &PluginLayout, uid: &str) -> bool {
     layout
         .cdi_dir()
         .join(format!("tandem.dev-claim_{uid}.json"))
@@ -131,7 +67,7 @@ fn spec_exists(layout: &Layout, uid: &str) -> bool {
 
 /// Claims answered prepared whose spec or completed checkpoint entry is gone. Reads the
 /// checkpoint without repairing it, so the check never moves a file under the plugin.
-fn lost_claims(layout: &Layout, answered: &BTreeMap<String, Answered>) -> Vec<String> {
+fn lost_claims(layout: &PluginLayout, answered: &BTreeMap<String, Answered>) -> Vec<String> {
     let state = checkpoint::load_read_only(&layout.state_dir()).unwrap_or_default();
     answered
         .iter()
@@ -146,26 +82,11 @@ fn lost_claims(layout: &Layout, answered: &BTreeMap<String, Answered>) -> Vec<St
 
 /// The `ports/1/state` files of the fixture's RDMA devices.
 fn port_state_files(sys: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![sys.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(path);
-            } else if path.ends_with("ports/1/state") {
-                found.push(path);
-            }
-        }
-    }
-    found.sort();
-    found
+    entries_under(sys)
+        .into_iter()
+        .filter(|(path, kind)| !kind.is_dir() && path.ends_with("ports/1/state"))
+        .map(|(path, _)| path)
+        .collect()
 }
 
 #[derive(Default)]
@@ -206,72 +127,29 @@ async fn soak_plugin_under_kills_and_flapping_ports() {
     let duration = Duration::from_secs(seconds);
     let seed = 0x50a4_u64;
 
-    let dir = tempfile::tempdir().unwrap();
-    let roots = fixture::write_machine(
-        &fixture::builtin("dgx-h100").unwrap(),
-        &dir.path().join("machine"),
-    )
-    .unwrap();
-    let inventory = discover(&roots).unwrap();
     let apiserver = FakeApiServer::start().await.unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    let config = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{ "name": "fake", "cluster": { "server": apiserver.url() } }],
-        "users": [{ "name": "fake", "user": {} }],
-        "contexts": [{ "name": "fake", "context": { "cluster": "fake", "user": "fake" } }],
-        "current-context": "fake",
-    });
-    std::fs::write(&kubeconfig, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    let port_files = port_state_files(&roots.sys);
+    let layout = Arc::new(PluginLayout::create(NODE, "dgx-h100", &apiserver));
+    let inventory = discover(layout.roots()).unwrap();
+    let port_files = port_state_files(&layout.roots().sys);
     assert!(!port_files.is_empty(), "fixture has no RDMA ports");
-    let layout = Arc::new(Layout {
-        dir: dir.path().to_path_buf(),
-        roots,
-        kubeconfig,
-    });
-
-    let rdma_nics: Vec<_> = inventory.nics.iter().filter(|n| n.is_rdma()).collect();
-    let mut claims = Vec::new();
-    for (i, (gpu, nic)) in inventory.accelerators.iter().zip(&rdma_nics).enumerate() {
-        let name = format!("soak-{i}");
-        let created = create_allocated_claim(
-            &apiserver.client(),
-            NAMESPACE,
-            &name,
-            names::DEFAULT_DRIVER_NAME,
-            NODE,
-            &[
-                ClaimRequest {
-                    name: "gpu".into(),
-                    device_class: names::DEVICE_CLASS_GPU.into(),
-                    devices: vec![names::accelerator_device_name(&gpu.pci.address)],
-                },
-                ClaimRequest {
-                    name: "nic".into(),
-                    device_class: names::DEVICE_CLASS_NIC.into(),
-                    devices: vec![names::nic_device_name(&nic.pci.address)],
-                },
-            ],
-        )
-        .await
-        .unwrap();
-        claims.push(Claim {
-            namespace: NAMESPACE.into(),
-            name,
-            uid: created.metadata.uid.unwrap(),
-        });
-    }
+    let claims = create_gpu_nic_claims(
+        &apiserver.client(),
+        &inventory,
+        NAMESPACE,
+        NODE,
+        "soak",
+        usize::MAX,
+    )
+    .await;
 
     let started = Instant::now();
-    let child = Arc::new(Mutex::new(layout.spawn_plugin()));
+    let child = Arc::new(Mutex::new(spawn_plugin(&layout)));
     let finished = CancellationToken::new();
 
     // Killer and RSS sampler in one loop, so a sample never reads a pid being replaced.
     let killer = {
         let (child, layout, finished) = (child.clone(), layout.clone(), finished.clone());
-        let mut rng = Rng(seed ^ 0xdead_beef);
+        let mut rng = SeededRng::new(seed ^ 0xdead_beef);
         tokio::spawn(async move {
             let mut kills = 0u32;
             let mut samples: Vec<(Duration, u64)> = Vec::new();
@@ -289,7 +167,7 @@ async fn soak_plugin_under_kills_and_flapping_ports() {
                     running.start_kill().unwrap();
                     running.wait().await.unwrap();
                     kills += 1;
-                    *running = layout.spawn_plugin();
+                    *running = spawn_plugin(&layout);
                     next_kill = Instant::now() + Duration::from_millis(1000 + rng.below(4000));
                 }
             }
@@ -324,13 +202,17 @@ async fn soak_plugin_under_kills_and_flapping_ports() {
         .iter()
         .map(|c| (c.uid.clone(), Answered::Unprepared))
         .collect();
-    let mut rng = Rng(seed);
+    let mut rng = SeededRng::new(seed);
     let mut ticker = tokio::time::interval(CALL_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while started.elapsed() < duration {
         ticker.tick().await;
         let claim = &claims[rng.below(claims.len() as u64) as usize];
-        let prepare = rng.below(2) == 0;
+        let operation = if rng.below(2) == 0 {
+            Operation::Prepare
+        } else {
+            Operation::Unprepare
+        };
         tally.calls += 1;
         let Ok(channel) = unix_channel(&layout.dra_socket()).await else {
             tally.error("connect refused (plugin restarting)");
@@ -338,25 +220,7 @@ async fn soak_plugin_under_kills_and_flapping_ports() {
             continue;
         };
         let mut client = DraPluginClient::new(channel);
-        let outcome = if prepare {
-            client
-                .node_prepare_resources(NodePrepareResourcesRequest {
-                    claims: vec![claim.clone()],
-                })
-                .await
-                .map(|r| {
-                    let answer = r.into_inner().claims.remove(&claim.uid);
-                    answer.map(|a| a.error)
-                })
-        } else {
-            client
-                .node_unprepare_resources(NodeUnprepareResourcesRequest {
-                    claims: vec![claim.clone()],
-                })
-                .await
-                .map(|r| r.into_inner().claims.remove(&claim.uid).map(|a| a.error))
-        };
-        let state = match outcome {
+        let state = match call_one(&mut client, claim, operation).await {
             Err(_) => {
                 tally.error("rpc failed (plugin killed mid-call)");
                 Answered::Unknown
@@ -365,17 +229,13 @@ async fn soak_plugin_under_kills_and_flapping_ports() {
                 tally.error("claim missing from answer");
                 Answered::Unknown
             }
-            Ok(Some(error)) if !error.is_empty() => {
-                tally.error(&error_kind(&error));
+            Ok(Some(answer)) if !answer.error.is_empty() => {
+                tally.error(&error_kind(&answer.error));
                 Answered::Unknown
             }
             Ok(Some(_)) => {
                 tally.ok += 1;
-                if prepare {
-                    Answered::Prepared
-                } else {
-                    Answered::Unprepared
-                }
+                operation.answered()
             }
         };
         answered.insert(claim.uid.clone(), state);
@@ -398,9 +258,9 @@ async fn soak_plugin_under_kills_and_flapping_ports() {
         let mut running = child.lock().await;
         running.start_kill().unwrap();
         running.wait().await.unwrap();
-        *running = layout.spawn_plugin();
+        *running = spawn_plugin(&layout);
     }
-    let mut client = connect(&layout.dra_socket()).await;
+    let mut client = layout.connect().await;
     tally.lost.extend(lost_claims(&layout, &answered));
     tally.lost.dedup();
 
