@@ -3,6 +3,8 @@
 //! and this project builds on stable, so proptest stands in for libFuzzer over the same entry
 //! points. `TANDEM_FUZZ_CASES` raises the case count for longer local runs.
 
+#[path = "support/tree_walk.rs"]
+mod tree_walk;
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -161,28 +163,16 @@ fn parsed_files(sys: &Path) -> Vec<std::path::PathBuf> {
         "link_layer",
         "aer_dev_fatal",
     ];
-    let mut found = Vec::new();
-    let mut stack = vec![sys.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                continue;
-            };
-            if meta.is_dir() {
-                stack.push(path);
-            } else if meta.is_file()
-                && NAMES.contains(&entry.file_name().to_string_lossy().as_ref())
-            {
-                found.push(path);
-            }
-        }
-    }
-    found.sort();
-    found
+    tree_walk::entries_under(sys)
+        .into_iter()
+        .filter(|(path, kind)| {
+            kind.is_file()
+                && path
+                    .file_name()
+                    .is_some_and(|n| NAMES.contains(&n.to_string_lossy().as_ref()))
+        })
+        .map(|(path, _)| path)
+        .collect()
 }
 
 /// Whole-tree fuzzing: any parsed sysfs file replaced by arbitrary bytes leaves discovery
