@@ -246,6 +246,11 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
             pool: args.node_name.clone(),
             period: args.netattach_reconcile_period,
             metrics: Some(metrics.clone()),
+            serialize: running
+                .paths()
+                .serialize_lock
+                .clone()
+                .map(crate::plugin::sockets::SerializeLock::new),
         },
         shutdown.clone(),
     ));

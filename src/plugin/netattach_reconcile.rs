@@ -4,6 +4,7 @@
 
 use crate::netattach::status::{DeviceStatus, apply_claim_status, device_statuses};
 use crate::plugin::metrics::PluginMetrics;
+use crate::plugin::sockets::SerializeLock;
 use crate::prepare::{ClaimRef, NetattachReport, Preparer};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,6 +19,9 @@ pub struct ReconcileTarget {
     pub pool: String,
     pub period: Duration,
     pub metrics: Option<Arc<PluginMetrics>>,
+    /// The rolling-update lock the kubelet calls take: the other plugin pod may be
+    /// preparing from the same checkpoint.
+    pub serialize: Option<SerializeLock>,
 }
 
 /// The claims whose statuses differ from what was last written, with their new statuses.
@@ -41,7 +45,17 @@ pub fn status_changes(
 pub async fn run(preparer: Arc<Preparer>, target: ReconcileTarget, shutdown: CancellationToken) {
     let mut written: BTreeMap<String, Vec<DeviceStatus>> = BTreeMap::new();
     loop {
-        match preparer.reconcile_netattach().await {
+        let reconciled = match &target.serialize {
+            Some(lock) => match lock.acquire().await {
+                Ok(_guard) => preparer.reconcile_netattach().await,
+                Err(error) => Err(crate::prepare::PrepareError::State {
+                    path: lock.path().to_path_buf(),
+                    message: error.to_string(),
+                }),
+            },
+            None => preparer.reconcile_netattach().await,
+        };
+        match reconciled {
             Ok(report) => {
                 if report.released > 0 {
                     tracing::info!(
