@@ -111,12 +111,23 @@ impl Preparer {
     /// an answer for, which then starts clean. Orphan CDI specs of our kind and per-claim
     /// directories are deleted; a corrupt checkpoint is set aside.
     pub async fn recover(&self) -> Result<RecoveryReport, PrepareError> {
+        self.checkpoint_task("recovery", Inner::recover_locked)
+            .await
+    }
+
+    /// Runs one whole-checkpoint job on the blocking pool (it takes the checkpoint lock and
+    /// does file and netlink I/O); a task that died is an error naming the checkpoint.
+    async fn checkpoint_task<T: Send + 'static>(
+        &self,
+        job: &'static str,
+        work: fn(&Inner) -> Result<T, PrepareError>,
+    ) -> Result<T, PrepareError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.recover_locked())
+        tokio::task::spawn_blocking(move || work(&inner))
             .await
             .map_err(|e| PrepareError::State {
                 path: checkpoint::checkpoint_path(&self.inner.config.state_dir),
-                message: format!("recovery task failed: {e}"),
+                message: format!("{job} task failed: {e}"),
             })?
     }
 
@@ -171,13 +182,8 @@ impl Preparer {
     /// One netattach reconcile pass: retries the pending releases and lists the prepared
     /// claims' attached interfaces (for their ResourceClaim status).
     pub async fn reconcile_netattach(&self) -> Result<NetattachReport, PrepareError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.reconcile_netattach_locked())
+        self.checkpoint_task("netattach reconcile", Inner::reconcile_netattach_locked)
             .await
-            .map_err(|e| PrepareError::State {
-                path: checkpoint::checkpoint_path(&self.inner.config.state_dir),
-                message: format!("netattach reconcile task failed: {e}"),
-            })?
     }
 
     /// Unprepares each distinct claim from the checkpoint alone. Unknown claims succeed.
