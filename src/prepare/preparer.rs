@@ -595,26 +595,24 @@ impl Inner {
             path: claim_dir.join(record::RECORD_FILE),
             source: std::io::Error::other(e.to_string()),
         };
-        let mut record = NetAttachRecord::load(&claim_dir).map_err(record_error)?;
-        if record.interfaces.is_empty() {
-            return Ok(Vec::new());
+        match record::release_claim_dir(
+            &claim_dir,
+            &self.config.host_netns,
+            &self.config.netns_proc_root,
+            &self.config.run_netns_dir,
+            DEFAULT_NETLINK_TIMEOUT,
+        ) {
+            Ok(_) => return Ok(Vec::new()),
+            Err(e @ (RecordError::Io { .. } | RecordError::Parse { .. })) => {
+                return Err(record_error(e));
+            }
+            // What did not come back is still in the record on disk.
+            Err(error) => tracing::warn!(claim = %claim, %error,
+                "interface not yet released; the netattach reconcile retries it"),
         }
-        let failures = match Netns::open(&self.config.host_netns) {
-            Ok(host) => record::release_interfaces(
-                &mut record,
-                &host,
-                &self.config.netns_proc_root,
-                &self.config.run_netns_dir,
-                DEFAULT_NETLINK_TIMEOUT,
-            ),
-            Err(e) => vec![e.to_string()],
-        };
-        for failure in &failures {
-            tracing::warn!(claim = %claim, error = %failure,
-                "interface not yet released; the netattach reconcile retries it");
-        }
-        record.save(&claim_dir).map_err(record_error)?;
-        Ok(record.interfaces)
+        Ok(NetAttachRecord::load(&claim_dir)
+            .map_err(record_error)?
+            .interfaces)
     }
 
     /// Retries every pending release; returns how many interfaces came back.
@@ -687,17 +685,10 @@ impl Inner {
             .lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (mut cp, _) =
-            checkpoint::load(&self.config.state_dir).map_err(|e| PrepareError::State {
-                path: e.path,
-                message: e.source.to_string(),
-            })?;
+        let (mut cp, _) = checkpoint::load(&self.config.state_dir).map_err(state_error)?;
         let released = self.retry_pending_releases(&mut cp);
         if released > 0 {
-            checkpoint::save(&self.config.state_dir, &cp).map_err(|e| PrepareError::State {
-                path: e.path,
-                message: e.source.to_string(),
-            })?;
+            checkpoint::save(&self.config.state_dir, &cp).map_err(state_error)?;
         }
         let mut attached = Vec::new();
         for (uid, entry) in &cp.claims {
@@ -832,10 +823,6 @@ impl Inner {
             .lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let state_error = |e: checkpoint::CheckpointError| PrepareError::State {
-            path: e.path,
-            message: e.source.to_string(),
-        };
         let (mut cp, outcome) = checkpoint::load(&self.config.state_dir).map_err(state_error)?;
         let mut rolled_back = Vec::new();
         let started: Vec<String> = cp
@@ -947,6 +934,14 @@ impl Inner {
             restored,
             prepared_claims: cp.claims.len(),
         })
+    }
+}
+
+/// A checkpoint that cannot be read or written, for whole-checkpoint jobs (no claim to name).
+fn state_error(e: checkpoint::CheckpointError) -> PrepareError {
+    PrepareError::State {
+        path: e.path,
+        message: e.source.to_string(),
     }
 }
 
