@@ -570,10 +570,20 @@ fn accelerator_edits(
             AcceleratorKind::ProcessingAccelerator => &[],
         }
     };
-    let mut nodes = Vec::new();
     let own = accelerator.char_devices.iter();
     let host = host_nodes(ctx.inventory, shared);
-    for char_device in own.chain(host) {
+    char_device_edits(ctx, claim, allocated, own.chain(host))
+}
+
+/// The device nodes of `char_devices` (each path once) as one device's container edits.
+fn char_device_edits<'a>(
+    ctx: &PlanContext<'_>,
+    claim: &ClaimRef,
+    allocated: &AllocatedDevice,
+    char_devices: impl Iterator<Item = &'a CharDevice>,
+) -> Result<ContainerEdits, PrepareError> {
+    let mut nodes = Vec::new();
+    for char_device in char_devices {
         push_node(
             &mut nodes,
             device_node(ctx, claim, &allocated.device, char_device)?,
@@ -592,7 +602,6 @@ fn nic_edits(
     nic: &Nic,
     shared: bool,
 ) -> Result<ContainerEdits, PrepareError> {
-    let mut nodes = Vec::new();
     let Some(rdma) = nic.rdma.as_ref() else {
         // A plain Ethernet NIC has no char device; its netdev stays on the host.
         return Ok(ContainerEdits::default());
@@ -601,16 +610,8 @@ fn nic_edits(
         .char_devices
         .iter()
         .filter(|c| !shared || c.path.starts_with(SHARED_NIC_NODE_PREFIX));
-    for char_device in own.chain(host_nodes(ctx.inventory, &[RDMA_CM_NODE])) {
-        push_node(
-            &mut nodes,
-            device_node(ctx, claim, &allocated.device, char_device)?,
-        );
-    }
-    Ok(ContainerEdits {
-        device_nodes: nodes,
-        ..ContainerEdits::default()
-    })
+    let host = host_nodes(ctx.inventory, &[RDMA_CM_NODE]);
+    char_device_edits(ctx, claim, allocated, own.chain(host))
 }
 
 fn host_nodes<'a>(
