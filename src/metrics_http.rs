@@ -1,21 +1,33 @@
 //! The small HTTP endpoint that the node plugin and the controller both serve beside their
-//! main work: `/metrics` in the Prometheus text format and plain-text health checks. Each
-//! caller supplies a responder for GET paths; this module owns the accept loop and shutdown.
+//! main work: `/metrics` in the Prometheus text format and plain-text health checks, on TCP
+//! addresses and Unix sockets. Each caller supplies a responder for GET paths; this module
+//! owns binding, the accept loop and shutdown, and the one-request client `tandem probe` uses.
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use std::collections::BTreeSet;
 use std::convert::Infallible;
+use std::fmt;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
-use tokio::net::TcpListener;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, UnixListener, UnixStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+use crate::plugin::sockets::{self, SocketError};
 
 /// Content type of a Prometheus/OpenMetrics text exposition.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Prefix of a Unix socket entry in an address list (`unix:/run/tandem-probe/http.sock`).
+pub const UNIX_PREFIX: &str = "unix:";
 
 /// What a GET of one path answers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +64,80 @@ pub trait Responder: Send + Sync + 'static {
     fn get(&self, path: &str) -> Option<Reply>;
 }
 
+/// One place the endpoint listens: `IP:PORT` or `unix:/absolute/path`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AddrError {
+    #[error("{entry:?} is neither IP:PORT nor unix:/absolute/path")]
+    Invalid { entry: String },
+    #[error("{entry:?}: the Unix socket path must be absolute")]
+    RelativeUnixPath { entry: String },
+    #[error("{entry:?} is listed twice")]
+    Duplicate { entry: String },
+}
+
+impl FromStr for ListenAddr {
+    type Err = AddrError;
+
+    fn from_str(entry: &str) -> Result<Self, AddrError> {
+        let entry = entry.trim();
+        if let Some(path) = entry.strip_prefix(UNIX_PREFIX) {
+            let path = PathBuf::from(path);
+            if !path.is_absolute() {
+                return Err(AddrError::RelativeUnixPath {
+                    entry: entry.to_string(),
+                });
+            }
+            return Ok(Self::Unix(path));
+        }
+        entry
+            .parse()
+            .map(Self::Tcp)
+            .map_err(|_| AddrError::Invalid {
+                entry: entry.to_string(),
+            })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(addr) => write!(f, "{addr}"),
+            Self::Unix(path) => write!(f, "{UNIX_PREFIX}{}", path.display()),
+        }
+    }
+}
+
+/// Parses a comma-separated list of `IP:PORT` and `unix:/path` entries; an empty or blank
+/// text is an empty list (the endpoint is off).
+pub fn parse_listen_addrs(text: &str) -> Result<Vec<ListenAddr>, AddrError> {
+    let mut seen = BTreeSet::new();
+    let mut addrs = Vec::new();
+    for entry in text.split(',').map(str::trim) {
+        if entry.is_empty() {
+            if text.trim().is_empty() {
+                continue;
+            }
+            return Err(AddrError::Invalid {
+                entry: entry.to_string(),
+            });
+        }
+        let addr: ListenAddr = entry.parse()?;
+        if !seen.insert(addr.clone()) {
+            return Err(AddrError::Duplicate {
+                entry: entry.to_string(),
+            });
+        }
+        addrs.push(addr);
+    }
+    Ok(addrs)
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("binding the metrics endpoint {addr}: {source}")]
 pub struct BindError {
@@ -60,11 +146,95 @@ pub struct BindError {
     pub source: std::io::Error,
 }
 
-/// Binds the endpoint's address; the error names it.
+/// Binding one entry of an address list failed; the message names it.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error(transparent)]
+    Tcp(#[from] BindError),
+    #[error("binding the metrics endpoint: {0}")]
+    Unix(#[from] SocketError),
+}
+
+/// Binds a TCP address with SO_REUSEPORT: during a rolling update with surge the old and the
+/// new node plugin pod share the host network, and both must hold the port until the old one
+/// stops. Linux lets only sockets of the same effective uid join the group, so another user
+/// cannot take over the port this way.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| BindError { addr, source })
+    let fail = |source| BindError { addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(fail)?;
+    socket.set_reuseaddr(true).map_err(fail)?;
+    socket.set_reuseport(true).map_err(fail)?;
+    socket.bind(addr).map_err(fail)?;
+    socket.listen(1024).map_err(fail)
+}
+
+/// A bound endpoint, ready for [`serve`].
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    /// The socket file is removed when serving stops.
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+    },
+}
+
+impl From<TcpListener> for Listener {
+    fn from(listener: TcpListener) -> Self {
+        Self::Tcp(listener)
+    }
+}
+
+impl Listener {
+    /// What it listens on, in the address-list spelling.
+    pub fn local_addr(&self) -> std::io::Result<ListenAddr> {
+        match self {
+            Self::Tcp(listener) => listener.local_addr().map(ListenAddr::Tcp),
+            Self::Unix { path, .. } => Ok(ListenAddr::Unix(path.clone())),
+        }
+    }
+}
+
+/// Binds one address. A Unix socket gets its parent directory created, a stale file from an
+/// earlier run of the container replaced, and mode 0600 (the kubelet runs exec probes as the
+/// container's own user).
+pub async fn bind_addr(addr: &ListenAddr) -> Result<Listener, ListenError> {
+    match addr {
+        ListenAddr::Tcp(tcp) => Ok(Listener::Tcp(bind(*tcp).await?)),
+        ListenAddr::Unix(path) => Ok(Listener::Unix {
+            listener: sockets::bind_socket(path)?,
+            path: path.clone(),
+        }),
+    }
+}
+
+/// Binds every address, or none: the first failure is returned and the ones bound before it
+/// are closed.
+pub async fn bind_all(addrs: &[ListenAddr]) -> Result<Vec<Listener>, ListenError> {
+    let mut listeners = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        match bind_addr(addr).await {
+            Ok(listener) => listeners.push(listener),
+            Err(e) => {
+                drop_listeners(listeners);
+                return Err(e);
+            }
+        }
+    }
+    Ok(listeners)
+}
+
+fn drop_listeners(listeners: Vec<Listener>) {
+    for listener in listeners {
+        if let Listener::Unix { path, .. } = &listener {
+            sockets::remove_socket(path);
+        }
+    }
 }
 
 fn respond<R: Responder>(
@@ -87,9 +257,45 @@ fn respond<R: Responder>(
     response
 }
 
-/// Serves `responder` on `listener` until `shutdown` fires.
+/// A listener the accept loop can take connections from.
+trait Accept {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept_stream(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Accept for UnixListener {
+    type Stream = UnixStream;
+    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+/// Serves `responder` on `listener` until `shutdown` fires; a Unix socket's file is removed
+/// then.
 pub async fn serve<R: Responder>(
-    listener: TcpListener,
+    listener: impl Into<Listener>,
+    responder: Arc<R>,
+    shutdown: CancellationToken,
+) {
+    match listener.into() {
+        Listener::Tcp(listener) => accept_loop(&listener, responder, shutdown).await,
+        Listener::Unix { listener, path } => {
+            accept_loop(&listener, responder, shutdown).await;
+            drop(listener);
+            sockets::remove_socket(&path);
+        }
+    }
+}
+
+async fn accept_loop<L: Accept, R: Responder>(
+    listener: &L,
     responder: Arc<R>,
     shutdown: CancellationToken,
 ) {
@@ -97,8 +303,8 @@ pub async fn serve<R: Responder>(
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+            accepted = listener.accept_stream() => match accepted {
+                Ok(stream) => {
                     let responder = responder.clone();
                     connections.spawn(async move {
                         let service = hyper::service::service_fn(move |request| {
@@ -116,10 +322,241 @@ pub async fn serve<R: Responder>(
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "metrics endpoint accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// The most of a response the probe client reads; health answers are a line of text.
+const MAX_RESPONSE_BYTES: u64 = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{path:?} is not an absolute URL path without spaces")]
+    BadPath { path: String },
+    #[error("connecting to {socket}: {source}")]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("GET {path} on {socket}: {source}")]
+    Io {
+        socket: PathBuf,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("GET {path} on {socket}: no answer within {timeout:?}")]
+    Timeout {
+        socket: PathBuf,
+        path: String,
+        timeout: Duration,
+    },
+    #[error("GET {path} on {socket}: malformed response: {reason}")]
+    Malformed {
+        socket: PathBuf,
+        path: String,
+        reason: String,
+    },
+}
+
+/// A status and body as the endpoint answered them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeAnswer {
+    pub status: u16,
+    pub body: String,
+}
+
+/// One GET of `path` over the Unix socket `socket`, the whole exchange bounded by `timeout`.
+/// HTTP/1.0, so the answer is never chunked and the server closes the connection after it.
+pub async fn get_unix(
+    socket: &Path,
+    path: &str,
+    timeout: Duration,
+) -> Result<ProbeAnswer, ProbeError> {
+    if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ProbeError::BadPath {
+            path: path.to_string(),
+        });
+    }
+    let exchange = async {
+        let mut stream =
+            UnixStream::connect(socket)
+                .await
+                .map_err(|source| ProbeError::Connect {
+                    socket: socket.to_path_buf(),
+                    source,
+                })?;
+        let io_error = |source| ProbeError::Io {
+            socket: socket.to_path_buf(),
+            path: path.to_string(),
+            source,
+        };
+        let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(io_error)?;
+        let mut response = Vec::new();
+        (&mut stream)
+            .take(MAX_RESPONSE_BYTES)
+            .read_to_end(&mut response)
+            .await
+            .map_err(io_error)?;
+        parse_response(&response).map_err(|reason| ProbeError::Malformed {
+            socket: socket.to_path_buf(),
+            path: path.to_string(),
+            reason,
+        })
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ProbeError::Timeout {
+                socket: socket.to_path_buf(),
+                path: path.to_string(),
+                timeout,
+            })
+        })
+}
+
+/// Status code and body of an HTTP/1.x response read to its end.
+fn parse_response(bytes: &[u8]) -> Result<ProbeAnswer, String> {
+    let split = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("no end of headers in {} bytes", bytes.len()))?;
+    let head = std::str::from_utf8(&bytes[..split]).map_err(|_| "headers are not UTF-8")?;
+    let mut body = &bytes[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or_default();
+    let code = parts.next().unwrap_or_default();
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!("status line {status_line:?}"));
+    }
+    let status: u16 = code
+        .parse()
+        .ok()
+        .filter(|c| (100..=599).contains(c))
+        .ok_or_else(|| format!("status line {status_line:?}"))?;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        if name.trim().eq_ignore_ascii_case("content-length") {
+            let length: usize = value
+                .trim()
+                .parse()
+                .map_err(|_| format!("Content-Length {:?}", value.trim()))?;
+            if body.len() < length {
+                return Err(format!("body ended after {} of {length} bytes", body.len()));
+            }
+            body = &body[..length];
+        }
+    }
+    Ok(ProbeAnswer {
+        status,
+        body: String::from_utf8_lossy(body).into_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_lists_mix_tcp_and_unix_entries() {
+        let addrs = parse_listen_addrs(" 0.0.0.0:9477 , unix:/run/tandem-probe/http.sock,[::1]:80")
+            .unwrap();
+        assert_eq!(
+            addrs,
+            vec![
+                ListenAddr::Tcp("0.0.0.0:9477".parse().unwrap()),
+                ListenAddr::Unix("/run/tandem-probe/http.sock".into()),
+                ListenAddr::Tcp("[::1]:80".parse().unwrap()),
+            ]
+        );
+        assert_eq!(addrs[1].to_string(), "unix:/run/tandem-probe/http.sock");
+        assert_eq!(parse_listen_addrs("").unwrap(), vec![]);
+        assert_eq!(parse_listen_addrs("  ").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn bad_address_lists_say_which_entry_is_wrong() {
+        for (text, want) in [
+            (
+                "localhost:9477",
+                AddrError::Invalid {
+                    entry: "localhost:9477".into(),
+                },
+            ),
+            (
+                "0.0.0.0:9477,",
+                AddrError::Invalid {
+                    entry: String::new(),
+                },
+            ),
+            (
+                "unix:http.sock",
+                AddrError::RelativeUnixPath {
+                    entry: "unix:http.sock".into(),
+                },
+            ),
+            (
+                "unix:/a.sock,unix:/a.sock",
+                AddrError::Duplicate {
+                    entry: "unix:/a.sock".into(),
+                },
+            ),
+            (
+                "9477",
+                AddrError::Invalid {
+                    entry: "9477".into(),
+                },
+            ),
+        ] {
+            assert_eq!(parse_listen_addrs(text), Err(want), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn responses_parse_to_status_and_body() {
+        let answer = parse_response(
+            b"HTTP/1.0 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 9\r\n\r\nnot yet\nextra",
+        )
+        .unwrap();
+        assert_eq!(
+            answer,
+            ProbeAnswer {
+                status: 503,
+                body: "not yet\ne".into()
+            }
+        );
+        let answer = parse_response(b"HTTP/1.1 200 OK\r\n\r\nok\n").unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body, "ok\n");
+    }
+
+    #[test]
+    fn truncated_or_foreign_responses_are_errors() {
+        for bytes in [
+            &b""[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
+            b"SSH-2.0-OpenSSH\r\n\r\n",
+            b"HTTP/1.1 abc OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+        ] {
+            assert!(
+                parse_response(bytes).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod fixture;
 pub mod hook;
 pub mod machine;
 pub mod plugin;
+pub mod probe;
 pub mod topo;
 
 #[derive(Parser, Debug)]
@@ -45,6 +46,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// OCI runtime hooks that claim CDI specs name (attach exclusive NICs).
     Hook(hook::HookArgs),
+    /// GET a path of the node plugin's endpoint over its Unix socket (exec probes).
+    Probe(probe::ProbeArgs),
     /// Print version information.
     Version,
 }
@@ -68,6 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Controller(args) => controller::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Hook(args) => hook::run(args),
+        Command::Probe(args) => probe::run(args),
         Command::Version => {
             println!("tandem {}", env!("CARGO_PKG_VERSION"));
             Ok(())

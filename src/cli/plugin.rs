@@ -2,7 +2,7 @@
 //! claims a previous run left half done, then serves registration, DRA v1/v1beta1 and the
 //! health stream until SIGTERM/SIGINT, rescanning the machine periodically.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,7 +81,9 @@ pub struct PluginArgs {
     /// Publish device health problems as DeviceTaints on the ResourceSlices.
     #[arg(long)]
     pub device_taints: bool,
-    /// Address of the /metrics, /healthz and /readyz endpoint; empty disables it.
+    /// Where /metrics, /healthz and /readyz are served: comma-separated `IP:PORT` and
+    /// `unix:/path` entries (e.g. `0.0.0.0:9477,unix:/run/tandem-probe/http.sock`, the
+    /// socket for `tandem probe`); empty disables the endpoint.
     #[arg(long, default_value = "0.0.0.0:9477")]
     pub metrics_addr: String,
     /// Namespace of the cluster controller, whose rail ConfigMap gives NICs their rail.
@@ -161,15 +163,9 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(PluginMetrics::new());
     metrics.observe_inventory(&inventory);
     // Bound before the kubelet sockets exist, so a taken port fails the start cleanly.
-    let metrics_listener = match args.metrics_addr.trim() {
-        "" => None,
-        addr => {
-            let addr: SocketAddr = addr
-                .parse()
-                .with_context(|| format!("--metrics-addr {addr:?} is not an IP:port"))?;
-            Some(crate::metrics_http::bind(addr).await?)
-        }
-    };
+    let metrics_addrs = crate::metrics_http::parse_listen_addrs(&args.metrics_addr)
+        .with_context(|| format!("--metrics-addr {:?}", args.metrics_addr))?;
+    let metrics_listeners = crate::metrics_http::bind_all(&metrics_addrs).await?;
     let (inventory_tx, inventory_rx) = watch::channel(Arc::new(inventory));
 
     let client = kube_client(args.kubeconfig.as_ref()).await?;
@@ -210,17 +206,20 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
     .await
     .context("starting the kubelet plugin servers")?;
     let shutdown = running.shutdown_token();
-    let endpoint = metrics_listener.map(|listener| {
-        let endpoint = Endpoint {
-            metrics: metrics.clone(),
-            liveness: Liveness::of(&running),
-        };
-        tokio::spawn(crate::metrics_http::serve(
-            listener,
-            Arc::new(endpoint),
-            shutdown.clone(),
-        ))
+    let endpoint = Arc::new(Endpoint {
+        metrics: metrics.clone(),
+        liveness: Liveness::of(&running),
     });
+    let endpoints: Vec<_> = metrics_listeners
+        .into_iter()
+        .map(|listener| {
+            tokio::spawn(crate::metrics_http::serve(
+                listener,
+                endpoint.clone(),
+                shutdown.clone(),
+            ))
+        })
+        .collect();
 
     // Rescans every period, and soon after any netlink link event (a port going down).
     let link_events = Arc::new(tokio::sync::Notify::new());
@@ -284,7 +283,7 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
     let _ = rescans.await;
     let _ = slices.await;
     let _ = netattach.await;
-    if let Some(endpoint) = endpoint {
+    for endpoint in endpoints {
         let _ = endpoint.await;
     }
     served.context("kubelet plugin server")
