@@ -1348,10 +1348,83 @@ fn api_use_table_matches_the_source() {
     }
 }
 
+/// A grant the apiserver checks beyond the one for the call's own verb, tied to the text in
+/// the calling file that makes it needed: when the call goes, the test asks for the grant to go.
+struct ImpliedGrant {
+    who: Who,
+    /// The file holding the call, relative to src/.
+    file: &'static str,
+    /// Text that must all be in that file's production code.
+    evidence: &'static [&'static str],
+    group: &'static str,
+    resource: &'static str,
+    verb: &'static str,
+    scope: Scope,
+    name: Option<&'static str>,
+}
+
+fn implied_grants() -> Vec<ImpliedGrant> {
+    vec![
+        // apply_class: a server-side apply of a class someone deleted creates it, and the
+        // apiserver authorizes that PATCH as create.
+        ImpliedGrant {
+            who: Who::Controller,
+            file: "controller/classes.rs",
+            evidence: &["Patch::Apply(", "PatchParams::apply("],
+            group: DeviceClass::GROUP,
+            resource: DeviceClass::URL_PATH_SEGMENT,
+            verb: "create",
+            scope: Scope::Cluster,
+            name: None,
+        },
+        // apply_claim_status writes status.devices: since Kubernetes 1.36
+        // (DRAResourceClaimGranularStatusAuthorization) that also takes the request's verb,
+        // prefixed associated-node: (the writer's token is bound to the claim's node), on
+        // the synthetic subresource resourceclaims/driver named after the driver.
+        ImpliedGrant {
+            who: Who::NodePlugin,
+            file: "netattach/status.rs",
+            evidence: &[".patch_status(", "\"devices\""],
+            group: ResourceClaim::GROUP,
+            resource: "resourceclaims/driver",
+            verb: "associated-node:patch",
+            scope: Scope::Cluster,
+            name: Some(names::DEFAULT_DRIVER_NAME),
+        },
+    ]
+}
+
+#[test]
+fn implied_grants_follow_the_calls_that_need_them() {
+    for grant in implied_grants() {
+        let text = std::fs::read_to_string(repo_root().join("src").join(grant.file)).unwrap();
+        let code = production_code(&text);
+        for evidence in grant.evidence {
+            assert!(
+                code.contains(evidence),
+                "src/{}: no {evidence:?}, so {} {} is no longer needed there",
+                grant.file,
+                grant.resource,
+                grant.verb
+            );
+        }
+    }
+}
+
 type Grant = (Who, String, String, String, Scope, Option<String>);
 
 fn expected_grants() -> BTreeSet<Grant> {
     let mut grants = BTreeSet::new();
+    for g in implied_grants() {
+        grants.insert((
+            g.who,
+            g.group.to_string(),
+            g.resource.to_string(),
+            g.verb.to_string(),
+            g.scope,
+            g.name.map(str::to_string),
+        ));
+    }
     for u in api_uses() {
         for verb in u.verbs {
             let name = if *verb == "create" {
@@ -1493,6 +1566,90 @@ fn rbac_grants_exactly_the_api_calls_the_code_makes() {
         assert!(
             missing.is_empty() && extra.is_empty(),
             "{}: RBAC differs from the calls in src/\nmissing: {missing:#?}\nextra: {extra:#?}",
+            r.overlay
+        );
+    }
+}
+
+/// True when the rendered RBAC grants `who` the verb on the resource.k8s.io resource (any object when `name`
+/// is None, else that one).
+fn grants(r: &Rendered, who: Who, resource: &str, verb: &str, name: Option<&str>) -> bool {
+    rendered_grants(r)
+        .iter()
+        .any(|(w, group, res, v, scope, n)| {
+            *w == who
+                && group == ResourceClaim::GROUP
+                && res == resource
+                && v == verb
+                && *scope == Scope::Cluster
+                && (n.is_none() || n.as_deref() == name)
+        })
+}
+
+#[test]
+fn controller_can_recreate_a_deleted_device_class() {
+    let Some(overlays) = render_all("controller_recreates_classes") else {
+        return;
+    };
+    for r in overlays {
+        for verb in ["create", "patch"] {
+            assert!(
+                grants(
+                    r,
+                    Who::Controller,
+                    "deviceclasses",
+                    verb,
+                    Some("gpu.tandem.dev")
+                ),
+                "{}: the controller cannot {verb} DeviceClasses, so server-side apply cannot \
+                 bring back a deleted one",
+                r.overlay
+            );
+        }
+    }
+}
+
+#[test]
+fn node_plugin_can_write_device_status_on_kubernetes_1_34_to_1_36() {
+    let Some(overlays) = render_all("node_plugin_device_status") else {
+        return;
+    };
+    for r in overlays {
+        // 1.34 and 1.35 check the status subresource only; 1.36 checks it too.
+        assert!(
+            grants(r, Who::NodePlugin, "resourceclaims/status", "patch", None),
+            "{}: no patch on resourceclaims/status",
+            r.overlay
+        );
+        // 1.36: per driver, and only for claims on the plugin's own node.
+        assert!(
+            grants(
+                r,
+                Who::NodePlugin,
+                "resourceclaims/driver",
+                "associated-node:patch",
+                Some(names::DEFAULT_DRIVER_NAME)
+            ),
+            "{}: no associated-node:patch on resourceclaims/driver {}",
+            r.overlay,
+            names::DEFAULT_DRIVER_NAME
+        );
+        assert!(
+            !grants(
+                r,
+                Who::NodePlugin,
+                "resourceclaims/driver",
+                "associated-node:patch",
+                Some("other.example.com")
+            ),
+            "{}: the plugin may write other drivers' device status",
+            r.overlay
+        );
+        assert!(
+            rendered_grants(r)
+                .iter()
+                .all(|(_, _, _, verb, _, _)| !verb.starts_with("arbitrary-node:")),
+            "{}: a node-bound plugin needs no arbitrary-node verb",
             r.overlay
         );
     }
