@@ -450,28 +450,12 @@ fn node_plugin_mounts_the_kubelet_cdi_and_state_directories_at_their_host_paths(
 }
 
 #[test]
-fn node_plugin_rolls_out_with_surge_on_accelerator_nodes_only() {
-    let Some(overlays) = render_all("node_plugin_rolls_out") else {
+fn node_plugin_runs_on_accelerator_nodes_only() {
+    let Some(overlays) = render_all("node_plugin_accelerator_nodes") else {
         return;
     };
     for r in overlays {
-        let (ds, pod, container) = r.node_plugin();
-        let strategy = ds.spec.as_ref().unwrap().update_strategy.as_ref().unwrap();
-        assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
-        let rolling = strategy.rolling_update.as_ref().unwrap();
-        assert_eq!(
-            rolling.max_surge,
-            Some(IntOrString::Int(1)),
-            "{}",
-            r.overlay
-        );
-        assert_eq!(
-            rolling.max_unavailable,
-            Some(IntOrString::Int(0)),
-            "{}",
-            r.overlay
-        );
-
+        let (_, pod, container) = r.node_plugin();
         let terms = &pod
             .affinity
             .as_ref()
@@ -503,33 +487,144 @@ fn node_plugin_rolls_out_with_surge_on_accelerator_nodes_only() {
         let requests = resources.requests.as_ref().unwrap();
         assert!(requests.contains_key("cpu") && requests.contains_key("memory"));
         assert!(resources.limits.as_ref().unwrap().contains_key("memory"));
-        // `tandem plugin --metrics-addr` serves /healthz and /readyz beside /metrics.
-        let metrics_port = container
-            .ports
+    }
+}
+
+/// The image's entrypoint binary (`ENTRYPOINT ["/tandem"]` in the Dockerfile): exec probes
+/// bypass the entrypoint and must name it.
+fn image_binary() -> String {
+    let text = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    let line = text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("ENTRYPOINT"))
+        .expect("the Dockerfile has an ENTRYPOINT");
+    let words: Vec<String> = serde_json::from_str(line.trim()).expect("ENTRYPOINT in JSON form");
+    words[0].clone()
+}
+
+#[test]
+fn node_plugin_surge_pod_fits_beside_the_old_one_and_probes_itself() {
+    let Some(overlays) = render_all("node_plugin_surge") else {
+        return;
+    };
+    let binary = image_binary();
+    for r in overlays {
+        let (ds, pod, container) = r.node_plugin();
+        let rolling = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.update_strategy.as_ref())
+            .filter(|s| s.type_.as_deref() == Some("RollingUpdate"))
+            .and_then(|s| s.rolling_update.as_ref())
+            .unwrap_or_else(|| panic!("{}: no rolling update", r.overlay));
+        assert_eq!(
+            rolling.max_surge,
+            Some(IntOrString::Int(1)),
+            "{}",
+            r.overlay
+        );
+        assert_eq!(
+            rolling.max_unavailable,
+            Some(IntOrString::Int(0)),
+            "{}",
+            r.overlay
+        );
+        // With maxSurge the old and the new pod run on one node at once. On the host network
+        // every declared port is a hostPort, which the scheduler gives to one pod per node:
+        // the surge pod would stay Pending and the rollout hang.
+        assert_eq!(pod.host_network, Some(true), "{}", r.overlay);
+        for c in pod
+            .containers
             .iter()
-            .flatten()
-            .find(|p| p.container_port == 9477)
-            .unwrap_or_else(|| panic!("{}: no container port 9477", r.overlay));
-        let addr_flag = container
-            .args
+            .chain(pod.init_containers.iter().flatten())
+        {
+            assert!(
+                c.ports.as_deref().unwrap_or_default().is_empty(),
+                "{}: container {} declares ports {:?}, each a hostPort on the host network",
+                r.overlay,
+                c.name,
+                c.ports
+            );
+        }
+
+        // `tandem plugin --metrics-addr`: the node's port 9477 (shared by both pods through
+        // SO_REUSEPORT) and a Unix socket of this pod's own.
+        let addr_flag = flag_value(container, "--metrics-addr")
+            .unwrap_or_else(|| panic!("{}: no --metrics-addr", r.overlay));
+        let addrs = tandem::metrics_http::parse_listen_addrs(addr_flag)
+            .unwrap_or_else(|e| panic!("{}: --metrics-addr: {e}", r.overlay));
+        assert!(
+            addrs.contains(&tandem::metrics_http::ListenAddr::Tcp(
+                "0.0.0.0:9477".parse().unwrap()
+            )),
+            "{}: metrics are not on port 9477: {addr_flag}",
+            r.overlay
+        );
+        let sockets: Vec<&Path> = addrs
             .iter()
-            .flatten()
-            .find_map(|a| a.strip_prefix("--metrics-addr="));
-        assert_eq!(addr_flag, Some("0.0.0.0:9477"), "{}", r.overlay);
+            .filter_map(|a| match a {
+                tandem::metrics_http::ListenAddr::Unix(path) => Some(path.as_path()),
+                tandem::metrics_http::ListenAddr::Tcp(_) => None,
+            })
+            .collect();
+
         for (which, probe, path) in [
             ("readiness", &container.readiness_probe, "/readyz"),
             ("liveness", &container.liveness_probe, "/healthz"),
         ] {
-            let get = probe
+            let probe = probe
                 .as_ref()
-                .and_then(|p| p.http_get.as_ref())
-                .unwrap_or_else(|| panic!("{}: no {which} httpGet probe", r.overlay));
-            assert_eq!(get.path.as_deref(), Some(path), "{}: {which}", r.overlay);
-            let port_ok = match &get.port {
-                IntOrString::Int(port) => *port == 9477,
-                IntOrString::String(name) => metrics_port.name.as_deref() == Some(name.as_str()),
+                .unwrap_or_else(|| panic!("{}: no {which} probe", r.overlay));
+            assert!(
+                probe.http_get.is_none() && probe.tcp_socket.is_none() && probe.grpc.is_none(),
+                "{}: the {which} probe must not go through the shared port",
+                r.overlay
+            );
+            let command = probe
+                .exec
+                .as_ref()
+                .and_then(|e| e.command.as_deref())
+                .unwrap_or_else(|| panic!("{}: the {which} probe is not an exec probe", r.overlay));
+            let (socket, probed) = match command {
+                [bin, sub, flag, socket, probed]
+                    if *bin == binary && sub == "probe" && flag == "--socket" =>
+                {
+                    (socket, probed)
+                }
+                _ => panic!(
+                    "{}: {which} probe {command:?} is not `{binary} probe --socket SOCKET PATH`",
+                    r.overlay
+                ),
             };
-            assert!(port_ok, "{}: {which} probe is not on port 9477", r.overlay);
+            assert_eq!(probed, path, "{}: {which}", r.overlay);
+            assert!(
+                sockets.contains(&Path::new(socket)),
+                "{}: the {which} probe asks {socket}, which --metrics-addr {addr_flag} does not serve",
+                r.overlay
+            );
+            // The socket's directory is an emptyDir: per pod, so the two pods of a surge
+            // never answer each other's probes (a hostPath would be shared).
+            let mount = container
+                .volume_mounts
+                .iter()
+                .flatten()
+                .filter(|m| socket.starts_with(&format!("{}/", m.mount_path)))
+                .max_by_key(|m| m.mount_path.len())
+                .unwrap_or_else(|| panic!("{}: {socket} is on no volume", r.overlay));
+            assert_ne!(mount.read_only, Some(true), "{}: {socket}", r.overlay);
+            let volume = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == mount.name)
+                .unwrap();
+            assert!(
+                volume.empty_dir.is_some(),
+                "{}: {socket} is on volume {}, not an emptyDir",
+                r.overlay,
+                volume.name
+            );
         }
     }
 }
