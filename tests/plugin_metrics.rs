@@ -211,12 +211,53 @@ async fn prepare_and_unprepare_move_the_counters_that_prometheus_scrapes() {
     node.plugin.shutdown().await.unwrap();
 }
 
+/// GetInfo and NotifyRegistrationStatus(registered) on the registration socket.
+async fn register(plugin: &RunningPlugin) {
+    use tandem::plugin::proto::pluginregistration::{
+        InfoRequest, RegistrationStatus, registration_client::RegistrationClient,
+    };
+    let channel = unix_channel(&plugin.paths().registration).await.unwrap();
+    let mut registration = RegistrationClient::new(channel);
+    registration.get_info(InfoRequest {}).await.unwrap();
+    registration
+        .notify_registration_status(RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        })
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
-async fn probes_follow_the_first_publish_and_the_sockets() {
+async fn probes_follow_registration_the_first_publish_and_the_sockets() {
     let node = start_node().await;
     let (status, body) = get(node.http, "/readyz").await;
-    assert_eq!((status, body.contains("publish")), (503, true), "{body}");
+    assert_eq!((status, body.contains("registered")), (503, true), "{body}");
+    let (_, text) = get(node.http, "/metrics").await;
+    assert_eq!(
+        sample(&text, "tandem_kubelet_registered"),
+        Some(0.0),
+        "{text}"
+    );
+    // A publish alone does not make an unregistered plugin ready.
     node.metrics.record_publish(true);
+    assert_eq!(get(node.http, "/readyz").await.0, 503);
+    register(&node.plugin).await;
+    let mut registration = node.plugin.registration();
+    registration.wait_for(|s| s.is_registered()).await.unwrap();
+    // The gauge follows the watch on another task.
+    for _ in 0..100 {
+        if get(node.http, "/readyz").await.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, text) = get(node.http, "/metrics").await;
+    assert_eq!(
+        sample(&text, "tandem_kubelet_registered"),
+        Some(1.0),
+        "{text}"
+    );
     assert_eq!(get(node.http, "/readyz").await.0, 200);
     assert_eq!(get(node.http, "/healthz").await.0, 200);
     let (_, text) = get(node.http, "/metrics").await;

@@ -22,6 +22,8 @@ pub struct PluginConfig {
     pub registration_check_interval: Duration,
     /// How often the health stream repeats the device list when nothing changed.
     pub health_report_interval: Duration,
+    /// How often a warning repeats while the kubelet has not registered this instance.
+    pub registration_warn_interval: Duration,
 }
 
 impl PluginConfig {
@@ -35,6 +37,7 @@ impl PluginConfig {
             pod_uid: None,
             registration_check_interval: Duration::from_secs(5),
             health_report_interval: Duration::from_secs(30),
+            registration_warn_interval: Duration::from_secs(60),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Node plugin metrics (`tandem_plugin_*`, Prometheus text format) and the probes the
 //! DaemonSet points at: `/healthz` (both kubelet sockets exist, servers running) and `/readyz`
-//! (discovery done and the first ResourceSlice publish succeeded).
+//! (discovery done, the kubelet registered this instance, and the first ResourceSlice publish
+//! succeeded), plus `tandem_kubelet_registered`.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -80,7 +81,9 @@ pub struct PluginMetrics {
     netattach_pending: Gauge,
     netattach_attached: Gauge,
     claim_status_writes: Family<PublishLabels, Counter>,
+    kubelet_registered: Gauge,
     discovered: AtomicBool,
+    registered: AtomicBool,
     published: AtomicBool,
 }
 
@@ -92,7 +95,15 @@ impl Default for PluginMetrics {
 
 impl PluginMetrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("tandem_plugin");
+        let mut registry = Registry::default();
+        let kubelet_registered = Gauge::default();
+        registry.register(
+            "tandem_kubelet_registered",
+            "1 while the kubelet has this plugin instance registered (NotifyRegistrationStatus \
+             registered=true and the registration socket still in place), else 0",
+            kubelet_registered.clone(),
+        );
+        let plugin = registry.sub_registry_with_prefix("tandem_plugin");
         let requests = Family::<RequestLabels, Counter>::default();
         // 1 ms .. ~33 s: a prepare that moves netdevs or waits on the apiserver takes seconds.
         let durations = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
@@ -106,52 +117,52 @@ impl PluginMetrics {
         let netattach_pending = Gauge::default();
         let netattach_attached = Gauge::default();
         let claim_status_writes = Family::<PublishLabels, Counter>::default();
-        registry.register(
+        plugin.register(
             "netattach_pending_releases",
             "Interfaces of unprepared claims not yet back from their pod's network namespace",
             netattach_pending.clone(),
         );
-        registry.register(
+        plugin.register(
             "netattach_attached_interfaces",
             "Interfaces the attach hook moved into pods of prepared claims",
             netattach_attached.clone(),
         );
-        registry.register(
+        plugin.register(
             "claim_status_writes",
             "ResourceClaim status.devices writes for attached interfaces, by result",
             claim_status_writes.clone(),
         );
-        registry.register(
+        plugin.register(
             "requests",
             "Claims in kubelet prepare/unprepare calls, by method and outcome",
             requests.clone(),
         );
-        registry.register(
+        plugin.register(
             "request_duration_seconds",
             "Time to answer a kubelet prepare/unprepare call",
             durations.clone(),
         );
-        registry.register(
+        plugin.register(
             "prepared_claims",
             "Claims prepared by this plugin process and not unprepared since",
             prepared_claims.clone(),
         );
-        registry.register(
+        plugin.register(
             "devices",
             "Devices in the current inventory by kind and health",
             devices.clone(),
         );
-        registry.register(
+        plugin.register(
             "slice_publish",
             "ResourceSlice publish attempts by result",
             publishes.clone(),
         );
-        registry.register(
+        plugin.register(
             "last_publish_timestamp_seconds",
             "Unix time of the last successful ResourceSlice publish",
             last_publish.clone(),
         );
-        registry.register(
+        plugin.register(
             "discovery_problems",
             "Problems the last discovery reported (unreadable or unexpected sysfs entries)",
             discovery_problems.clone(),
@@ -169,7 +180,9 @@ impl PluginMetrics {
             netattach_pending,
             netattach_attached,
             claim_status_writes,
+            kubelet_registered,
             discovered: AtomicBool::new(false),
+            registered: AtomicBool::new(false),
             published: AtomicBool::new(false),
         }
     }
@@ -283,10 +296,36 @@ impl PluginMetrics {
         }
     }
 
+    /// Records whether the kubelet has this instance registered.
+    pub fn set_registered(&self, registered: bool) {
+        self.kubelet_registered.set(i64::from(registered));
+        self.registered.store(registered, Ordering::Release);
+    }
+
+    /// Mirrors `registration` into [`Self::set_registered`] until shutdown.
+    pub async fn follow_registration(
+        self: Arc<Self>,
+        mut registration: super::registration::RegistrationWatch,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            self.set_registered(registration.borrow_and_update().is_registered());
+            tokio::select! {
+                changed = registration.changed() => if changed.is_err() { return },
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
     /// `None` when ready, else why not.
     pub fn not_ready_reason(&self) -> Option<&'static str> {
         if !self.discovered.load(Ordering::Acquire) {
             Some("device discovery has not finished")
+        } else if !self.registered.load(Ordering::Acquire) {
+            Some(
+                "the kubelet has not registered this plugin instance yet \
+                 (no NotifyRegistrationStatus(registered=true) since the registration socket was created)",
+            )
         } else if !self.published.load(Ordering::Acquire) {
             Some("the first ResourceSlice publish has not succeeded yet")
         } else {
@@ -387,11 +426,23 @@ mod tests {
     }
 
     #[test]
-    fn readiness_waits_for_discovery_and_the_first_publish() {
+    fn readiness_waits_for_discovery_registration_and_the_first_publish() {
         let metrics = PluginMetrics::new();
         assert!(metrics.not_ready_reason().is_some());
         metrics.observe_inventory(&Inventory::default());
-        assert!(metrics.not_ready_reason().is_some());
+        assert!(
+            metrics
+                .not_ready_reason()
+                .is_some_and(|r| r.contains("registered"))
+        );
+        assert!(metrics.encode().contains("tandem_kubelet_registered 0"));
+        metrics.set_registered(true);
+        assert!(metrics.encode().contains("tandem_kubelet_registered 1"));
+        assert!(
+            metrics
+                .not_ready_reason()
+                .is_some_and(|r| r.contains("publish"))
+        );
         metrics.record_publish(false);
         assert!(metrics.not_ready_reason().is_some());
         metrics.record_publish(true);

@@ -1,6 +1,7 @@
 //! The kubelet-facing node agent: plugin registration, the DRA gRPC services (v1 and
 //! v1beta1 over one handler), the device health stream, and the Unix sockets they live on.
 
+pub mod authority;
 pub mod client;
 pub mod config;
 pub mod dra_service;

@@ -8,11 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
+use super::authority::KubeletStream;
 use super::config::PluginConfig;
 use super::dra_service::{ClaimPreparer, DraHandler, DraV1, DraV1beta1};
 use super::health::HealthService;
@@ -20,7 +23,7 @@ use super::metrics::PluginMetrics;
 use super::proto::dra_health_v1alpha1::dra_resource_health_server::DraResourceHealthServer;
 use super::proto::pluginregistration::registration_server::RegistrationServer;
 use super::proto::{dra_v1, dra_v1beta1};
-use super::registration::RegistrationService;
+use super::registration::{RegistrationService, RegistrationWatch};
 use super::sockets::{self, SerializeLock, SocketError, SocketPaths};
 use crate::topology::InventoryWatch;
 
@@ -49,10 +52,16 @@ pub enum ServeError {
 pub struct RunningPlugin {
     paths: SocketPaths,
     shutdown: CancellationToken,
+    registration: RegistrationWatch,
     task: JoinHandle<Result<(), ServeError>>,
 }
 
 impl RunningPlugin {
+    /// What the kubelet last told this instance about its registration.
+    pub fn registration(&self) -> RegistrationWatch {
+        self.registration.clone()
+    }
+
     /// The sockets, with absolute paths (the DRA path is what GetInfo reports).
     pub fn paths(&self) -> &SocketPaths {
         &self.paths
@@ -115,8 +124,8 @@ pub async fn start_with_metrics<P: ClaimPreparer>(
         preparer,
         paths.serialize_lock.clone().map(SerializeLock::new),
     );
-    if let Some(metrics) = metrics {
-        handler = handler.with_metrics(metrics);
+    if let Some(metrics) = &metrics {
+        handler = handler.with_metrics(metrics.clone());
     }
     let handler = Arc::new(handler);
     let health = HealthService::new(
@@ -134,10 +143,25 @@ pub async fn start_with_metrics<P: ClaimPreparer>(
         ))
         .add_service(DraResourceHealthServer::new(health))
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(dra_listener),
+            kubelet_connections(dra_listener, "dra"),
             shutdown.clone().cancelled_owned(),
         );
     let registration = RegistrationService::new(config.driver_name.clone(), paths.dra.clone());
+    let registration_watch = registration.watch();
+    if let Some(metrics) = &metrics {
+        tokio::spawn(
+            metrics
+                .clone()
+                .follow_registration(registration.watch(), shutdown.clone()),
+        );
+    }
+    tokio::spawn(warn_while_unregistered(
+        registration.clone(),
+        config.registry_dir.clone(),
+        paths.registration.clone(),
+        config.registration_warn_interval,
+        shutdown.clone(),
+    ));
     let registration_task = serve_registration(
         registration,
         paths.registration.clone(),
@@ -184,8 +208,56 @@ pub async fn start_with_metrics<P: ClaimPreparer>(
     Ok(RunningPlugin {
         paths,
         shutdown,
+        registration: registration_watch,
         task,
     })
+}
+
+/// The connections accepted on `listener`, each behind the `:authority` normalisation the
+/// kubelet's registration dial needs (see [`super::authority`]); `socket` names them in logs.
+fn kubelet_connections(
+    listener: UnixListener,
+    socket: &'static str,
+) -> impl tokio_stream::Stream<Item = io::Result<KubeletStream<UnixStream>>> {
+    UnixListenerStream::new(listener).map(move |accepted| {
+        accepted
+            .inspect_err(|error| tracing::warn!(socket, %error, "accepting a connection failed"))
+            .map(|stream| KubeletStream::new(stream, socket))
+    })
+}
+
+/// Warns every `interval` while the kubelet has not registered this instance, naming the
+/// directory we serve: the usual cause is a registry directory the kubelet does not watch.
+async fn warn_while_unregistered(
+    registration: RegistrationService,
+    registry_dir: PathBuf,
+    socket: PathBuf,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut state = registration.watch();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let current = state.borrow_and_update().clone();
+        if current.is_registered() {
+            // Quiet until the registration is lost again.
+            tokio::select! {
+                _ = state.wait_for(|s| !s.is_registered()) => continue,
+                () = shutdown.cancelled() => return,
+            }
+        }
+        tracing::warn!(
+            registry_dir = %registry_dir.display(),
+            socket = %socket.display(),
+            state = ?current,
+            get_info_calls = registration.info_served(),
+            "the kubelet has not registered this plugin; is --kubelet-registry-dir the \
+             directory the kubelet watches (<kubelet root>/plugins_registry)?"
+        );
+    }
 }
 
 fn absolute(path: &Path) -> Result<PathBuf, ServeError> {
@@ -233,7 +305,7 @@ async fn serve_registration(
         let server = Server::builder()
             .add_service(RegistrationServer::new(service.clone()))
             .serve_with_incoming_shutdown(
-                UnixListenerStream::new(bound),
+                kubelet_connections(bound, "registration"),
                 instance.clone().cancelled_owned(),
             );
         tokio::pin!(server);
@@ -261,6 +333,7 @@ async fn serve_registration(
                     socket = %path.display(),
                     "registration socket disappeared (kubelet restart?); recreating it"
                 );
+                service.mark_lost();
                 instance.cancel();
                 let _ = tokio::time::timeout(REGISTRATION_DRAIN_TIMEOUT, &mut server).await;
             }

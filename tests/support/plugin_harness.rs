@@ -66,6 +66,12 @@ impl PluginLayout {
         self.dir.path().join("plugins_registry/tandem.dev-reg.sock")
     }
 
+    /// Where [`Self::spawn_plugin`] appends the plugin's stderr.
+    #[allow(dead_code, reason = "only kubelet_wire reads the plugin's log")]
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("plugin.log")
+    }
+
     pub fn cdi_dir(&self) -> PathBuf {
         self.dir.path().join("cdi")
     }
@@ -80,7 +86,7 @@ impl PluginLayout {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join("plugin.log"))
+            .open(self.log_path())
             .unwrap();
         plugin_command(
             &self.node,

@@ -1,0 +1,627 @@
+//! Lets any `:authority` through to our gRPC handlers. The kubelet's plugin watcher dials the
+//! registration socket by bare path, so grpc-go sends the percent-encoded socket path
+//! (`%2Fvar%2Flib%2F…-reg.sock`) as HTTP/2 `:authority`; `h2`, under tonic, rejects that as a
+//! malformed URI and resets the stream before a handler runs. This layer sits between each
+//! accepted Unix stream and `h2`: it decodes every header block the client sends (HPACK, with
+//! the client's dynamic table), sets `:authority` to `localhost` (it names nothing on a Unix
+//! socket), and re-encodes the block without the dynamic table, so `h2`'s decoder state never
+//! depends on ours. All other frames pass through untouched. The server's replies pass through
+//! too, watched for stream resets and GOAWAYs, so that failures no handler sees are logged.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use loona_hpack::Decoder;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::server::Connected;
+
+/// What `:authority` becomes.
+pub const NORMALISED_AUTHORITY: &str = "localhost";
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER_LEN: usize = 9;
+const FRAME_HEADERS: u8 = 0x1;
+const FRAME_RST_STREAM: u8 = 0x3;
+const FRAME_GOAWAY: u8 = 0x7;
+const FRAME_CONTINUATION: u8 = 0x9;
+const FLAG_END_STREAM: u8 = 0x1;
+const FLAG_END_HEADERS: u8 = 0x4;
+const FLAG_PADDED: u8 = 0x8;
+const FLAG_PRIORITY: u8 = 0x20;
+/// SETTINGS_MAX_FRAME_SIZE and SETTINGS_HEADER_TABLE_SIZE as `h2` leaves them (it advertises
+/// neither, so the client assumes the RFC 9113 defaults).
+const MAX_FRAME_LEN: usize = 16_384;
+const HEADER_TABLE_SIZE: usize = 4_096;
+/// A header block larger than this (all its frames together) ends the connection; the
+/// kubelet's largest is under 200 bytes.
+const MAX_HEADER_BLOCK: usize = 1 << 20;
+
+/// Why a connection was ended before `h2` saw the offending bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("HEADERS frame of {len} bytes is over the {MAX_FRAME_LEN}-byte frame limit")]
+    FrameTooLarge { len: usize },
+    #[error("header block on stream {stream} is over {MAX_HEADER_BLOCK} bytes")]
+    BlockTooLarge { stream: u32 },
+    #[error(
+        "frame of type {frame_type:#x} on stream {got} while the header block of stream {open} awaits CONTINUATION"
+    )]
+    InterruptedBlock { open: u32, got: u32, frame_type: u8 },
+    #[error("CONTINUATION on stream {stream} without an open header block")]
+    StrayContinuation { stream: u32 },
+    #[error("HEADERS on stream {stream} with padding or priority longer than the frame")]
+    BadPadding { stream: u32 },
+    #[error("HPACK decoding of the header block on stream {stream} failed: {reason}")]
+    Hpack { stream: u32, reason: String },
+}
+
+/// Client-to-server byte rewriting, fed in whatever pieces the socket delivers.
+pub struct InboundRewriter {
+    mode: Mode,
+    /// Bytes of a frame header, or of a whole HEADERS/CONTINUATION frame, not yet complete.
+    pending: Vec<u8>,
+    /// Payload bytes of a passed-through frame still to come.
+    passthrough_left: usize,
+    block: Option<OpenBlock>,
+    decoder: Decoder<'static>,
+    requests: u64,
+    last_authority: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Matched this many bytes of the client preface so far.
+    Preface(usize),
+    Frames,
+    /// Not HTTP/2 with prior knowledge: passed on as is, for `h2` to refuse.
+    Raw,
+}
+
+struct OpenBlock {
+    stream: u32,
+    end_stream: bool,
+    priority: Option<[u8; 5]>,
+    fragment: Vec<u8>,
+}
+
+impl Default for InboundRewriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InboundRewriter {
+    pub fn new() -> Self {
+        let mut decoder = Decoder::new();
+        decoder.set_max_allowed_table_size(HEADER_TABLE_SIZE);
+        Self {
+            mode: Mode::Preface(0),
+            pending: Vec::new(),
+            passthrough_left: 0,
+            block: None,
+            decoder,
+            requests: 0,
+            last_authority: None,
+        }
+    }
+
+    /// Header blocks seen so far (requests and trailers).
+    pub fn header_blocks(&self) -> u64 {
+        self.requests
+    }
+
+    /// The `:authority` of the latest header block that had one, as the client sent it.
+    pub fn last_authority(&self) -> Option<&str> {
+        self.last_authority.as_deref()
+    }
+
+    /// True when the client did not open with the HTTP/2 preface.
+    pub fn is_raw(&self) -> bool {
+        self.mode == Mode::Raw
+    }
+
+    /// Consumes `input`, appending what `h2` should read to `out`. An error means the
+    /// connection cannot go on: the client broke HTTP/2 framing or HPACK.
+    pub fn push(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), WireError> {
+        while !input.is_empty() {
+            match self.mode {
+                Mode::Raw => {
+                    out.extend_from_slice(input);
+                    return Ok(());
+                }
+                Mode::Preface(matched) => {
+                    let take = (PREFACE.len() - matched).min(input.len());
+                    if input[..take] != PREFACE[matched..matched + take] {
+                        // The bytes matched so far are in `out` already.
+                        self.mode = Mode::Raw;
+                        continue;
+                    }
+                    out.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    self.mode = if matched + take == PREFACE.len() {
+                        Mode::Frames
+                    } else {
+                        Mode::Preface(matched + take)
+                    };
+                }
+                Mode::Frames => input = self.push_frames(input, out)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn push_frames<'a>(
+        &mut self,
+        mut input: &'a [u8],
+        out: &mut Vec<u8>,
+    ) -> Result<&'a [u8], WireError> {
+        if self.passthrough_left > 0 {
+            let take = self.passthrough_left.min(input.len());
+            out.extend_from_slice(&input[..take]);
+            self.passthrough_left -= take;
+            return Ok(&input[take..]);
+        }
+        if self.pending.len() < FRAME_HEADER_LEN {
+            let take = (FRAME_HEADER_LEN - self.pending.len()).min(input.len());
+            self.pending.extend_from_slice(&input[..take]);
+            input = &input[take..];
+            if self.pending.len() < FRAME_HEADER_LEN {
+                return Ok(input);
+            }
+            let header = FrameHeader::parse(&self.pending);
+            if let Some(open) = &self.block
+                && header.frame_type != FRAME_CONTINUATION
+            {
+                return Err(WireError::InterruptedBlock {
+                    open: open.stream,
+                    got: header.stream,
+                    frame_type: header.frame_type,
+                });
+            }
+            if !header.is_header_block() {
+                out.extend_from_slice(&self.pending);
+                self.pending.clear();
+                self.passthrough_left = header.len;
+                return Ok(input);
+            }
+            if header.len > MAX_FRAME_LEN {
+                return Err(WireError::FrameTooLarge { len: header.len });
+            }
+        }
+        // A HEADERS or CONTINUATION frame: its whole payload is needed to decode it.
+        let header = FrameHeader::parse(&self.pending);
+        let want = FRAME_HEADER_LEN + header.len - self.pending.len();
+        let take = want.min(input.len());
+        self.pending.extend_from_slice(&input[..take]);
+        if take == want {
+            let frame = std::mem::take(&mut self.pending);
+            self.header_frame(header, &frame[FRAME_HEADER_LEN..], out)?;
+        }
+        Ok(&input[take..])
+    }
+
+    fn header_frame(
+        &mut self,
+        header: FrameHeader,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), WireError> {
+        if header.frame_type == FRAME_CONTINUATION {
+            let Some(open) = self
+                .block
+                .as_mut()
+                .filter(|open| open.stream == header.stream)
+            else {
+                return Err(WireError::StrayContinuation {
+                    stream: header.stream,
+                });
+            };
+            open.fragment.extend_from_slice(payload);
+            if open.fragment.len() > MAX_HEADER_BLOCK {
+                return Err(WireError::BlockTooLarge {
+                    stream: header.stream,
+                });
+            }
+        } else {
+            let bad_padding = WireError::BadPadding {
+                stream: header.stream,
+            };
+            let mut body = payload;
+            let mut padding = 0;
+            if header.flags & FLAG_PADDED != 0 {
+                let (&pad, rest) = body.split_first().ok_or(bad_padding.clone())?;
+                padding = usize::from(pad);
+                body = rest;
+            }
+            let mut priority = None;
+            if header.flags & FLAG_PRIORITY != 0 {
+                let (fields, rest) = body.split_first_chunk::<5>().ok_or(bad_padding.clone())?;
+                priority = Some(*fields);
+                body = rest;
+            }
+            let fragment = body
+                .get(..body.len().checked_sub(padding).ok_or(bad_padding)?)
+                .unwrap_or_default();
+            self.block = Some(OpenBlock {
+                stream: header.stream,
+                end_stream: header.flags & FLAG_END_STREAM != 0,
+                priority,
+                fragment: fragment.to_vec(),
+            });
+        }
+        if header.flags & FLAG_END_HEADERS != 0
+            && let Some(block) = self.block.take()
+        {
+            self.finish_block(block, out)?;
+        }
+        Ok(())
+    }
+
+    fn finish_block(&mut self, block: OpenBlock, out: &mut Vec<u8>) -> Result<(), WireError> {
+        let mut encoded = Vec::with_capacity(block.fragment.len() * 2);
+        let mut authority = None;
+        self.decoder
+            .decode_with_cb(&block.fragment, |name, value| {
+                let value = if name.as_ref() == b":authority" {
+                    authority = Some(String::from_utf8_lossy(&value).into_owned());
+                    NORMALISED_AUTHORITY.as_bytes()
+                } else {
+                    value.as_ref()
+                };
+                encode_literal(&name, value, &mut encoded);
+            })
+            .map_err(|e| WireError::Hpack {
+                stream: block.stream,
+                reason: format!("{e:?}"),
+            })?;
+        self.requests += 1;
+        if authority.is_some() {
+            self.last_authority = authority;
+        }
+        write_header_frames(&block, &encoded, out);
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FrameHeader {
+    len: usize,
+    frame_type: u8,
+    flags: u8,
+    stream: u32,
+}
+
+impl FrameHeader {
+    /// `bytes` holds at least the 9 header bytes.
+    fn parse(bytes: &[u8]) -> Self {
+        Self {
+            len: usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]),
+            frame_type: bytes[3],
+            flags: bytes[4],
+            stream: u32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]) & 0x7fff_ffff,
+        }
+    }
+
+    fn is_header_block(&self) -> bool {
+        self.frame_type == FRAME_HEADERS || self.frame_type == FRAME_CONTINUATION
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        let len = self.len as u32;
+        out.extend_from_slice(&len.to_be_bytes()[1..]);
+        out.push(self.frame_type);
+        out.push(self.flags);
+        out.extend_from_slice(&self.stream.to_be_bytes());
+    }
+}
+
+/// HPACK "literal header field without indexing, new name", no Huffman: what it decodes to
+/// does not depend on any table.
+fn encode_literal(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
+    out.push(0x00);
+    encode_string(name, out);
+    encode_string(value, out);
+}
+
+fn encode_string(text: &[u8], out: &mut Vec<u8>) {
+    // RFC 7541 §5.1 integer with a 7-bit prefix, the H bit (Huffman) clear.
+    let mut len = text.len();
+    if len < 0x7f {
+        out.push(len as u8);
+    } else {
+        out.push(0x7f);
+        len -= 0x7f;
+        while len >= 0x80 {
+            out.push((len % 0x80) as u8 | 0x80);
+            len /= 0x80;
+        }
+        out.push(len as u8);
+    }
+    out.extend_from_slice(text);
+}
+
+/// One HEADERS frame and as many CONTINUATIONs as the frame size limit asks for.
+fn write_header_frames(block: &OpenBlock, encoded: &[u8], out: &mut Vec<u8>) {
+    let priority = block.priority.as_ref().map_or(&[][..], |p| &p[..]);
+    let first_room = MAX_FRAME_LEN - priority.len();
+    let (first, mut rest) = encoded.split_at(first_room.min(encoded.len()));
+    let mut flags = if rest.is_empty() { FLAG_END_HEADERS } else { 0 };
+    if block.end_stream {
+        flags |= FLAG_END_STREAM;
+    }
+    if block.priority.is_some() {
+        flags |= FLAG_PRIORITY;
+    }
+    FrameHeader {
+        len: priority.len() + first.len(),
+        frame_type: FRAME_HEADERS,
+        flags,
+        stream: block.stream,
+    }
+    .write(out);
+    out.extend_from_slice(priority);
+    out.extend_from_slice(first);
+    while !rest.is_empty() {
+        let (chunk, tail) = rest.split_at(MAX_FRAME_LEN.min(rest.len()));
+        rest = tail;
+        FrameHeader {
+            len: chunk.len(),
+            frame_type: FRAME_CONTINUATION,
+            flags: if rest.is_empty() { FLAG_END_HEADERS } else { 0 },
+            stream: block.stream,
+        }
+        .write(out);
+        out.extend_from_slice(chunk);
+    }
+}
+
+/// What the server sent that a handler never saw: a stream reset or a GOAWAY with an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerSignal {
+    Reset {
+        stream: u32,
+        code: u32,
+    },
+    GoAway {
+        last_stream: u32,
+        code: u32,
+        debug: String,
+    },
+}
+
+/// Follows the server-to-client frames, to report resets and GOAWAYs.
+#[derive(Default)]
+pub struct OutboundObserver {
+    pending: Vec<u8>,
+    skip: usize,
+}
+
+/// Enough of a GOAWAY's debug data to say why.
+const GOAWAY_KEPT: usize = 8 + 200;
+
+impl OutboundObserver {
+    pub fn push(&mut self, mut input: &[u8], signals: &mut Vec<ServerSignal>) {
+        while !input.is_empty() {
+            if self.skip > 0 {
+                let take = self.skip.min(input.len());
+                self.skip -= take;
+                input = &input[take..];
+                continue;
+            }
+            let want = if self.pending.len() < FRAME_HEADER_LEN {
+                FRAME_HEADER_LEN
+            } else {
+                FRAME_HEADER_LEN + self.kept_payload(FrameHeader::parse(&self.pending))
+            };
+            let take = (want - self.pending.len()).min(input.len());
+            self.pending.extend_from_slice(&input[..take]);
+            input = &input[take..];
+            if self.pending.len() < want {
+                continue;
+            }
+            let header = FrameHeader::parse(&self.pending);
+            let kept = self.kept_payload(header);
+            if self.pending.len() < FRAME_HEADER_LEN + kept {
+                continue;
+            }
+            let payload = &self.pending[FRAME_HEADER_LEN..];
+            match header.frame_type {
+                FRAME_RST_STREAM if payload.len() >= 4 => signals.push(ServerSignal::Reset {
+                    stream: header.stream,
+                    code: u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]),
+                }),
+                FRAME_GOAWAY if payload.len() >= 8 => signals.push(ServerSignal::GoAway {
+                    last_stream: u32::from_be_bytes([
+                        payload[0], payload[1], payload[2], payload[3],
+                    ]) & 0x7fff_ffff,
+                    code: u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]),
+                    debug: String::from_utf8_lossy(&payload[8..]).into_owned(),
+                }),
+                _ => {}
+            }
+            self.skip = header.len - kept;
+            self.pending.clear();
+        }
+    }
+
+    fn kept_payload(&self, header: FrameHeader) -> usize {
+        match header.frame_type {
+            FRAME_RST_STREAM | FRAME_GOAWAY => header.len.min(GOAWAY_KEPT),
+            _ => 0,
+        }
+    }
+}
+
+/// The HTTP/2 error code names (RFC 9113 §7), for the logs.
+pub fn error_code_name(code: u32) -> &'static str {
+    match code {
+        0x0 => "NO_ERROR",
+        0x1 => "PROTOCOL_ERROR",
+        0x2 => "INTERNAL_ERROR",
+        0x3 => "FLOW_CONTROL_ERROR",
+        0x4 => "SETTINGS_TIMEOUT",
+        0x5 => "STREAM_CLOSED",
+        0x6 => "FRAME_SIZE_ERROR",
+        0x7 => "REFUSED_STREAM",
+        0x8 => "CANCEL",
+        0x9 => "COMPRESSION_ERROR",
+        0xa => "CONNECT_ERROR",
+        0xb => "ENHANCE_YOUR_CALM",
+        0xc => "INADEQUATE_SECURITY",
+        0xd => "HTTP_1_1_REQUIRED",
+        _ => "UNKNOWN",
+    }
+}
+
+/// An accepted kubelet connection with the rewriting above; `socket` names it in the logs
+/// (`registration` or `dra`).
+pub struct KubeletStream<S> {
+    inner: S,
+    socket: &'static str,
+    inbound: InboundRewriter,
+    outbound: OutboundObserver,
+    /// Rewritten bytes `h2` has not read yet, from `out_pos` on.
+    out: Vec<u8>,
+    out_pos: usize,
+    read_buf: Box<[u8]>,
+    failed: bool,
+}
+
+impl<S> KubeletStream<S> {
+    pub fn new(inner: S, socket: &'static str) -> Self {
+        Self {
+            inner,
+            socket,
+            inbound: InboundRewriter::new(),
+            outbound: OutboundObserver::default(),
+            out: Vec::new(),
+            out_pos: 0,
+            read_buf: vec![0; 16 * 1024].into_boxed_slice(),
+            failed: false,
+        }
+    }
+
+    fn report(&self, signals: &[ServerSignal]) {
+        for signal in signals {
+            let authority = self.inbound.last_authority().unwrap_or("");
+            match *signal {
+                ServerSignal::Reset { stream, code } if code != 0 && code != 0x8 => {
+                    tracing::warn!(
+                        socket = self.socket,
+                        stream,
+                        code = error_code_name(code),
+                        authority,
+                        "gRPC server reset a stream before or while a handler ran"
+                    )
+                }
+                ServerSignal::GoAway {
+                    last_stream,
+                    code,
+                    debug: ref detail,
+                } if code != 0 => tracing::warn!(
+                    socket = self.socket,
+                    last_stream,
+                    code = error_code_name(code),
+                    detail = %detail,
+                    authority,
+                    "gRPC server closed the connection with an error"
+                ),
+                _ => {}
+            }
+        }
+    }
+}
+
+impl<S> Drop for KubeletStream<S> {
+    fn drop(&mut self) {
+        if self.failed {
+            return;
+        }
+        if self.inbound.is_raw() {
+            tracing::warn!(
+                socket = self.socket,
+                "connection did not start with the HTTP/2 preface (not a gRPC client?)"
+            );
+        } else if self.inbound.header_blocks() == 0 {
+            tracing::warn!(socket = self.socket, "connection closed before any request");
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for KubeletStream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.out_pos < this.out.len() {
+                let ready = &this.out[this.out_pos..];
+                let take = ready.len().min(buf.remaining());
+                buf.put_slice(&ready[..take]);
+                this.out_pos += take;
+                if this.out_pos == this.out.len() {
+                    this.out.clear();
+                    this.out_pos = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut raw = ReadBuf::new(&mut this.read_buf);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut raw) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let filled = raw.filled();
+            if filled.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            if let Err(error) = this.inbound.push(filled, &mut this.out) {
+                this.failed = true;
+                tracing::warn!(
+                    socket = this.socket,
+                    authority = this.inbound.last_authority().unwrap_or(""),
+                    %error,
+                    "closing a kubelet connection that broke HTTP/2"
+                );
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, error)));
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for KubeletStream<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        let mut signals = Vec::new();
+        this.outbound.push(&buf[..written], &mut signals);
+        this.report(&signals);
+        Poll::Ready(Ok(written))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: Connected> Connected for KubeletStream<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+#[cfg(test)]
+#[path = "authority_tests.rs"]
+mod tests;
