@@ -1097,6 +1097,171 @@ fn kind_scripts_parse() {
     }
 }
 
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+}
+
+/// A kubectl stand-in for the kind scripts: logs every call to `calls.log` beside it and
+/// answers the calls `case` lists (bash `case` patterns over the joined arguments) with the
+/// given shell snippet; any other call fails loudly.
+fn fake_kubectl(dir: &Path, answers: &[(&str, &str)]) {
+    let mut script = String::from(
+        "#!/usr/bin/env bash\nhere=\"$(dirname \"$0\")\"\nprintf '%s\\n' \"$*\" >> \"${here}/calls.log\"\ncase \"$*\" in\n",
+    );
+    for (pattern, answer) in answers {
+        script.push_str(&format!("  {pattern}) {answer} ;;\n"));
+    }
+    script.push_str("  *) echo \"fake kubectl: unexpected call: $*\" >&2; exit 1 ;;\nesac\n");
+    let path = dir.join("kubectl");
+    std::fs::write(&path, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Runs hack/kind/check.sh against the fake kubectl in `dir`: (success, stderr, calls).
+fn run_kind_check(dir: &Path) -> (bool, String, String) {
+    let path = std::env::join_paths(
+        std::iter::once(dir.to_path_buf())
+            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
+    )
+    .unwrap();
+    let output = Command::new("bash")
+        .arg(repo_root().join("hack/kind/check.sh"))
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let calls = std::fs::read_to_string(dir.join("calls.log")).unwrap_or_default();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+        calls,
+    )
+}
+
+/// A cluster with a Tandem example pod (claim from a template, allocated by tandem.dev) and a
+/// pod of another DRA driver (claim named directly), both running.
+fn cluster_with_two_drivers(other_driver_only: bool) -> (Value, Value) {
+    let mut claims = vec![serde_json::json!({
+        "metadata": {"namespace": "default", "name": "other-gpu"},
+        "status": {"allocation": {"devices": {"results": [
+            {"request": "gpu", "driver": "gpu.example.com", "pool": "worker", "device": "gpu-0"}
+        ]}}}
+    })];
+    let mut pods = vec![serde_json::json!({
+        "metadata": {"namespace": "default", "name": "other"},
+        "spec": {
+            "nodeName": "worker",
+            "resourceClaims": [{"name": "gpu", "resourceClaimName": "other-gpu"}],
+            "containers": [{"name": "main", "resources": {"claims": [{"name": "gpu"}]}}]
+        },
+        "status": {"phase": "Running"}
+    })];
+    if !other_driver_only {
+        claims.push(serde_json::json!({
+            "metadata": {"namespace": "default", "name": "gpu-with-nic-pair-x7k2p"},
+            "status": {"allocation": {"devices": {"results": [
+                {"request": "gpu", "driver": "tandem.dev", "pool": "worker", "device": "gpu-0000-1b-00-0"},
+                {"request": "nic", "driver": "tandem.dev", "pool": "worker", "device": "nic-0000-18-00-0"}
+            ]}}}
+        }));
+        // An unallocated claim of a pending pod, and the sidecar without a claim: neither
+        // is looked into.
+        claims.push(serde_json::json!({
+            "metadata": {"namespace": "default", "name": "pending-claim"}, "status": {}
+        }));
+        pods.push(serde_json::json!({
+            "metadata": {"namespace": "default", "name": "gpu-with-nic"},
+            "spec": {
+                "nodeName": "worker",
+                "resourceClaims": [{"name": "pair", "resourceClaimTemplateName": "gpu-with-nic"}],
+                "containers": [
+                    {"name": "main", "resources": {"claims": [{"name": "pair"}]}},
+                    {"name": "sidecar"}
+                ]
+            },
+            "status": {
+                "phase": "Running",
+                "resourceClaimStatuses": [{"name": "pair", "resourceClaimName": "gpu-with-nic-pair-x7k2p"}]
+            }
+        }));
+    }
+    (
+        serde_json::json!({"items": claims}),
+        serde_json::json!({"items": pods}),
+    )
+}
+
+#[test]
+fn kind_check_looks_only_at_pods_whose_claims_tandem_allocated() {
+    if !on_path("jq") {
+        eprintln!("SKIPPED kind_check_looks_only_at_pods_whose_claims_tandem_allocated: no jq");
+        return;
+    }
+    let pairs =
+        r#"{"pairs":[{"gpu":"gpu-0000-1b-00-0","nic":"nic-0000-18-00-0","affinity":"PIX"}]}"#;
+    for other_driver_only in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (claims, pods) = cluster_with_two_drivers(other_driver_only);
+        std::fs::write(dir.path().join("claims.json"), claims.to_string()).unwrap();
+        std::fs::write(dir.path().join("pods.json"), pods.to_string()).unwrap();
+        std::fs::write(dir.path().join("pairs.json"), pairs).unwrap();
+        let exec = "-n default exec gpu-with-nic -c main --";
+        fake_kubectl(
+            dir.path(),
+            &[
+                (
+                    "'--context kind-tandem get resourceclaims -A -o json'",
+                    "cat \"${here}/claims.json\"",
+                ),
+                (
+                    "'--context kind-tandem get pods -A -o json'",
+                    "cat \"${here}/pods.json\"",
+                ),
+                (
+                    &format!("'--context kind-tandem {exec} printenv TANDEM_PAIRS'"),
+                    "echo gpu-0000-1b-00-0=nic-0000-18-00-0:PIX",
+                ),
+                (
+                    &format!("'--context kind-tandem {exec} printenv TANDEM_NICS'"),
+                    "echo nic-0000-18-00-0",
+                ),
+                (
+                    &format!("'--context kind-tandem {exec} cat /var/run/tandem/topology.json'"),
+                    "cat \"${here}/pairs.json\"",
+                ),
+                (
+                    "'--context kind-tandem -n tandem-system get pods '*'spec.nodeName=worker'*",
+                    "printf tandem-node-x",
+                ),
+                (
+                    "'--context kind-tandem -n tandem-system exec tandem-node-x -- /tandem topo -o json'",
+                    "cat \"${here}/pairs.json\"",
+                ),
+            ],
+        );
+        let (ok, stderr, calls) = run_kind_check(dir.path());
+        assert!(
+            !calls.contains(" other "),
+            "check.sh looked into the other driver's pod:\n{calls}"
+        );
+        assert!(!calls.contains("sidecar"), "{calls}");
+        if other_driver_only {
+            assert!(!ok, "{stderr}");
+            assert!(
+                stderr.contains("no running pod uses a ResourceClaim allocated by tandem.dev"),
+                "{stderr}"
+            );
+        } else {
+            assert!(ok, "check.sh failed:\n{stderr}\ncalls:\n{calls}");
+            assert!(
+                stderr.contains("ok   default/gpu-with-nic [main] on worker"),
+                "{stderr}"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // RBAC coverage: the table below is every API call the code makes against a real apiserver,
 // one row per (call site file, object type). The source scan checks the table against the

@@ -1,25 +1,44 @@
 #!/usr/bin/env bash
 # Asserts that the example pods got paired devices: for every running pod that uses a
-# ResourceClaim, each of its claim-using containers must carry TANDEM_PAIRS, the same pairs
-# in /var/run/tandem/topology.json, and every pair at the affinity level that the node's own
-# optimal pairing gives that GPU (`tandem topo -o json` run in the node's plugin pod, e.g. PIX
-# on both dgx-h100 and gke-a4). Exits non-zero on the first kind of failure it finds.
+# ResourceClaim allocated by Tandem (a result of driver tandem.dev in its status.allocation;
+# pods of other DRA drivers in the same cluster are left alone), each container using such a
+# claim must carry TANDEM_PAIRS, the same pairs in /var/run/tandem/topology.json, and every
+# pair at the affinity level that the node's own optimal pairing gives that GPU (`tandem topo
+# -o json` run in the node's plugin pod, e.g. PIX on both dgx-h100 and gke-a4). Exits non-zero
+# on the first kind of failure it finds.
 # Needs: kubectl, jq, and a cluster from hack/kind/up.sh.
 set -euo pipefail
 # shellcheck source=hack/kind/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 require kubectl jq
 
-# One line per claim-using container of a running pod: namespace pod node container.
-targets=$(kc get pods -A -o json | jq -r --arg system "${NAMESPACE}" '
-  .items[]
+# "namespace/name" of every ResourceClaim with a device allocated by ${DRIVER}.
+tandem_claims=$(kc get resourceclaims -A -o json | jq -c --arg driver "${DRIVER}" '
+  [.items[]
+   | select(any(.status.allocation.devices.results[]?; .driver == $driver))
+   | "\(.metadata.namespace)/\(.metadata.name)"]')
+
+# One line per container of a running pod that uses one of those claims:
+# namespace pod node container. A pod claim names its ResourceClaim directly
+# (resourceClaimName) or through a template, whose generated claim's name is in
+# status.resourceClaimStatuses.
+targets=$(kc get pods -A -o json | jq -r --arg system "${NAMESPACE}" --argjson ours "${tandem_claims}" '
+  ($ours | map({(.): true}) | add // {}) as $tandem
+  | .items[]
   | select(.metadata.namespace != $system and .status.phase == "Running")
-  | select((.spec.resourceClaims // []) | length > 0)
   | . as $pod
+  | ([.status.resourceClaimStatuses[]? | select(.resourceClaimName != null)
+      | {key: .name, value: .resourceClaimName}] | from_entries) as $generated
+  | [.spec.resourceClaims[]?
+     | (.resourceClaimName // $generated[.name]) as $claim
+     | select($claim != null and $tandem["\($pod.metadata.namespace)/\($claim)"] == true)
+     | .name] as $pod_claims
+  | select($pod_claims | length > 0)
   | .spec.containers[]
-  | select((.resources.claims // []) | length > 0)
+  | select(any(.resources.claims[]?; .name as $used | any($pod_claims[]; . == $used)))
   | "\($pod.metadata.namespace) \($pod.metadata.name) \($pod.spec.nodeName) \(.name)"')
-[[ -n "${targets}" ]] || die "no running pod uses a ResourceClaim; run hack/kind/up.sh first"
+[[ -n "${targets}" ]] \
+  || die "no running pod uses a ResourceClaim allocated by ${DRIVER}; run hack/kind/up.sh first"
 
 # Compares one container's env pairs and topology file with the node's optimal pairing;
 # prints one line per problem.

@@ -64,12 +64,26 @@ kc get resourceslices --field-selector "spec.driver=${DRIVER}"
 
 examples="${REPO_ROOT}/deploy/examples"
 
-# Waits until every pod that uses a ResourceClaim runs; fails naming the ones that do not.
-wait_for_claim_pods() {
+# The example pods applied so far ("pod/NAME"), the ones up.sh waits for: pods of other
+# DRA drivers in a reused cluster are none of its business.
+example_pods=()
+apply_example() {
+  local file="$1" object
+  log "running ${file#"${REPO_ROOT}/"}"
+  while read -r object; do
+    if [[ "${object}" == pod/* ]]; then
+      example_pods+=("${object}")
+    fi
+  done < <(kc apply -f "${file}" -o name)
+}
+
+# Waits until every example pod runs; fails naming the ones that do not.
+wait_for_example_pods() {
   local pending=""
+  [[ "${#example_pods[@]}" -gt 0 ]] || return 0
   for _ in $(seq 1 90); do
-    pending=$(kc get pods -A -o json | jq -r '
-      .items[] | select((.spec.resourceClaims // []) | length > 0)
+    pending=$(kc get "${example_pods[@]}" -o json | jq -r '
+      (if .kind == "List" then .items[] else . end)
       | select(.status.phase != "Running" and .status.phase != "Succeeded")
       | "\(.metadata.namespace)/\(.metadata.name)"')
     [[ -z "${pending}" ]] && return 0
@@ -86,18 +100,16 @@ if [[ -d "${examples}" ]]; then
   # (Loops over the files rather than mapfile: macOS still ships bash 3.2.)
   for file in "${examples}"/*.yaml; do
     if grep -q 'allocationMode: All' "${file}"; then
-      log "running ${file#"${REPO_ROOT}/"}"
-      kc apply -f "${file}"
+      apply_example "${file}"
     fi
   done
-  wait_for_claim_pods
+  wait_for_example_pods
   for file in "${examples}"/*.yaml; do
     if ! grep -q 'allocationMode: All' "${file}"; then
-      log "running ${file#"${REPO_ROOT}/"}"
-      kc apply -f "${file}"
+      apply_example "${file}"
     fi
   done
-  wait_for_claim_pods
+  wait_for_example_pods
 else
   log "no deploy/examples directory; skipping the examples"
 fi
