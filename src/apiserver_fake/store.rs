@@ -734,18 +734,21 @@ impl Store {
         ctx: &WriteContext,
     ) -> Result<Value, ApiError> {
         let info = &KINDS[kind];
-        let keys: Vec<Key> = self
+        // The registry lists, deletes each item, and answers with the list as it read it.
+        let listed: Vec<(Key, Value)> = self
             .matching(kind, namespace, labels, fields)
-            .map(|(k, _)| k.clone())
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let mut items = Vec::new();
-        for (_, ns, name) in keys {
-            items.push(self.delete(kind, &ns, &name, &Value::Null, ctx)?);
+        let list_version = self.resource_version.to_string();
+        let mut items = Vec::with_capacity(listed.len());
+        for ((_, ns, name), object) in listed {
+            self.delete(kind, &ns, &name, &Value::Null, ctx)?;
+            items.push(object);
         }
         Ok(json!({
             "apiVersion": info.api_version(),
             "kind": format!("{}List", info.kind),
-            "metadata": {"resourceVersion": self.resource_version.to_string()},
+            "metadata": {"resourceVersion": list_version},
             "items": items,
         }))
     }
