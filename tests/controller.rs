@@ -422,6 +422,202 @@ async fn node_labels_follow_slices_as_a_nic_goes_down_and_back() {
     replica.stop().await;
 }
 
+/// PATCHes of Node `node` so far (the label and annotation writes).
+fn node_patches(server: &FakeApiServer, node: &str) -> usize {
+    let prefix = format!("PATCH /api/v1/nodes/{node}?");
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with(&prefix))
+        .count()
+}
+
+async fn create_node_with(
+    server: &FakeApiServer,
+    name: &str,
+    labels: &[(&str, &str)],
+    annotations: &[(&str, &str)],
+) {
+    let mut node: Node = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    node.metadata.labels = Some(
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    );
+    node.metadata.annotations = Some(
+        annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    );
+    Api::<Node>::all(server.client())
+        .create(&PostParams::default(), &node)
+        .await
+        .unwrap();
+}
+
+/// Labels and annotations of `node`.
+async fn metadata_of(
+    server: &FakeApiServer,
+    node: &str,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let node = Api::<Node>::all(server.client()).get(node).await.unwrap();
+    (
+        node.metadata.labels.unwrap_or_default(),
+        node.metadata.annotations.unwrap_or_default(),
+    )
+}
+
+/// Deletes `node`'s ResourceSlices directly, as the kubelet does when a plugin goes away.
+async fn wipe_slices(server: &FakeApiServer, node: &str) {
+    let slices: Api<ResourceSlice> = Api::all(server.client());
+    let selector = format!("spec.nodeName={node},spec.driver={DRIVER}");
+    slices
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().fields(&selector),
+        )
+        .await
+        .unwrap();
+    let left = slices
+        .list(&ListParams::default().fields(&selector))
+        .await
+        .unwrap();
+    assert!(left.items.is_empty(), "slices of {node} left: {left:?}");
+}
+
+fn owned(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn has_any_of_ours(
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+) -> bool {
+    [
+        names::LABEL_GPUS,
+        names::LABEL_RDMA_NICS,
+        names::LABEL_BEST_AFFINITY,
+    ]
+    .iter()
+    .any(|k| labels.contains_key(*k))
+        || annotations.contains_key(names::ANNOTATION_ALIGNMENT)
+}
+
+#[tokio::test]
+async fn nodes_without_slices_lose_exactly_our_labels_even_after_a_restart() {
+    let server = FakeApiServer::start().await.unwrap();
+    let inventory = dgx();
+    let foreign_labels = [("kubernetes.io/hostname", "gpu-1"), ("team", "a")];
+    let foreign_annotations = [("example.com/owner", "infra")];
+    create_node_with(&server, "gpu-1", &foreign_labels, &foreign_annotations).await;
+    create_node_with(&server, "gpu-2", &[("team", "b")], &[]).await;
+    // A tandem.dev/ label that is not ours and a CPU node that never runs the plugin.
+    create_node_with(
+        &server,
+        "cpu-1",
+        &[("tandem.dev/owner", "ops")],
+        &foreign_annotations,
+    )
+    .await;
+    for node in ["gpu-1", "gpu-2"] {
+        publish(&server, node, &slices_for(&inventory, node)).await;
+    }
+    let replica = Replica::start(&server, "replica-a");
+    for node in ["gpu-1", "gpu-2"] {
+        eventually("labels and annotation of a node with slices", || async {
+            let (labels, annotations) = metadata_of(&server, node).await;
+            (labels.get(names::LABEL_GPUS) == Some(&inventory.accelerators.len().to_string())
+                && annotations.contains_key(names::ANNOTATION_ALIGNMENT))
+            .then_some(())
+        })
+        .await;
+    }
+
+    // gpu-1's slices are wiped: one write takes ours off, everything else stays.
+    let before = node_patches(&server, "gpu-1");
+    wipe_slices(&server, "gpu-1").await;
+    eventually("gpu-1 without our labels and annotation", || async {
+        let (labels, annotations) = metadata_of(&server, "gpu-1").await;
+        (!has_any_of_ours(&labels, &annotations)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        metadata_of(&server, "gpu-1").await,
+        (owned(&foreign_labels), owned(&foreign_annotations))
+    );
+    assert_eq!(
+        node_patches(&server, "gpu-1") - before,
+        1,
+        "one removal write"
+    );
+    replica.stop().await;
+
+    // While no controller runs, gpu-2's slices go, and a node appears that a previous
+    // controller labelled but that has no slices now: no deletion event will ever say so.
+    wipe_slices(&server, "gpu-2").await;
+    let (stale_labels, stale_annotations) = metadata_of(&server, "gpu-2").await;
+    assert!(has_any_of_ours(&stale_labels, &stale_annotations));
+    let leftover_annotation = stale_annotations[names::ANNOTATION_ALIGNMENT].clone();
+    create_node_with(
+        &server,
+        "old-1",
+        &[(names::LABEL_BEST_AFFINITY, "PIX"), ("team", "c")],
+        &[(names::ANNOTATION_ALIGNMENT, &leftover_annotation)],
+    )
+    .await;
+    let before: Vec<usize> = ["gpu-1", "gpu-2", "old-1"]
+        .iter()
+        .map(|n| node_patches(&server, n))
+        .collect();
+    let replica = Replica::start(&server, "replica-b");
+    for (node, kept) in [
+        ("gpu-2", owned(&[("team", "b")])),
+        ("old-1", owned(&[("team", "c")])),
+    ] {
+        let (labels, annotations) = eventually("a fresh controller to clean up", || async {
+            let (labels, annotations) = metadata_of(&server, node).await;
+            (!has_any_of_ours(&labels, &annotations)).then_some((labels, annotations))
+        })
+        .await;
+        assert_eq!(labels, kept, "{node}");
+        assert!(annotations.is_empty(), "{node}: {annotations:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after: Vec<usize> = ["gpu-1", "gpu-2", "old-1"]
+        .iter()
+        .map(|n| node_patches(&server, n))
+        .collect();
+    assert_eq!(
+        after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>(),
+        [0, 1, 1],
+        "one write per node that had ours, none for gpu-1 (already clean)"
+    );
+    assert!(replica.metrics.reconciles(ReconcileKind::Node) > 0);
+    assert_eq!(
+        node_patches(&server, "cpu-1"),
+        0,
+        "a node that never had slices"
+    );
+    assert_eq!(
+        metadata_of(&server, "cpu-1").await,
+        (
+            owned(&[("tandem.dev/owner", "ops")]),
+            owned(&foreign_annotations)
+        )
+    );
+    replica.stop().await;
+}
+
 #[tokio::test]
 async fn rails_stay_stable_as_nodes_join_and_leave_and_across_restarts() {
     let server = FakeApiServer::start().await.unwrap();
