@@ -16,6 +16,9 @@ use tandem::sysfs::discover;
 use tandem::topology::Inventory;
 use tokio_util::sync::CancellationToken;
 
+#[path = "support/netns.rs"]
+mod netns;
+
 const DRIVER: &str = "tandem.dev";
 
 fn node() -> NodeIdentity {
@@ -259,6 +262,7 @@ async fn nic_port_down_taints_one_slice_and_recovery_clears_it() {
     let options = SliceOptions {
         device_taints: true,
         max_devices_per_slice: 4,
+        ..Default::default()
     };
     let healthy = build_slices(&inventory_of(&desc), &node(), DRIVER, &options);
     assert!(healthy.len() >= 4);
@@ -303,6 +307,7 @@ async fn nic_port_down_taints_one_slice_and_recovery_clears_it() {
         &SliceOptions {
             device_taints: false,
             max_devices_per_slice: 4,
+            ..Default::default()
         },
     );
     assert!(devices(&untainted).iter().all(|d| d.taints.is_none()));
@@ -326,6 +331,7 @@ async fn slice_set_changes_bump_the_generation_and_drop_leftovers() {
     let small = SliceOptions {
         device_taints: false,
         max_devices_per_slice: 4,
+        ..Default::default()
     };
     let inventory = inventory_of(&builtin("dgx-h100").unwrap());
     let many = build_slices(&inventory, &node(), DRIVER, &small);
@@ -457,6 +463,7 @@ async fn watch_repairs_deleted_and_edited_slices_and_shutdown_keeps_them() {
         &SliceOptions {
             device_taints: false,
             max_devices_per_slice: 8,
+            ..Default::default()
         },
     );
     let (_tx, rx) = tokio::sync::watch::channel(Arc::new(slices.clone()));
@@ -624,4 +631,213 @@ async fn link_watcher_starts_and_stops() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// Deletes the namespace on drop, pass or fail.
+struct NetnsGuard(String);
+
+impl Drop for NetnsGuard {
+    fn drop(&mut self) {
+        netns::delete_netns(&[&self.0]);
+    }
+}
+
+/// [`tandem::slices::network::interface_dump`] run inside the named namespace: on a thread of
+/// its own that enters it first, since a netlink socket belongs to its creator's namespace.
+fn dump_in(namespace: &str) -> tandem::slices::network::InterfaceDump {
+    let path = std::path::Path::new("/run/netns").join(namespace);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(tandem::slices::network::interface_dump())
+            .unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The node, with the interfaces read over real netlink in a network namespace that
+/// plays the host: eth0 carries the main default route, the node IP sits on a bridge over
+/// gpu1rdma0, gpu3rdma0 carries an IPv6 default, and gpu0rdma0 has a default only in its own
+/// table (per-NIC source routing). Only eth0, gpu1rdma0 and gpu3rdma0 stay out of the slices.
+#[tokio::test]
+async fn management_interfaces_read_over_netlink_stay_out_of_published_slices() {
+    use netns::ip;
+    use tandem::slices::{
+        ManagementReason, NetworkFacts, build_devices_leaving_out, build_slices_from_devices,
+    };
+    let (tag, _) = netns::unique_tag();
+    let namespace = format!("tslc{tag}");
+    if !netns::add_netns_or_skip(&namespace) {
+        return;
+    }
+    let _guard = NetnsGuard(namespace.clone());
+    let n = namespace.as_str();
+    let bridge = std::process::Command::new("ip")
+        .args(["-n", n, "link", "add", "br7", "type", "bridge"])
+        .output()
+        .unwrap();
+    if !bridge.status.success() {
+        eprintln!(
+            "skipping: cannot create a bridge: {}",
+            String::from_utf8_lossy(&bridge.stderr)
+        );
+        return;
+    }
+    for (i, name) in ["eth0", "gpu0rdma0", "gpu1rdma0", "gpu2rdma0", "gpu3rdma0"]
+        .iter()
+        .enumerate()
+    {
+        let peer = format!("peer{i}");
+        ip(&[
+            "-n", n, "link", "add", name, "type", "veth", "peer", "name", &peer,
+        ]);
+        ip(&["-n", n, "link", "set", &peer, "up"]);
+        ip(&["-n", n, "link", "set", name, "up"]);
+    }
+    ip(&["-n", n, "link", "set", "br7", "up"]);
+    ip(&["-n", n, "addr", "add", "10.77.0.2/24", "dev", "eth0"]);
+    ip(&[
+        "-n",
+        n,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.77.0.1",
+        "dev",
+        "eth0",
+    ]);
+    ip(&["-n", n, "addr", "add", "10.88.0.2/24", "dev", "gpu0rdma0"]);
+    ip(&[
+        "-n",
+        n,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.88.0.1",
+        "dev",
+        "gpu0rdma0",
+        "table",
+        "100",
+    ]);
+    ip(&["-n", n, "link", "set", "gpu1rdma0", "master", "br7"]);
+    ip(&["-n", n, "addr", "add", "10.99.0.2/24", "dev", "br7"]);
+    ip(&["-n", n, "addr", "add", "10.89.0.2/24", "dev", "gpu2rdma0"]);
+    ip(&[
+        "-n",
+        n,
+        "-6",
+        "addr",
+        "add",
+        "fd00:3::2/64",
+        "dev",
+        "gpu3rdma0",
+        "nodad",
+    ]);
+    ip(&[
+        "-n",
+        n,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        "fd00:3::1",
+        "dev",
+        "gpu3rdma0",
+    ]);
+
+    let dump = dump_in(&namespace);
+    assert_eq!(
+        dump.default_routes,
+        BTreeSet::from(["eth0".to_string(), "gpu3rdma0".to_string()]),
+        "{dump:?}"
+    );
+    assert!(
+        dump.upper_interfaces["gpu1rdma0"].contains("br7"),
+        "{dump:?}"
+    );
+    let mut facts = NetworkFacts::default();
+    dump.store_in(&mut facts);
+
+    let inventory = inventory_of(&builtin("gke-a4").unwrap());
+    let name_of = |if_name: &str| {
+        let nic = inventory
+            .nics
+            .iter()
+            .find(|n| n.if_name() == Some(if_name))
+            .unwrap();
+        tandem::names::nic_device_name(&nic.pci.address)
+    };
+    let options = SliceOptions {
+        node_ip: Some("10.99.0.2".parse().unwrap()),
+        ..Default::default()
+    };
+    let (built, left_out) = build_devices_leaving_out(&inventory, DRIVER, &options, &facts);
+    let reasons: Vec<(String, ManagementReason)> =
+        left_out.into_iter().map(|l| (l.device, l.reason)).collect();
+    let mut expected = vec![
+        (
+            name_of("eth0"),
+            ManagementReason::DefaultRoute { via: "eth0".into() },
+        ),
+        (
+            name_of("gpu1rdma0"),
+            ManagementReason::NodeIp {
+                via: "br7".into(),
+                ip: "10.99.0.2".parse().unwrap(),
+            },
+        ),
+        (
+            name_of("gpu3rdma0"),
+            ManagementReason::DefaultRoute {
+                via: "gpu3rdma0".into(),
+            },
+        ),
+    ];
+    expected.sort();
+    let mut reasons = reasons;
+    reasons.sort();
+    assert_eq!(reasons, expected);
+
+    // Published through the fake apiserver: the left-out NICs are nowhere in the stored
+    // slices, every other NIC is, with its subnet.
+    let server = FakeApiServer::start().await.unwrap();
+    let slices = build_slices_from_devices(built, &node(), DRIVER, &options);
+    Publisher::new(server.client(), DRIVER, "node-a")
+        .publish(&slices)
+        .await
+        .unwrap();
+    let published = stored(&server).await;
+    let names: BTreeSet<String> = devices(&published).iter().map(|d| d.name.clone()).collect();
+    for (device, _) in &expected {
+        assert!(!names.contains(device), "{device} published");
+    }
+    for if_name in ["gpu0rdma0", "gpu2rdma0", "gpu4rdma0"] {
+        assert!(names.contains(&name_of(if_name)), "{if_name} missing");
+    }
+    let gpu0 = devices(&published)
+        .into_iter()
+        .find(|d| d.name == name_of("gpu0rdma0"))
+        .unwrap();
+    assert_eq!(string_attr(gpu0, "tandem.dev/subnet"), Some("10.88.0.0/24"));
+
+    // The operator asks for them: everything is published.
+    let asked = SliceOptions {
+        publish_management_nics: true,
+        ..options
+    };
+    let (all, left_out) = build_devices_leaving_out(&inventory, DRIVER, &asked, &facts);
+    assert!(left_out.is_empty());
+    assert_eq!(
+        all.len(),
+        inventory.accelerators.len() + inventory.nics.len()
+    );
+    server.shutdown().await;
 }

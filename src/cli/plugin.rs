@@ -56,9 +56,13 @@ pub struct PluginArgs {
     /// or `cdi` (CDI 1.1 netDevices, moved by a runtime that implements them).
     #[arg(long, default_value = "hook")]
     pub netdev_attach: NetdevAttach,
-    /// The Kubernetes node IP; the interface holding it is never moved into a pod.
+    /// The Kubernetes node IP; the interface holding it is never moved into a pod, nor
+    /// published unless --publish-management-nics.
     #[arg(long, env = "NODE_IP")]
     pub node_ip: Option<IpAddr>,
+    /// Publish NICs that carry the node IP or a main-table default route as devices too.
+    #[arg(long)]
+    pub publish_management_nics: bool,
     /// The host network namespace, where released interfaces return (the plugin runs with
     /// hostNetwork, so its own).
     #[arg(long, default_value = "/proc/self/ns/net")]
@@ -261,6 +265,8 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
             node: args.node_name.clone(),
             options: SliceOptions {
                 device_taints: args.device_taints,
+                node_ip: args.node_ip,
+                publish_management_nics: args.publish_management_nics,
                 ..SliceOptions::default()
             },
             controller_namespace: args.controller_namespace.clone(),
@@ -307,16 +313,16 @@ struct SliceTarget {
 /// Re-reads NIC addresses (netlink) and the rail ConfigMap into `facts`. A failed read keeps
 /// the last value: a transient error must not strip subnets and rails from every NIC.
 async fn refresh_network(target: &SliceTarget, facts: &mut NetworkFacts) {
-    match network::interface_addresses().await {
-        Ok(mut addresses) => {
+    match network::interface_dump().await {
+        Ok(mut interfaces) => {
             let state_dir = target.state_dir.clone();
             let recorded = tokio::task::spawn_blocking(move || {
                 crate::netattach::record::recorded_interfaces(&state_dir)
             })
             .await
             .unwrap_or_default();
-            network::keep_attached_addresses(&mut addresses, &recorded);
-            facts.addresses = addresses;
+            network::keep_attached_addresses(&mut interfaces.addresses, &recorded);
+            interfaces.store_in(facts);
         }
         Err(error) => tracing::warn!(%error, "reading NIC addresses failed; keeping the last ones"),
     }

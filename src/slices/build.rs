@@ -14,7 +14,8 @@ use k8s_openapi::api::resource::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use std::collections::BTreeMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 /// The apiserver's per-slice device limits.
@@ -38,6 +39,11 @@ pub struct SliceOptions {
     pub device_taints: bool,
     /// Devices per slice, clamped to the apiserver's limits.
     pub max_devices_per_slice: usize,
+    /// The Kubernetes node IP: the NIC holding it is the node's own link to the cluster.
+    pub node_ip: Option<IpAddr>,
+    /// Publish NICs that carry the node IP or a default route too (off: a pod that took
+    /// one would cut the node off the cluster).
+    pub publish_management_nics: bool,
 }
 
 impl Default for SliceOptions {
@@ -45,6 +51,8 @@ impl Default for SliceOptions {
         Self {
             device_taints: false,
             max_devices_per_slice: MAX_DEVICES_PER_SLICE,
+            node_ip: None,
+            publish_management_nics: false,
         }
     }
 }
@@ -63,12 +71,19 @@ impl SliceOptions {
 }
 
 /// What the node knows about its NICs' IP networks, outside sysfs: the addresses of each
-/// netdev (`192.168.1.5/24` as the kernel reports them, read over netlink) and the rail
-/// ConfigMap's data, when the controller has written one.
+/// netdev (`192.168.1.5/24` as the kernel reports them, read over netlink), which interfaces
+/// a default route leaves through, how interfaces stack (bond or bridge ports, VLANs) and the
+/// rail ConfigMap's data, when the controller has written one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NetworkFacts {
     /// ifName → addresses with the prefix length the kernel holds for them.
     pub addresses: BTreeMap<String, Vec<String>>,
+    /// Interfaces that a main-table default route (IPv4 or IPv6) leaves through.
+    pub default_routes: BTreeSet<String>,
+    /// ifName → the interfaces stacked directly on it: its bond, team or bridge, and VLANs
+    /// or other links made on top of it. A NIC under a bond that holds the node IP carries
+    /// the node's traffic as much as one holding it itself.
+    pub upper_interfaces: BTreeMap<String, BTreeSet<String>>,
     /// Data of the rail ConfigMap (`tandem.dev/rail`); `None` publishes no rails.
     pub rails: Option<BTreeMap<String, String>>,
 }
@@ -88,6 +103,106 @@ impl NetworkFacts {
         let v4 = subnets.iter().find(|s| s.network().is_ipv4());
         v4.or_else(|| subnets.first()).copied()
     }
+}
+
+/// Why a NIC is the node's own link to the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ManagementReason {
+    /// `via` (the NIC's netdev, or an interface stacked on it) holds the node IP.
+    NodeIp { via: String, ip: IpAddr },
+    /// A main-table default route leaves through `via`.
+    DefaultRoute { via: String },
+}
+
+impl std::fmt::Display for ManagementReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NodeIp { via, ip } => write!(f, "{via} holds the node IP {ip}"),
+            Self::DefaultRoute { via } => write!(f, "the default route leaves through {via}"),
+        }
+    }
+}
+
+/// A NIC the builder kept out of the slices.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LeftOutNic {
+    /// The device name it would have had.
+    pub device: String,
+    pub if_name: Option<String>,
+    pub reason: ManagementReason,
+}
+
+/// Interfaces stacked on `if_name` at any depth, `if_name` first, then nearest first.
+fn interface_and_uppers<'a>(network: &'a NetworkFacts, if_name: &'a str) -> Vec<&'a str> {
+    let mut found = vec![if_name];
+    let mut next = 0;
+    while let Some(current) = found.get(next).copied() {
+        next += 1;
+        for upper in network.upper_interfaces.get(current).into_iter().flatten() {
+            if !found.contains(&upper.as_str()) {
+                found.push(upper);
+            }
+        }
+    }
+    found
+}
+
+fn holds_address(network: &NetworkFacts, if_name: &str, ip: IpAddr) -> bool {
+    network
+        .addresses
+        .get(if_name)
+        .into_iter()
+        .flatten()
+        .filter_map(|text| text.split('/').next()?.parse::<IpAddr>().ok())
+        .any(|address| address == ip)
+}
+
+fn management_reason(
+    nic: &Nic,
+    options: &SliceOptions,
+    network: &NetworkFacts,
+) -> Option<ManagementReason> {
+    for netdev in &nic.netdevs {
+        for via in interface_and_uppers(network, &netdev.name) {
+            if let Some(ip) = options.node_ip
+                && holds_address(network, via, ip)
+            {
+                return Some(ManagementReason::NodeIp {
+                    via: via.to_string(),
+                    ip,
+                });
+            }
+            if network.default_routes.contains(via) {
+                return Some(ManagementReason::DefaultRoute {
+                    via: via.to_string(),
+                });
+            }
+        }
+    }
+    None
+}
+
+/// The NICs that carry the node IP or a default route, which the slices leave out unless
+/// `options.publish_management_nics` says otherwise.
+pub fn management_nics(
+    inventory: &Inventory,
+    options: &SliceOptions,
+    network: &NetworkFacts,
+) -> Vec<LeftOutNic> {
+    if options.publish_management_nics {
+        return Vec::new();
+    }
+    inventory
+        .nics
+        .iter()
+        .filter_map(|nic| {
+            Some(LeftOutNic {
+                device: names::nic_device_name(&nic.pci.address),
+                if_name: nic.if_name().map(str::to_string),
+                reason: management_reason(nic, options, network)?,
+            })
+        })
+        .collect()
 }
 
 /// Loopback and link-local addresses say nothing about the fabric a NIC sits on.
@@ -340,8 +455,40 @@ pub fn build_devices(inventory: &Inventory, driver: &str, options: &SliceOptions
     build_devices_with_network(inventory, driver, options, &NetworkFacts::default())
 }
 
-/// [`build_devices`], with NIC subnets and rails from `network`.
+/// [`build_devices`], with NIC subnets and rails from `network`, and without the NICs that
+/// carry the node IP or a default route (see [`build_devices_leaving_out`]).
 pub fn build_devices_with_network(
+    inventory: &Inventory,
+    driver: &str,
+    options: &SliceOptions,
+    network: &NetworkFacts,
+) -> Vec<Device> {
+    build_devices_leaving_out(inventory, driver, options, network).0
+}
+
+/// The devices, and the management NICs left out of them. Pairing runs without those NICs
+/// too, so no published GPU names a peer that is not published.
+pub fn build_devices_leaving_out(
+    inventory: &Inventory,
+    driver: &str,
+    options: &SliceOptions,
+    network: &NetworkFacts,
+) -> (Vec<Device>, Vec<LeftOutNic>) {
+    let left_out = management_nics(inventory, options, network);
+    let inventory = if left_out.is_empty() {
+        Cow::Borrowed(inventory)
+    } else {
+        let mut kept = inventory.clone();
+        kept.nics.retain(|nic| {
+            let name = names::nic_device_name(&nic.pci.address);
+            !left_out.iter().any(|l| l.device == name)
+        });
+        Cow::Owned(kept)
+    };
+    (devices_of(&inventory, driver, options, network), left_out)
+}
+
+fn devices_of(
     inventory: &Inventory,
     driver: &str,
     options: &SliceOptions,
@@ -529,6 +676,8 @@ mod tests {
 
     fn facts(addresses: &[(&str, &[&str])], rails: Option<&[(&str, &str)]>) -> NetworkFacts {
         NetworkFacts {
+            default_routes: BTreeSet::new(),
+            upper_interfaces: BTreeMap::new(),
             addresses: addresses
                 .iter()
                 .map(|(name, list)| {
@@ -671,17 +820,204 @@ mod tests {
         let plain = SliceOptions {
             device_taints: false,
             max_devices_per_slice: 500,
+            ..Default::default()
         };
         assert_eq!(plain.devices_per_slice(), 128);
         let tainted = SliceOptions {
             device_taints: true,
             max_devices_per_slice: 128,
+            ..Default::default()
         };
         assert_eq!(tainted.devices_per_slice(), 64);
         let tiny = SliceOptions {
             device_taints: false,
             max_devices_per_slice: 0,
+            ..Default::default()
         };
         assert_eq!(tiny.devices_per_slice(), 1);
+    }
+
+    fn machine(name: &str) -> Inventory {
+        let dir = crate::fixture::scratch_dir().unwrap();
+        let roots =
+            crate::fixture::write_machine(&crate::fixture::builtin(name).unwrap(), dir.path())
+                .unwrap();
+        crate::sysfs::discover(&roots).unwrap()
+    }
+
+    fn nic_named<'a>(inventory: &'a Inventory, if_name: &str) -> &'a Nic {
+        inventory
+            .nics
+            .iter()
+            .find(|n| n.if_name() == Some(if_name))
+            .unwrap_or_else(|| panic!("no {if_name}"))
+    }
+
+    fn device_names(devices: &[Device]) -> Vec<&str> {
+        devices.iter().map(|d| d.name.as_str()).collect()
+    }
+
+    fn paired_with(devices: &[Device], name: &str) -> Option<String> {
+        devices
+            .iter()
+            .find(|d| d.name == name)?
+            .attributes
+            .as_ref()?
+            .get("tandem.dev/pairedWith")?
+            .string
+            .clone()
+    }
+
+    #[test]
+    fn the_nic_carrying_the_default_route_is_left_out_unless_asked_for() {
+        // The reported node: no accelerator, no RDMA NIC, just the VM's eth0 with the
+        // default route (gke-a4's gVNIC without the rest of the machine).
+        let mut inventory = machine("gke-a4");
+        inventory.accelerators.clear();
+        inventory.nics.retain(|n| !n.is_rdma());
+        let eth0 = names::nic_device_name(&nic_named(&inventory, "eth0").pci.address);
+        let mut network = facts(&[("eth0", &["10.128.0.5/32"])], None);
+        network.default_routes.insert("eth0".into());
+
+        let options = SliceOptions::default();
+        let (devices, left_out) =
+            build_devices_leaving_out(&inventory, "tandem.dev", &options, &network);
+        assert!(devices.is_empty(), "{:?}", device_names(&devices));
+        assert_eq!(
+            left_out,
+            [LeftOutNic {
+                device: eth0.clone(),
+                if_name: Some("eth0".into()),
+                reason: ManagementReason::DefaultRoute { via: "eth0".into() },
+            }]
+        );
+        assert_eq!(
+            left_out[0].reason.to_string(),
+            "the default route leaves through eth0"
+        );
+        let slices = build_slices_from_devices(
+            devices,
+            &NodeIdentity {
+                name: "vm".into(),
+                uid: String::new(),
+            },
+            "tandem.dev",
+            &options,
+        );
+        assert_eq!(slices.len(), 1, "the pool exists, empty");
+        assert_eq!(slices[0].spec.devices.as_ref().map(Vec::len), Some(0));
+
+        let asked = SliceOptions {
+            publish_management_nics: true,
+            ..SliceOptions::default()
+        };
+        let (devices, left_out) =
+            build_devices_leaving_out(&inventory, "tandem.dev", &asked, &network);
+        assert_eq!(device_names(&devices), [eth0.as_str()]);
+        assert!(left_out.is_empty());
+    }
+
+    #[test]
+    fn the_nic_holding_the_node_ip_is_left_out_and_the_rdma_nics_are_untouched() {
+        let inventory = machine("gke-a4");
+        let eth0 = names::nic_device_name(&nic_named(&inventory, "eth0").pci.address);
+        let all = build_devices(&inventory, "tandem.dev", &SliceOptions::default());
+        for node_ip in ["10.128.0.5", "fd00:10::5"] {
+            let options = SliceOptions {
+                node_ip: Some(node_ip.parse().unwrap()),
+                ..SliceOptions::default()
+            };
+            // No default route at all (a node routed by BGP, say): the node IP decides.
+            let network = facts(
+                &[("eth0", &["10.128.0.5/32", "fd00:10::5/64", "fe80::1/64"])],
+                None,
+            );
+            let (devices, left_out) =
+                build_devices_leaving_out(&inventory, "tandem.dev", &options, &network);
+            assert_eq!(left_out.len(), 1, "{left_out:?}");
+            assert_eq!(left_out[0].device, eth0);
+            assert_eq!(
+                left_out[0].reason,
+                ManagementReason::NodeIp {
+                    via: "eth0".into(),
+                    ip: node_ip.parse().unwrap()
+                }
+            );
+            // Every other device is exactly what it was, pairing attributes included.
+            let expected: Vec<&Device> = all.iter().filter(|d| d.name != eth0).collect();
+            assert_eq!(devices.iter().collect::<Vec<_>>(), expected, "{node_ip}");
+        }
+        // A node IP that no interface holds leaves everything in.
+        let elsewhere = SliceOptions {
+            node_ip: Some("192.0.2.1".parse().unwrap()),
+            ..SliceOptions::default()
+        };
+        let network = facts(&[("eth0", &["10.128.0.5/32"])], None);
+        assert!(management_nics(&inventory, &elsewhere, &network).is_empty());
+        assert_eq!(
+            build_devices_with_network(&inventory, "tandem.dev", &elsewhere, &network).len(),
+            all.len()
+        );
+    }
+
+    #[test]
+    fn a_nic_under_a_bridge_or_vlan_that_holds_the_node_ip_is_left_out() {
+        let inventory = machine("gke-a4");
+        let rdma1 = names::nic_device_name(&nic_named(&inventory, "gpu1rdma0").pci.address);
+        let options = SliceOptions {
+            node_ip: Some("10.0.0.7".parse().unwrap()),
+            ..SliceOptions::default()
+        };
+        // gpu1rdma0 is a port of br0; the node IP sits on a VLAN on br0.
+        let mut network = facts(&[("br0.100", &["10.0.0.7/24"])], None);
+        network.upper_interfaces = BTreeMap::from([
+            ("gpu1rdma0".to_string(), BTreeSet::from(["br0".to_string()])),
+            ("br0".to_string(), BTreeSet::from(["br0.100".to_string()])),
+            // A loop in the facts must not hang the builder.
+            (
+                "br0.100".to_string(),
+                BTreeSet::from(["gpu1rdma0".to_string()]),
+            ),
+        ]);
+        let left_out = management_nics(&inventory, &options, &network);
+        assert_eq!(left_out.len(), 1, "{left_out:?}");
+        assert_eq!(left_out[0].device, rdma1);
+        assert_eq!(
+            left_out[0].reason.to_string(),
+            "br0.100 holds the node IP 10.0.0.7"
+        );
+    }
+
+    #[test]
+    fn a_gpu_is_not_paired_with_a_management_nic_that_is_not_published() {
+        // The workstation pairs its GPU with the only (plain) NIC, which carries the default
+        // route: left out, the GPU must not name it as its peer.
+        let inventory = machine("workstation");
+        let nic = names::nic_device_name(&nic_named(&inventory, "enp5s0").pci.address);
+        let gpu = names::accelerator_device_name(&inventory.accelerators[0].pci.address);
+        let mut network = NetworkFacts::default();
+        network.default_routes.insert("enp5s0".into());
+        let asked = SliceOptions {
+            publish_management_nics: true,
+            ..SliceOptions::default()
+        };
+        let published = build_devices_with_network(&inventory, "tandem.dev", &asked, &network);
+        assert_eq!(paired_with(&published, &gpu), Some(nic.clone()));
+
+        let devices = build_devices_with_network(
+            &inventory,
+            "tandem.dev",
+            &SliceOptions::default(),
+            &network,
+        );
+        assert_eq!(device_names(&devices), [gpu.as_str()]);
+        assert_eq!(paired_with(&devices, &gpu), None);
+        assert!(
+            !devices[0]
+                .attributes
+                .as_ref()
+                .unwrap()
+                .contains_key("tandem.dev/pairGroup")
+        );
     }
 }

@@ -7,8 +7,9 @@ pub mod publish;
 pub mod rescan;
 
 pub use build::{
-    NetworkFacts, NodeIdentity, SliceOptions, build_devices, build_devices_with_network,
-    build_slices, build_slices_from_devices,
+    LeftOutNic, ManagementReason, NetworkFacts, NodeIdentity, SliceOptions, build_devices,
+    build_devices_leaving_out, build_devices_with_network, build_slices, build_slices_from_devices,
+    management_nics,
 };
 pub use publish::{PublishError, PublishReport, Publisher, node_identity};
 pub use rescan::{

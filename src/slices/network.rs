@@ -1,15 +1,20 @@
 //! NIC facts the slice builder needs that sysfs does not hold: each netdev's IP addresses,
-//! dumped over rtnetlink (RTM_GETADDR) in this process's network namespace, and the rail
-//! ConfigMap the cluster controller keeps. Both are I/O shells around `NetworkFacts`.
+//! which interfaces carry a default route and how interfaces stack, dumped over rtnetlink in
+//! this process's network namespace, and the rail ConfigMap the cluster controller keeps.
+//! Both are I/O shells around `NetworkFacts`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
+use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteMessage};
 
+use super::build::NetworkFacts;
 use crate::names;
 
 #[derive(Debug, thiserror::Error)]
@@ -68,39 +73,140 @@ pub fn keep_attached_addresses(
     }
 }
 
-/// Every interface's addresses (`ifName → ["192.168.1.5/24", ...]`, in kernel order).
-pub async fn interface_addresses() -> Result<BTreeMap<String, Vec<String>>, NetworkError> {
+/// The main routing table's id (`RT_TABLE_MAIN`).
+const MAIN_TABLE: u32 = 254;
+
+/// Indexes of the interfaces a main-table default route (either family) leaves through,
+/// multipath hops included. Defaults in other tables are per-NIC source routing, which RDMA
+/// NICs on multi-rail machines carry routinely; they do not make a NIC the node's own.
+pub fn default_route_interfaces(routes: &[RouteMessage]) -> BTreeSet<u32> {
+    let mut found = BTreeSet::new();
+    for route in routes {
+        let table = route
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Table(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap_or(u32::from(route.header.table));
+        if table != MAIN_TABLE || route.header.destination_prefix_length != 0 {
+            continue;
+        }
+        for attribute in &route.attributes {
+            match attribute {
+                RouteAttribute::Oif(index) => {
+                    found.insert(*index);
+                }
+                RouteAttribute::MultiPath(hops) => {
+                    found.extend(hops.iter().map(|hop| hop.interface_index));
+                }
+                _ => {}
+            }
+        }
+    }
+    found
+}
+
+/// `(lower, upper)` index pairs: a port and its bond, team, bridge or VRF (IFLA_MASTER), and
+/// a VLAN, macvlan or IPoIB child and the link it is made on (IFLA_LINK). A veth's IFLA_LINK
+/// names its peer, and a link in another namespace has an index that means nothing here;
+/// neither is stacking.
+pub fn stacked_links(links: &[LinkMessage]) -> Vec<(u32, u32)> {
+    let mut pairs = Vec::new();
+    for link in links {
+        let index = link.header.index;
+        let is_veth = link.attributes.iter().any(|a| {
+            matches!(a, LinkAttribute::LinkInfo(infos)
+                if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+        });
+        let other_namespace = link
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)));
+        for attribute in &link.attributes {
+            match attribute {
+                LinkAttribute::Controller(master) if *master != index => {
+                    pairs.push((index, *master))
+                }
+                LinkAttribute::Link(lower)
+                    if *lower != index && *lower != 0 && !is_veth && !other_namespace =>
+                {
+                    pairs.push((*lower, index))
+                }
+                _ => {}
+            }
+        }
+    }
+    pairs
+}
+
+/// One read of the interfaces of this network namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InterfaceDump {
+    /// `ifName → ["192.168.1.5/24", ...]`, in kernel order.
+    pub addresses: BTreeMap<String, Vec<String>>,
+    /// Interfaces a main-table default route leaves through.
+    pub default_routes: BTreeSet<String>,
+    /// ifName → the interfaces stacked directly on it.
+    pub upper_interfaces: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl InterfaceDump {
+    /// Replaces the interface facts in `facts`, leaving the rails as they are.
+    pub fn store_in(self, facts: &mut NetworkFacts) {
+        facts.addresses = self.addresses;
+        facts.default_routes = self.default_routes;
+        facts.upper_interfaces = self.upper_interfaces;
+    }
+}
+
+fn dump_failed(what: &'static str) -> impl Fn(rtnetlink::Error) -> NetworkError {
+    move |source| NetworkError::Dump { what, source }
+}
+
+/// Every interface's addresses, the main-table default routes and how links stack.
+pub async fn interface_dump() -> Result<InterfaceDump, NetworkError> {
     let (connection, handle, _) = rtnetlink::new_connection().map_err(NetworkError::Socket)?;
     let connection = tokio::spawn(connection);
     let dumped = async {
-        let links: Vec<_> =
-            handle
-                .link()
-                .get()
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|source| NetworkError::Dump {
-                    what: "link",
-                    source,
-                })?;
+        let links: Vec<_> = handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(dump_failed("link"))?;
         let addresses: Vec<_> = handle
             .address()
             .get()
             .execute()
             .try_collect()
             .await
-            .map_err(|source| NetworkError::Dump {
-                what: "address",
-                source,
-            })?;
-        Ok::<_, NetworkError>((links, addresses))
+            .map_err(dump_failed("address"))?;
+        let mut routes: Vec<RouteMessage> = handle
+            .route()
+            .get(all_tables(RouteMessageBuilder::<Ipv4Addr>::new().build()))
+            .execute()
+            .try_collect()
+            .await
+            .map_err(dump_failed("IPv4 route"))?;
+        routes.extend(
+            handle
+                .route()
+                .get(all_tables(RouteMessageBuilder::<Ipv6Addr>::new().build()))
+                .execute()
+                .try_collect::<Vec<_>>()
+                .await
+                .map_err(dump_failed("IPv6 route"))?,
+        );
+        Ok::<_, NetworkError>((links, addresses, routes))
     }
     .await;
     // The connection task only ends when every handle is gone; ours is the last one.
     drop(handle);
     connection.abort();
-    let (links, addresses) = dumped?;
+    let (links, addresses, routes) = dumped?;
     let names: BTreeMap<u32, String> = links
         .iter()
         .filter_map(|link| {
@@ -110,16 +216,41 @@ pub async fn interface_addresses() -> Result<BTreeMap<String, Vec<String>>, Netw
             })
         })
         .collect();
-    let mut by_interface: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut dump = InterfaceDump::default();
     for message in &addresses {
-        // An address whose link vanished between the two dumps belongs to no NIC we publish.
+        // An address whose link vanished between the dumps belongs to no NIC we publish.
         let (Some(name), Some(address)) = (names.get(&message.header.index), address_of(message))
         else {
             continue;
         };
-        by_interface.entry(name.clone()).or_default().push(address);
+        dump.addresses
+            .entry(name.clone())
+            .or_default()
+            .push(address);
     }
-    Ok(by_interface)
+    dump.default_routes = default_route_interfaces(&routes)
+        .iter()
+        .filter_map(|index| names.get(index).cloned())
+        .collect();
+    for (lower, upper) in stacked_links(&links) {
+        if let (Some(lower), Some(upper)) = (names.get(&lower), names.get(&upper)) {
+            dump.upper_interfaces
+                .entry(lower.clone())
+                .or_default()
+                .insert(upper.clone());
+        }
+    }
+    Ok(dump)
+}
+
+/// A route dump request for every table: the kernel filters by the header's table only
+/// under strict checking, so the filter is ours to apply either way.
+fn all_tables(mut message: RouteMessage) -> RouteMessage {
+    message.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    message
+        .attributes
+        .retain(|a| !matches!(a, RouteAttribute::Table(_)));
+    message
 }
 
 /// The rail ConfigMap's data, `None` when the controller has not written one (no rails yet).
@@ -167,10 +298,84 @@ mod tests {
 
     #[tokio::test]
     async fn loopback_holds_the_ipv4_loopback_prefix() {
-        let addresses = interface_addresses().await.unwrap();
-        let lo = addresses
+        let dump = interface_dump().await.unwrap();
+        let lo = dump
+            .addresses
             .get("lo")
-            .unwrap_or_else(|| panic!("no lo in {addresses:?}"));
+            .unwrap_or_else(|| panic!("no lo in {:?}", dump.addresses));
         assert!(lo.iter().any(|a| a == "127.0.0.1/8"), "{lo:?}");
+        assert!(!dump.default_routes.contains("lo"), "{dump:?}");
+    }
+
+    fn route(table: u32, prefix_len: u8, attributes: Vec<RouteAttribute>) -> RouteMessage {
+        let mut message = RouteMessage::default();
+        message.header.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+        message.header.destination_prefix_length = prefix_len;
+        message.attributes = attributes;
+        if table > 255 {
+            message.attributes.push(RouteAttribute::Table(table));
+        }
+        message
+    }
+
+    #[test]
+    fn only_main_table_defaults_count_multipath_hops_included() {
+        use rtnetlink::packet_route::route::RouteNextHop;
+        let hop = |index| {
+            let mut hop = RouteNextHop::default();
+            hop.interface_index = index;
+            hop
+        };
+        let routes = [
+            // default via eth0 in main
+            route(MAIN_TABLE, 0, vec![RouteAttribute::Oif(2)]),
+            // per-NIC source routing: a default in the NIC's own table
+            route(100, 0, vec![RouteAttribute::Oif(7)]),
+            route(1000, 0, vec![RouteAttribute::Oif(8)]),
+            // a subnet route out of an RDMA NIC in main
+            route(MAIN_TABLE, 24, vec![RouteAttribute::Oif(9)]),
+            // ECMP default over two uplinks, main table given as an attribute only
+            {
+                let mut r = route(0, 0, vec![RouteAttribute::MultiPath(vec![hop(3), hop(4)])]);
+                r.attributes.push(RouteAttribute::Table(MAIN_TABLE));
+                r
+            },
+            // unreachable default: no interface
+            route(MAIN_TABLE, 0, vec![]),
+        ];
+        assert_eq!(default_route_interfaces(&routes), BTreeSet::from([2, 3, 4]));
+    }
+
+    fn link(index: u32, attributes: Vec<LinkAttribute>) -> LinkMessage {
+        let mut message = LinkMessage::default();
+        message.header.index = index;
+        message.attributes = attributes;
+        message
+    }
+
+    #[test]
+    fn bond_ports_and_vlans_stack_veth_peers_and_foreign_links_do_not() {
+        let links = [
+            // eth0 and eth1 are ports of bond0 (10); bond0.100 (11) is a VLAN on bond0
+            link(2, vec![LinkAttribute::Controller(10)]),
+            link(3, vec![LinkAttribute::Controller(10)]),
+            link(11, vec![LinkAttribute::Link(10)]),
+            // a veth whose peer is index 5 here
+            link(
+                12,
+                vec![
+                    LinkAttribute::Link(5),
+                    LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Veth)]),
+                ],
+            ),
+            // a link whose lower device sits in another namespace
+            link(
+                13,
+                vec![LinkAttribute::Link(2), LinkAttribute::LinkNetNsId(1)],
+            ),
+            // a physical NIC: IFLA_LINK, when sent, is itself
+            link(14, vec![LinkAttribute::Link(14)]),
+        ];
+        assert_eq!(stacked_links(&links), [(2, 10), (3, 10), (10, 11)]);
     }
 }

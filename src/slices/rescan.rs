@@ -3,7 +3,7 @@
 //! slices for one period with a NoExecute taint so running pods learn it fell off the bus.
 
 use super::build::{
-    NetworkFacts, NodeIdentity, SliceOptions, build_devices_with_network,
+    LeftOutNic, NetworkFacts, NodeIdentity, SliceOptions, build_devices_leaving_out,
     build_slices_from_devices, gone_taint,
 };
 use crate::sysfs::{MachineRoots, discover};
@@ -224,12 +224,16 @@ pub async fn run_slice_builder(
     shutdown: CancellationToken,
 ) {
     let mut tracker = GoneTracker::new(gone_hold);
+    let mut left_out: Vec<LeftOutNic> = Vec::new();
     // Without a network source (sender gone) the last facts stay in use.
     let mut network_open = true;
     loop {
         let current = inventory.borrow_and_update().clone();
         let facts = network.borrow_and_update().clone();
-        let mut devices = build_devices_with_network(&current, &driver, &options, &facts);
+        let (mut devices, now_left_out) =
+            build_devices_leaving_out(&current, &driver, &options, &facts);
+        log_left_out_changes(&left_out, &now_left_out, &node.name);
+        left_out = now_left_out;
         if options.device_taints {
             devices = tracker.devices(devices, &driver, Instant::now());
         }
@@ -248,6 +252,32 @@ pub async fn run_slice_builder(
             changed = network.changed(), if network_open => network_open = changed.is_ok(),
             _ = tokio::time::sleep_until(expiry.unwrap_or_else(Instant::now)), if expiry.is_some() => {}
         }
+    }
+}
+
+/// Logs the NICs newly left out of the slices and the ones published again, so each change
+/// is said once rather than on every rebuild.
+fn log_left_out_changes(before: &[LeftOutNic], now: &[LeftOutNic], node: &str) {
+    for nic in now.iter().filter(|n| !before.contains(n)) {
+        tracing::info!(
+            node,
+            device = %nic.device,
+            interface = nic.if_name.as_deref().unwrap_or("-"),
+            reason = %nic.reason,
+            "NIC left out of the ResourceSlices: it carries the node's own traffic \
+             (--publish-management-nics publishes it)"
+        );
+    }
+    for nic in before
+        .iter()
+        .filter(|b| !now.iter().any(|n| n.device == b.device))
+    {
+        tracing::info!(
+            node,
+            device = %nic.device,
+            interface = nic.if_name.as_deref().unwrap_or("-"),
+            "NIC no longer carries the node IP or a default route; publishing it"
+        );
     }
 }
 
