@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 
 #[path = "support/claims.rs"]
 mod claims;
+#[allow(
+    dead_code,
+    reason = "the Python stand-ins make the calls; only the layout is used"
+)]
 #[path = "support/plugin_harness.rs"]
 mod plugin_harness;
 

@@ -17,6 +17,7 @@ use crate::names;
 use crate::plugin::config::PluginConfig;
 use crate::plugin::metrics::{Endpoint, Liveness, PluginMetrics};
 use crate::plugin::netattach_reconcile::ReconcileTarget;
+use crate::plugin::registration::RegistrationWatch;
 use crate::plugin::server;
 use crate::prepare::{NetdevAttach, PrepareConfig, Preparer};
 use crate::slices::{self, network};
@@ -258,6 +259,7 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let slices = tokio::spawn(publish_slices(
+        running.registration(),
         SliceTarget {
             client,
             state_dir: args.state_dir.clone(),
@@ -336,8 +338,10 @@ async fn refresh_network(target: &SliceTarget, facts: &mut NetworkFacts) {
 
 /// Keeps this node's ResourceSlices matching the inventory, the NICs' subnets and the rail
 /// map until shutdown: a network refresher feeds `slices::run_slice_builder`, whose desired
-/// slices `Publisher::run` makes true in the apiserver.
+/// slices `Publisher::run` makes true in the apiserver while the kubelet has us registered
+/// (see [`publish_while_registered`]).
 async fn publish_slices(
+    registration: RegistrationWatch,
     target: SliceTarget,
     inventory: InventoryWatch,
     shutdown: CancellationToken,
@@ -412,12 +416,58 @@ async fn publish_slices(
         return;
     }
     let metrics = target.metrics.clone();
-    let publisher = Publisher::new(target.client.clone(), &target.driver, &node)
-        .observe_publishes(Arc::new(move |ok| metrics.record_publish(ok)));
-    let publishing = tokio::spawn(publisher.run(desired_rx, shutdown.clone()));
+    let observe: Arc<dyn Fn(bool) + Send + Sync> = Arc::new(move |ok| metrics.record_publish(ok));
+    let (client, driver) = (target.client.clone(), target.driver.clone());
+    let publisher =
+        move || Publisher::new(client.clone(), &driver, &node).observe_publishes(observe.clone());
+    let publishing = tokio::spawn(publish_while_registered(
+        registration,
+        publisher,
+        desired_rx,
+        shutdown.clone(),
+    ));
     tokio::join!(refresher, metrics_follow_inventory);
     let _ = builder.await;
     let _ = publishing.await;
+}
+
+/// Publishes only while the kubelet has this instance registered: a slice is an offer of
+/// devices, and a claim allocated from it waits forever if the kubelet cannot reach us to
+/// prepare it. The kubelet deletes a driver's slices when it loses the plugin and never
+/// recreates them, so each new registration starts a publisher that lists and writes what is
+/// missing; a lost one pauses it (the kubelet does the wiping, 30 s after the last instance
+/// disconnects).
+async fn publish_while_registered(
+    mut registration: RegistrationWatch,
+    publisher: impl Fn() -> Publisher,
+    desired: watch::Receiver<Arc<Vec<k8s_openapi::api::resource::v1::ResourceSlice>>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            waited = registration.wait_for(|state| state.is_registered()) => {
+                if waited.is_err() {
+                    return;
+                }
+            }
+            () = shutdown.cancelled() => return,
+        }
+        tracing::info!("the kubelet registered this plugin: publishing ResourceSlices");
+        let paused = shutdown.child_token();
+        let running = tokio::spawn(publisher().run(desired.clone(), paused.clone()));
+        tokio::select! {
+            lost = registration.wait_for(|state| !state.is_registered()) => {
+                tracing::warn!(
+                    state = ?lost.map(|state| state.clone()).ok(),
+                    "the kubelet no longer has this plugin registered: ResourceSlice publishing \
+                     paused until it registers again"
+                );
+            }
+            () = shutdown.cancelled() => {}
+        }
+        paused.cancel();
+        let _ = running.await;
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use super::*;
 
 const REG_AUTHORITY: &str = "%2Fvar%2Flib%2Fkubelet%2Fplugins_registry%2Ftandem.dev-reg.sock";
 
-fn kubelet_headers(path: &str, authority: Option<&str>) -> Vec<(Vec<u8>, Vec<u8>)> {
+fn kubelet_headers(path: &str, authority: Option<&str>) -> HeaderList {
     let mut headers: Vec<(&str, &str)> = vec![(":method", "POST"), (":scheme", "http")];
     headers.push((":path", path));
     if let Some(authority) = authority {
@@ -40,13 +40,17 @@ fn frame(frame_type: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-fn encode(encoder: &mut Encoder<'static>, headers: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+fn encode(encoder: &mut Encoder<'static>, headers: &HeaderList) -> Vec<u8> {
     encoder.encode(headers.iter().map(|(n, v)| (&n[..], &v[..])))
 }
 
+/// A frame as (type, flags, stream, payload).
+type Frame = (u8, u8, u32, Vec<u8>);
+type HeaderList = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Splits `bytes` into frames (after the preface) and decodes every header block with one
 /// decoder, as the server would.
-fn server_view(bytes: &[u8]) -> (Vec<(u8, u8, u32, Vec<u8>)>, Vec<Vec<(Vec<u8>, Vec<u8>)>>) {
+fn server_view(bytes: &[u8]) -> (Vec<Frame>, Vec<HeaderList>) {
     assert_eq!(&bytes[..PREFACE.len()], PREFACE);
     let mut rest = &bytes[PREFACE.len()..];
     let mut frames = Vec::new();

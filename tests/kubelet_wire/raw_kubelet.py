@@ -49,6 +49,8 @@ class Connection:
         self.decoder = hpack.Decoder()
         self.highest_stream = 0
         self.events = []
+        self.pings_sent = 0
+        self.ping_acks = 0
 
     def send(self, data):
         self.sock.sendall(data)
@@ -96,8 +98,8 @@ class Connection:
             kind, flags, on_stream, payload = self.read_frame()
             if kind == SETTINGS and not flags & ACK:
                 self.send(frame(SETTINGS, ACK, 0))
-            elif kind == PING and not flags & ACK:
-                self.send(frame(PING, ACK, 0, payload))
+            elif kind == PING:
+                self.on_ping(flags, payload)
             elif kind == GOAWAY:
                 code = struct.unpack(">I", payload[4:8])[0]
                 raise ConnectionError(f"GOAWAY {ERROR_CODES.get(code, code)}: {payload[8:]!r}")
@@ -109,6 +111,7 @@ class Connection:
                 if payload:
                     # What grpc-go does after every DATA frame: return the window, probe the BDP.
                     self.send(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", len(payload))) + frame(PING, 0, 0, BDP_PING))
+                    self.pings_sent += 1
                 if flags & END_STREAM:
                     trailers = {}
             elif kind == HEADERS and on_stream == stream:
@@ -120,6 +123,21 @@ class Connection:
                 else:
                     trailers = decoded
         return response_headers or {}, body, trailers
+
+    def on_ping(self, flags, payload):
+        if flags & ACK:
+            if payload != BDP_PING:
+                raise ConnectionError(f"PING ACK with payload {payload.hex()}, sent {BDP_PING.hex()}")
+            self.ping_acks += 1
+        else:
+            self.send(frame(PING, ACK, 0, payload))
+
+    def await_ping_acks(self):
+        """grpc-go needs the server to ACK every BDP PING it sent."""
+        while self.ping_acks < self.pings_sent:
+            kind, flags, _, payload = self.read_frame()
+            if kind == PING:
+                self.on_ping(flags, payload)
 
     def close(self):
         self.send(frame(GOAWAY, 0, 0, struct.pack(">II", self.highest_stream, 0) + b"client transport shutdown"))
@@ -181,11 +199,14 @@ def register(path, mode):
             "/pluginregistration.Registration/NotifyRegistrationStatus", authority, b"\x08\x01", 4999795
         )
         result["notify_grpc_status"] = trailers.get("grpc-status")
+        conn.await_ping_acks()
+        result["bdp_pings_acked"] = conn.ping_acks
         conn.close()
         result["ok"] = (
             result["getinfo_grpc_status"] == "0"
             and result["notify_grpc_status"] == "0"
             and result["type"] == "DRAPlugin"
+            and result["bdp_pings_acked"] >= 2
         )
     except (ConnectionError, OSError, ValueError) as error:
         result["ok"] = False
