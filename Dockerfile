@@ -27,6 +27,9 @@ RUN cargo build --release --locked \
     && install -m 0755 target/release/tandem /tandem
 
 # glibc + libgcc and nothing else: the binary links rustls, not OpenSSL.
+# hack/build-image.sh builds the same image without a container engine (CI runs it) from
+# Debian bookworm packages. It reads this stage, ENTRYPOINT, USER and LABELs included, and
+# stops at an instruction it does not replicate: see docs/image.md before adding one.
 FROM gcr.io/distroless/cc-debian12:nonroot
 
 ARG VERSION=0.1.0

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# CI step: builds the container image without a container engine (hack/build-image.sh, umoci
+# and skopeo from Debian) and checks it: config as the Dockerfile says, `tandem version` run
+# inside it with its own libraries, the DaemonSet's `hook install` copying its /tandem.
+# Reuses a binary the CI run already built: $TANDEM_BINARY, else target/release/tandem, else
+# target/debug/tandem (what `cargo test` builds) with its debug info stripped; builds the
+# release binary only when there is none. Installs umoci, skopeo and binutils with apt-get when
+# missing and running as root; otherwise, outside CI=true, it says why it skips.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=${SECONDS}
+
+needed=()
+command -v umoci >/dev/null 2>&1 || needed+=(umoci)
+command -v skopeo >/dev/null 2>&1 || needed+=(skopeo)
+command -v objdump >/dev/null 2>&1 || needed+=(binutils)
+[[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]] || needed+=(debian-archive-keyring)
+if [[ ${#needed[@]} -gt 0 ]]; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing ${needed[*]} (apt)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends "${needed[@]}" >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends "${needed[@]}" >/dev/null; }
+  elif [[ "${CI:-}" == "true" ]]; then
+    echo "ci-image: ${needed[*]} missing and not root: cannot install them" >&2
+    exit 1
+  else
+    echo "== image check skipped: ${needed[*]} missing (apt-get install ${needed[*]})"
+    exit 0
+  fi
+fi
+
+out=target/image
+binary="${TANDEM_BINARY:-}"
+if [[ -z "${binary}" && -x target/release/tandem ]]; then
+  binary=target/release/tandem
+elif [[ -z "${binary}" && -x target/debug/tandem ]]; then
+  # Same code and the same libraries as the release build, 290 MB of it debug info.
+  mkdir -p "${out}"
+  objcopy --strip-debug target/debug/tandem "${out}/tandem-debug-stripped"
+  binary="${out}/tandem-debug-stripped"
+fi
+args=(--out "${out}" --archive docker
+  --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)")
+[[ -n "${binary}" ]] && args+=(--binary "${binary}")
+bash hack/build-image.sh "${args[@]}"
+rm -f "${out}/tandem-debug-stripped"
+echo "== image step took $((SECONDS - start)) s"
