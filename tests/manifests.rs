@@ -1263,6 +1263,406 @@ fn kind_check_looks_only_at_pods_whose_claims_tandem_allocated() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Uninstall: hack/uninstall.sh and the per-node cleanup it runs.
+
+const HOST_CLEANUP: &str = "deploy/uninstall/host-cleanup.yaml";
+
+/// Every path under `root` (files, sockets, directories), relative to it, as "/a/b".
+fn tree(root: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            out.insert(format!("/{}", path.strip_prefix(root).unwrap().display()));
+            if std::fs::symlink_metadata(&path).unwrap().is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// Creates `path` (absolute, as on the host) under `root`: a Unix socket for `*.sock`, else a
+/// small file, with its parent directories.
+fn plant(root: &Path, path: &str) {
+    let at = root.join(path.trim_start_matches('/'));
+    std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+    if path.ends_with(".sock") {
+        // Bound and dropped: the socket file stays, as after a killed plugin. Bound at a
+        // short path and moved, because a socket path has at most 107 bytes.
+        let short = root.join("s.sock");
+        drop(std::os::unix::net::UnixListener::bind(&short).unwrap());
+        std::fs::rename(&short, &at).unwrap();
+    } else {
+        std::fs::write(&at, b"x").unwrap();
+    }
+}
+
+#[test]
+fn host_cleanup_removes_exactly_what_the_node_plugin_leaves_on_a_node() {
+    let text = std::fs::read_to_string(repo_root().join(HOST_CLEANUP)).unwrap();
+    let mut namespaces: Vec<Namespace> = Vec::new();
+    let mut daemon_sets: Vec<DaemonSet> = Vec::new();
+    for document in serde_norway::Deserializer::from_str(&text) {
+        let doc = Value::deserialize(document).unwrap();
+        match (doc["apiVersion"].as_str(), doc["kind"].as_str()) {
+            (Some("v1"), Some("Namespace")) => namespaces.push(typed(HOST_CLEANUP, &doc)),
+            (Some("apps/v1"), Some("DaemonSet")) => daemon_sets.push(typed(HOST_CLEANUP, &doc)),
+            other => panic!("{HOST_CLEANUP}: unexpected object {other:?}"),
+        }
+    }
+    let [namespace] = &namespaces[..] else {
+        panic!("{HOST_CLEANUP}: one Namespace");
+    };
+    let [ds] = &daemon_sets[..] else {
+        panic!("{HOST_CLEANUP}: one DaemonSet");
+    };
+    // Its own namespace (tandem-system is gone by then), which allows hostPath volumes, and
+    // the names hack/uninstall.sh waits for and deletes.
+    let namespace_name = namespace.metadata.name.as_deref().unwrap();
+    assert_ne!(namespace_name, names::DEFAULT_CONTROLLER_NAMESPACE);
+    assert_eq!(ds.metadata.namespace.as_deref(), Some(namespace_name));
+    assert_eq!(
+        namespace
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("pod-security.kubernetes.io/enforce"))
+            .map(String::as_str),
+        Some("privileged")
+    );
+    let script = std::fs::read_to_string(repo_root().join("hack/uninstall.sh")).unwrap();
+    for name in [
+        HOST_CLEANUP,
+        namespace_name,
+        ds.metadata.name.as_deref().unwrap(),
+    ] {
+        assert!(
+            script.contains(name),
+            "hack/uninstall.sh does not use {name}"
+        );
+    }
+
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert!(
+        pod.tolerations
+            .iter()
+            .flatten()
+            .any(|t| t.key.is_none() && t.operator.as_deref() == Some("Exists")),
+        "the cleanup must reach tainted GPU nodes too"
+    );
+    let [clean] = pod.init_containers.as_deref().unwrap_or_default() else {
+        panic!("one init container does the cleanup");
+    };
+    let command = clean.command.as_deref().unwrap();
+    let [shell, dash_c, cleanup] = command else {
+        panic!("the cleanup is `sh -c SCRIPT`: {command:?}");
+    };
+    assert_eq!((shell.as_str(), dash_c.as_str()), ("sh", "-c"));
+    let host_root = plain_env(clean, "HOST_ROOT").unwrap();
+
+    // What a node that ran the plugin holds, spelled by the code that writes it.
+    let driver = names::DEFAULT_DRIVER_NAME;
+    let prepare = tandem::prepare::PrepareConfig::new(driver, "node");
+    let registry = Path::new(names::DEFAULT_KUBELET_REGISTRY_DIR);
+    let plugins = Path::new(names::DEFAULT_KUBELET_PLUGINS_DIR);
+    let shared = tandem::plugin::sockets::SocketPaths::new(driver, registry, plugins, None);
+    let per_pod = tandem::plugin::sockets::SocketPaths::new(
+        driver,
+        registry,
+        plugins,
+        Some("6f1c2a8e-3b4d-4e5f-9a0b-1c2d3e4f5a6b"),
+    );
+    let spec = prepare.cdi_dir.join(tandem::prepare::cdi::spec_file_name(
+        driver,
+        "3c0a1b2c-0000-4000-8000-000000000001",
+    ));
+    let spec_temp = prepare.cdi_dir.join(format!(
+        ".{}.Ab12Cd{}",
+        tandem::prepare::cdi::spec_file_name(driver, "u2"),
+        ".tmp"
+    ));
+    let hook = Path::new("/opt/tandem/bin/tandem");
+    let ours: Vec<PathBuf> = vec![
+        prepare.state_dir.join("checkpoint.json"),
+        prepare.state_dir.join("claims/u1/topology.json"),
+        hook.to_path_buf(),
+        shared.registration.clone(),
+        shared.dra.clone(),
+        per_pod.registration.clone(),
+        per_pod.dra.clone(),
+        per_pod.serialize_lock.clone().unwrap(),
+        spec.clone(),
+        spec_temp.clone(),
+    ];
+    // Neighbours that look alike and must stay.
+    let theirs = [
+        "/var/lib/kubelet/plugins_registry/gpu.example.com-reg.sock",
+        "/var/lib/kubelet/plugins_registry/tandem.dev-old-reg.sock",
+        "/var/lib/kubelet/plugins/gpu.example.com/dra.sock",
+        "/var/lib/kubelet/pods/p1/volumes/data",
+        "/var/lib/tandem-backup/checkpoint.json",
+        "/var/run/cdi/gpu.example.com-claim_u1.json",
+        "/var/run/cdi/nvidia.yaml",
+        "/opt/tandem-tools/bin/tool",
+        "/opt/cni/bin/bridge",
+    ];
+
+    let node = tempfile::tempdir().unwrap();
+    let host = node.path().join("host");
+    for path in ours.iter().map(|p| p.to_str().unwrap()).chain(theirs) {
+        plant(&host, path);
+    }
+    let before = tree(&host);
+    let run = Command::new("sh")
+        .args(["-c", cleanup])
+        .env("HOST_ROOT", &host)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "cleanup failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let after = tree(&host);
+
+    // Gone: every file of ours and the directories only Tandem uses, nothing else.
+    let gone_roots = [
+        prepare.state_dir.clone(),
+        PathBuf::from("/opt/tandem"),
+        shared.plugin_dir.clone(),
+        shared.registration.clone(),
+        per_pod.registration.clone(),
+        spec.clone(),
+        spec_temp.clone(),
+    ];
+    let expected_gone: BTreeSet<String> = before
+        .iter()
+        .filter(|p| {
+            gone_roots
+                .iter()
+                .any(|root| Path::new(p.as_str()).starts_with(root))
+        })
+        .cloned()
+        .collect();
+    let gone: BTreeSet<String> = before.difference(&after).cloned().collect();
+    assert_eq!(gone, expected_gone, "removed (left) and expected (right)");
+    for path in &ours {
+        assert!(
+            !after.contains(path.to_str().unwrap()),
+            "{} survived",
+            path.display()
+        );
+    }
+    for path in theirs {
+        assert!(after.contains(path), "{path} was removed");
+    }
+    let log = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        log.contains(&format!("removed {}", prepare.state_dir.display())),
+        "{log}"
+    );
+
+    // Each removed path is reached through a writable mount of the same host path.
+    for root in &gone_roots {
+        let inside = format!("{host_root}{}", root.display());
+        assert_eq!(
+            host_path_of(pod, clean, &inside).as_deref(),
+            root.to_str(),
+            "{inside} is not the host's {}",
+            root.display()
+        );
+        let (_, read_only) = host_mount_holding(pod, clean, &inside).unwrap();
+        assert!(!read_only, "{inside} is mounted read-only");
+    }
+
+    // Run twice (a retried pod, a node already clean): nothing to do is no failure.
+    let again = Command::new("sh")
+        .args(["-c", cleanup])
+        .env("HOST_ROOT", &host)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(tree(&host), after);
+}
+
+/// Runs hack/uninstall.sh with the fake kubectl in `dir`: (success, stderr, calls).
+fn run_uninstall(dir: &Path, args: &[&str]) -> (bool, String, Vec<String>) {
+    let path = std::env::join_paths(
+        std::iter::once(dir.to_path_buf())
+            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap())),
+    )
+    .unwrap();
+    let output = Command::new("bash")
+        .arg(repo_root().join("hack/uninstall.sh"))
+        .args(args)
+        .env("PATH", path)
+        .env(
+            "TANDEM_CLEANUP_IMAGE",
+            "mirror.example.com/library/busybox:1.37",
+        )
+        .output()
+        .unwrap();
+    let calls = std::fs::read_to_string(dir.join("calls.log")).unwrap_or_default();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+        calls.lines().map(str::to_string).collect(),
+    )
+}
+
+/// The fake apiserver side of an uninstall: `claims` is what the claim listing prints
+/// ("namespace/name driver..." lines), `rollout` the exit status of the cleanup's rollout.
+fn fake_uninstall_kubectl(dir: &Path, claims: &str, rollout: u8) {
+    std::fs::write(dir.join("claims.txt"), claims).unwrap();
+    let rollout = format!("exit {rollout}");
+    fake_kubectl(
+        dir,
+        &[
+            (
+                "'get resourceclaims -A -o jsonpath='*",
+                "cat \"${here}/claims.txt\"",
+            ),
+            ("'delete -k '*' --ignore-not-found --wait=true'*", "true"),
+            (
+                "'delete resourceslices --field-selector spec.driver=tandem.dev --ignore-not-found'",
+                "true",
+            ),
+            ("'label nodes --all '*", "echo 'label \"x\" not found.'"),
+            ("'annotate nodes --all '*", "true"),
+            ("'apply -f -'", "cat > \"${here}/applied.yaml\""),
+            (
+                "'-n tandem-uninstall rollout status daemonset/tandem-host-cleanup '*",
+                &rollout,
+            ),
+            ("'-n tandem-uninstall get pods -o wide'", "true"),
+            ("'-n tandem-uninstall logs '*", "true"),
+            (
+                "'delete namespace tandem-uninstall --ignore-not-found --wait=true'*",
+                "true",
+            ),
+        ],
+    );
+}
+
+/// The first word after the verb of each call, to compare orders: "delete -k", "label".
+fn steps(calls: &[String]) -> Vec<String> {
+    calls
+        .iter()
+        .map(|c| {
+            let words: Vec<&str> = c.split_whitespace().collect();
+            let words = if words.first() == Some(&"-n") {
+                &words[2..]
+            } else {
+                &words[..]
+            };
+            words[..2.min(words.len())].join(" ")
+        })
+        .collect()
+}
+
+#[test]
+fn uninstall_removes_objects_slices_node_marks_and_host_files_in_that_order() {
+    let dir = tempfile::tempdir().unwrap();
+    fake_uninstall_kubectl(
+        dir.path(),
+        "default/other-gpu gpu.example.com\ndefault/unallocated \n",
+        0,
+    );
+    let (ok, stderr, calls) = run_uninstall(dir.path(), &[]);
+    assert!(ok, "uninstall failed:\n{stderr}\ncalls: {calls:#?}");
+    // Objects first, waiting until they are gone: no plugin re-publishes slices or rewrites
+    // host files, no controller re-labels nodes after the later steps.
+    assert_eq!(
+        steps(&calls),
+        [
+            "get resourceclaims",
+            "delete -k",
+            "delete resourceslices",
+            "label nodes",
+            "annotate nodes",
+            "apply -f",
+            "rollout status",
+            "delete namespace",
+        ]
+    );
+    assert!(
+        calls[1].contains(
+            &repo_root()
+                .join("deploy/overlays/production")
+                .display()
+                .to_string()
+        ),
+        "{}",
+        calls[1]
+    );
+    let label_call: BTreeSet<&str> = calls[3].split_whitespace().skip(3).collect();
+    let want: BTreeSet<String> = [
+        names::LABEL_GPUS,
+        names::LABEL_RDMA_NICS,
+        names::LABEL_BEST_AFFINITY,
+    ]
+    .iter()
+    .map(|l| format!("{l}-"))
+    .collect();
+    assert_eq!(
+        label_call,
+        want.iter().map(String::as_str).collect(),
+        "{}",
+        calls[3]
+    );
+    assert!(
+        calls[4].ends_with(&format!(" {}-", names::ANNOTATION_ALIGNMENT)),
+        "{}",
+        calls[4]
+    );
+
+    // What it applied is the cleanup manifest with the image swapped, nothing else changed.
+    let applied = std::fs::read_to_string(dir.path().join("applied.yaml")).unwrap();
+    let shipped = std::fs::read_to_string(repo_root().join(HOST_CLEANUP)).unwrap();
+    let swapped = shipped.replace(
+        "image: busybox:1.37",
+        "image: mirror.example.com/library/busybox:1.37",
+    );
+    assert_ne!(swapped, shipped, "the manifest names busybox:1.37");
+    assert_eq!(applied, swapped);
+}
+
+#[test]
+fn uninstall_refuses_while_tandem_claims_are_allocated_and_reports_unclean_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    fake_uninstall_kubectl(
+        dir.path(),
+        "ml/train-0-pair gpu.example.com tandem.dev tandem.dev\n",
+        0,
+    );
+    let (ok, stderr, calls) = run_uninstall(dir.path(), &[]);
+    assert!(!ok);
+    assert!(stderr.contains("ml/train-0-pair"), "{stderr}");
+    assert_eq!(steps(&calls), ["get resourceclaims"], "nothing deleted");
+
+    // --force goes on; a node that could not be cleaned fails the run after the cleanup
+    // namespace is gone anyway.
+    let dir = tempfile::tempdir().unwrap();
+    fake_uninstall_kubectl(
+        dir.path(),
+        "ml/train-0-pair gpu.example.com tandem.dev\n",
+        1,
+    );
+    let (ok, stderr, calls) = run_uninstall(dir.path(), &["--force"]);
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("host files remain"), "{stderr}");
+    let steps = steps(&calls);
+    assert_eq!(
+        steps.first().map(String::as_str),
+        Some("get resourceclaims")
+    );
+    assert_eq!(steps.last().map(String::as_str), Some("delete namespace"));
+    assert!(steps.iter().any(|s| s == "delete -k"));
+}
+
+// ---------------------------------------------------------------------------------------------
 // RBAC coverage: the table below is every API call the code makes against a real apiserver,
 // one row per (call site file, object type). The source scan checks the table against the
 // code, the rendered RBAC is checked against the table.
