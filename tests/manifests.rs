@@ -1195,6 +1195,10 @@ fn cluster_with_two_drivers(other_driver_only: bool) -> (Value, Value) {
 #[test]
 fn kind_check_looks_only_at_pods_whose_claims_tandem_allocated() {
     if !on_path("jq") {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "jq is not on PATH and CI=true: run hack/ci-tools.sh first"
+        );
         eprintln!("SKIPPED kind_check_looks_only_at_pods_whose_claims_tandem_allocated: no jq");
         return;
     }
