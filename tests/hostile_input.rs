@@ -21,7 +21,7 @@ mod tree_walk;
 
 use claims::create_gpu_nic_claim;
 use in_process_node::InProcessNode;
-use plugin_process::plugin_command;
+use plugin_process::{plugin_command, register_as_kubelet};
 use tandem::apiserver_fake::{FakeApiServer, InjectedFailure};
 use tandem::cli::demo::{ClaimRequest, create_allocated_claim};
 use tandem::fixture;
@@ -639,6 +639,8 @@ async fn slice_publisher_survives_connections_dropped_mid_watch() {
     .spawn()
     .unwrap();
 
+    // Slices are published once the kubelet has registered the plugin.
+    register_as_kubelet(&dir.path().join("plugins_registry/tandem.dev-reg.sock")).await;
     let slices: Api<ResourceSlice> = Api::all(apiserver.client());
     let ours = ListParams::default().fields(&format!("spec.nodeName={NODE}"));
     let wait_for_slices = async |what: &str| {

@@ -45,3 +45,34 @@ pub fn plugin_command(
         .kill_on_drop(true);
     command
 }
+
+/// What the kubelet does once it finds the registration socket at `path`: GetInfo, then
+/// NotifyRegistrationStatus(registered). The plugin publishes slices only after this. Waits
+/// up to 30 s for the socket to answer.
+#[allow(
+    dead_code,
+    reason = "only the tests that watch published slices register"
+)]
+pub async fn register_as_kubelet(path: &Path) {
+    use tandem::plugin::client::unix_channel;
+    use tandem::plugin::proto::pluginregistration::{
+        InfoRequest, RegistrationStatus, registration_client::RegistrationClient,
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let channel = loop {
+        match unix_channel(path).await {
+            Ok(channel) => break channel,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    let mut registration = RegistrationClient::new(channel);
+    registration.get_info(InfoRequest {}).await.unwrap();
+    registration
+        .notify_registration_status(RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        })
+        .await
+        .unwrap();
+}
