@@ -7,12 +7,14 @@ pub mod cdi;
 pub mod checkpoint;
 pub mod claim;
 pub mod config;
+pub mod driver_root;
 pub mod env;
 mod error;
 pub(crate) mod fsutil;
 pub mod plan;
 mod preparer;
 pub mod topology_file;
+pub mod vendor_cdi;
 
 pub use claim::ClaimRef;
 pub use error::PrepareError;
@@ -88,6 +90,14 @@ pub struct PrepareConfig {
     pub netns_proc_root: PathBuf,
     /// Where runtimes pin pod network namespaces (`/run/netns`).
     pub run_netns_dir: PathBuf,
+    /// Directories of other vendors' CDI specs (`/etc/cdi`, `/var/run/cdi`), read only, to
+    /// list a GPU's vendor device before ours. Empty: none read.
+    pub vendor_cdi_dirs: Vec<PathBuf>,
+    /// The GPU driver's libraries and binaries to mount into containers of GPUs that have no
+    /// vendor CDI device (`--gpu-driver-root`), checked at start-up.
+    pub driver_root: Option<driver_root::DriverRoot>,
+    /// `NVIDIA_VISIBLE_DEVICES=<uuids>` for nvidia-container-runtime in legacy mode.
+    pub nvidia_legacy_env: bool,
 }
 
 /// Which CDI edit moves an exclusively attached NIC's netdev into the pod.
@@ -116,7 +126,7 @@ impl std::str::FromStr for NetdevAttach {
 
 impl PrepareConfig {
     /// The defaults a DaemonSet pod uses: `/var/run/cdi`, `/var/lib/tandem`, `/dev`, `/proc`,
-    /// no hook.
+    /// no hook, no vendor specs, no driver root.
     pub fn new(driver_name: impl Into<String>, node_name: impl Into<String>) -> Self {
         Self {
             driver_name: driver_name.into(),
@@ -131,6 +141,9 @@ impl PrepareConfig {
             host_netns: PathBuf::from("/proc/self/ns/net"),
             netns_proc_root: PathBuf::from("/proc"),
             run_netns_dir: PathBuf::from(crate::netattach::record::RUN_NETNS_DIR),
+            vendor_cdi_dirs: Vec::new(),
+            driver_root: None,
+            nvidia_legacy_env: false,
         }
     }
 }

@@ -5,9 +5,11 @@
 use super::cdi::{self, CdiDevice, CdiSpec, ContainerEdits, DeviceNode, Hook, Mount, NetDevice};
 use super::claim::{AllocatedDevice, ClaimRef, OurAllocation};
 use super::config::{self, EnvFlavour, NicAttach};
+use super::driver_root::DriverRoot;
 use super::env::claim_env;
 use super::error::PrepareError;
 use super::topology_file::{ClaimTopology, TopologyGpu, TopologyNic, TopologyPair};
+use super::vendor_cdi::VendorMatches;
 use super::{PreparedDevice, RecordedDevice};
 use crate::names::{CONTAINER_TOPOLOGY_FILE, accelerator_device_name, nic_device_name};
 use crate::netattach::record::InterfaceRequest;
@@ -95,6 +97,14 @@ pub struct PlanContext<'a> {
     /// How an exclusively attached NIC's netdev reaches the pod; `None` keeps every NIC's
     /// netdev on the host.
     pub netdev_mover: Option<NetdevMover<'a>>,
+    /// Other vendors' CDI devices of the inventory's accelerators; each one found is listed
+    /// before ours in the prepared device's CDI ids.
+    pub vendor: Option<&'a VendorMatches>,
+    /// Driver libraries and binaries mounted into the containers of GPUs without a vendor
+    /// device (`--gpu-driver-root`).
+    pub driver_root: Option<&'a DriverRoot>,
+    /// Set `NVIDIA_VISIBLE_DEVICES` to the claim's GPU UUIDs for runtimes in legacy mode.
+    pub nvidia_legacy_env: bool,
 }
 
 /// The CDI edit that moves a netdev into the pod.
@@ -256,7 +266,22 @@ pub fn plan_claim(
     let mut cdi_devices = Vec::new();
     let mut recorded = Vec::new();
     for (allocated, accelerator) in &accelerators {
-        let edits = accelerator_edits(ctx, claim, allocated, accelerator)?;
+        let mut edits = accelerator_edits(ctx, claim, allocated, accelerator)?;
+        let vendor_id = ctx
+            .vendor
+            .and_then(|v| v.get(&accelerator.pci.address))
+            .and_then(|v| v.device_id.clone());
+        // The vendor's device brings the driver's user space itself; mounting a driver root
+        // as well would put two copies of it in the container.
+        if vendor_id.is_none()
+            && !accelerator.vfio
+            && let Some(root) = ctx.driver_root
+            && root.serves(accelerator.kind)
+        {
+            let extra = root.edits();
+            edits.mounts.extend(extra.mounts);
+            edits.env.extend(extra.env);
+        }
         push_device(
             &kind,
             claim,
@@ -265,6 +290,11 @@ pub fn plan_claim(
             &mut cdi_devices,
             &mut recorded,
         );
+        if let (Some(id), Some(last)) = (vendor_id, recorded.last_mut()) {
+            // The runtime applies the vendor's device and its common edits (libraries,
+            // hooks) together with ours.
+            last.device.cdi_device_ids.insert(0, id);
+        }
     }
     // Asking for `exclusive` on a node that cannot move netdevs is refused rather than
     // quietly downgraded: the pod would start without the interface it asked for.
@@ -329,6 +359,18 @@ pub fn plan_claim(
         env: claim_env(flavour, &topology),
         ..ContainerEdits::default()
     };
+    if ctx.nvidia_legacy_env {
+        let uuids: Vec<&str> = accelerators
+            .iter()
+            .filter(|(_, a)| a.kind == AcceleratorKind::NvidiaGpu && !a.vfio)
+            .filter_map(|(_, a)| a.uuid.as_deref())
+            .collect();
+        if !uuids.is_empty() {
+            claim_edits
+                .env
+                .push(format!("NVIDIA_VISIBLE_DEVICES={}", uuids.join(",")));
+        }
+    }
     for nic in &shared_nics {
         let name = nic_device_name(&nic.pci.address);
         let shared_allocated = AllocatedDevice {
@@ -755,6 +797,9 @@ mod tests {
             topology_host_path: &topology,
             inventory,
             netdev_mover: None,
+            vendor: None,
+            driver_root: None,
+            nvidia_legacy_env: false,
         };
         plan_claim(&ctx, &claim(uid), allocation, holders)
     }
@@ -899,6 +944,9 @@ mod tests {
             topology_host_path: &topology,
             inventory,
             netdev_mover: Some(mover),
+            vendor: None,
+            driver_root: None,
+            nvidia_legacy_env: false,
         };
         plan_claim(&ctx, &claim("u"), allocation, &DeviceHolders::default())
     }

@@ -9,6 +9,7 @@ use super::error::PrepareError;
 use super::fsutil;
 use super::plan::{self, ClaimPlan, DeviceHolders, PlanContext};
 use super::topology_file::ClaimTopology;
+use super::vendor_cdi::{self, VendorMatches, VendorSpecs};
 use super::{CLAIMS_SUBDIR, PrepareConfig, PreparedDevice};
 use crate::netattach::record::{self, AttachedInterface, NetAttachRecord, RecordError};
 use crate::netattach::{DEFAULT_NETLINK_TIMEOUT, Netns};
@@ -77,6 +78,8 @@ struct Inner {
     /// Serialises this process's checkpoint read-modify-writes. Another process (rolling
     /// update) is kept out by the caller's file lock.
     lock: Mutex<()>,
+    /// Other vendors' CDI specs, re-read when they change.
+    vendor_specs: Mutex<VendorSpecs>,
 }
 
 impl Preparer {
@@ -95,6 +98,7 @@ impl Preparer {
             .map_err(state_io(&config.state_dir))?;
         let claims_dir = config.state_dir.join(CLAIMS_SUBDIR);
         fsutil::ensure_dir(&claims_dir, PRIVATE_DIR_MODE).map_err(state_io(&claims_dir))?;
+        let vendor_specs = VendorSpecs::new(config.vendor_cdi_dirs.clone(), &config.driver_name);
         Ok(Self {
             inner: Arc::new(Inner {
                 cdi_kind: crate::names::cdi_claim_kind(&config.driver_name),
@@ -102,6 +106,7 @@ impl Preparer {
                 client,
                 inventory,
                 lock: Mutex::new(()),
+                vendor_specs: Mutex::new(vendor_specs),
             }),
         })
     }
@@ -300,6 +305,20 @@ impl Inner {
         }
     }
 
+    /// The vendor devices of the inventory's accelerators, from specs re-read where they
+    /// changed; `None` when no vendor directory is configured.
+    fn vendor_matches(&self, inventory: &crate::topology::Inventory) -> Option<VendorMatches> {
+        if self.config.vendor_cdi_dirs.is_empty() {
+            return None;
+        }
+        let snapshot = self
+            .vendor_specs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .refresh();
+        Some(vendor_cdi::match_inventory(&snapshot, inventory))
+    }
+
     fn claim_dir(&self, uid: &str) -> PathBuf {
         super::claim_state_dir(&self.config.state_dir, uid)
     }
@@ -338,6 +357,7 @@ impl Inner {
             }
         };
         let inventory = self.inventory.borrow().clone();
+        let vendor = self.vendor_matches(&inventory);
         let mut holders = DeviceHolders::default();
         for (uid, entry) in &cp.claims {
             let holder = ClaimRef {
@@ -424,7 +444,13 @@ impl Inner {
                         topology_host_path: &topology_path,
                         inventory: &inventory,
                         netdev_mover: self.netdev_mover(),
+                        vendor: vendor.as_ref(),
+                        driver_root: self.config.driver_root.as_ref(),
+                        nvidia_legacy_env: self.config.nvidia_legacy_env,
                     };
+                    if let Some(vendor) = &vendor {
+                        log_vendor_warnings(&claim, &allocation, &inventory, vendor);
+                    }
                     plan::plan_claim(&ctx, &claim, &allocation, &holders)
                 });
             match answer {
@@ -938,6 +964,29 @@ impl Inner {
 }
 
 /// A checkpoint that cannot be read or written, for whole-checkpoint jobs (no claim to name).
+/// Logs, for each accelerator of the claim, why it gets no vendor device (or why a spec was
+/// passed over): the claim is prepared all the same, with Tandem's own edits.
+fn log_vendor_warnings(
+    claim: &ClaimRef,
+    allocation: &claim::OurAllocation,
+    inventory: &crate::topology::Inventory,
+    vendor: &VendorMatches,
+) {
+    for allocated in &allocation.devices {
+        let Some(crate::topology::DeviceRef::Accelerator(a)) =
+            inventory.device_by_name(&allocated.device)
+        else {
+            continue;
+        };
+        let Some(found) = vendor.get(&a.pci.address) else {
+            continue;
+        };
+        for warning in &found.warnings {
+            tracing::warn!(claim = %claim, device = %allocated.device, "{warning}");
+        }
+    }
+}
+
 fn state_error(e: checkpoint::CheckpointError) -> PrepareError {
     PrepareError::State {
         path: e.path,
