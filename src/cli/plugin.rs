@@ -94,6 +94,24 @@ pub struct PluginArgs {
     /// Namespace of the cluster controller, whose rail ConfigMap gives NICs their rail.
     #[arg(long, default_value = names::DEFAULT_CONTROLLER_NAMESPACE)]
     pub controller_namespace: String,
+    /// Directories of the GPU vendor's CDI specs (nvidia-ctk / GPU Operator, AMD), comma
+    /// separated; read only. A prepared GPU lists the vendor's device for it before Tandem's,
+    /// so the runtime adds the driver libraries and hooks. Empty: none read.
+    #[arg(long, default_value = "/etc/cdi,/var/run/cdi", value_delimiter = ',')]
+    pub vendor_cdi_dirs: Vec<PathBuf>,
+    /// Host directory of the GPU driver's user space (GKE: /home/kubernetes/bin/nvidia, GPU
+    /// Operator driver container: /run/nvidia/driver), mounted read-only into containers of
+    /// GPUs that have no vendor CDI device. Must hold libcuda.so* (or ROCm's libraries) and be
+    /// mounted into the plugin's pod at the same path.
+    #[arg(long)]
+    pub gpu_driver_root: Option<PathBuf>,
+    /// Where --gpu-driver-root appears in containers (`lib64`, `bin` below it).
+    #[arg(long, default_value = crate::prepare::driver_root::DEFAULT_DRIVER_MOUNT)]
+    pub gpu_driver_mount: PathBuf,
+    /// Also set NVIDIA_VISIBLE_DEVICES to the claim's GPU UUIDs, for nvidia-container-runtime
+    /// in legacy mode; off where the runtime uses CDI.
+    #[arg(long)]
+    pub nvidia_legacy_env: bool,
 }
 
 /// `30s`, `2m`, `500ms`, `1h`, or plain seconds.
@@ -153,6 +171,12 @@ async fn discover_blocking(roots: MachineRoots) -> anyhow::Result<Inventory> {
 }
 
 async fn serve(args: PluginArgs) -> anyhow::Result<()> {
+    // Checked first: a wrong driver root is a configuration error, not a node problem.
+    let driver_root = args
+        .gpu_driver_root
+        .as_deref()
+        .map(|root| crate::prepare::driver_root::DriverRoot::discover(root, &args.gpu_driver_mount))
+        .transpose()?;
     let roots = args.machine.roots();
     let inventory = discover_blocking(roots.clone()).await?;
     tracing::info!(
@@ -184,10 +208,31 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
         proc_root: args.machine.proc_root.clone(),
         host_netns: args.host_netns.clone(),
         run_netns_dir: args.netns_dir.clone(),
+        vendor_cdi_dirs: args
+            .vendor_cdi_dirs
+            .iter()
+            .filter(|d| !d.as_os_str().is_empty())
+            .cloned()
+            .collect(),
+        driver_root,
+        nvidia_legacy_env: args.nvidia_legacy_env,
         ..PrepareConfig::new(args.driver_name.clone(), args.node_name.clone())
     };
     let preparer = Preparer::new(prepare_config, client.clone(), inventory_rx.clone())
         .context("setting up claim preparation")?;
+    if let Some(found) = preparer.vendor_devices() {
+        metrics.observe_vendor_devices(&found);
+        for (address, vendor) in &found {
+            match &vendor.device_id {
+                Some(id) => {
+                    tracing::info!(device = %names::accelerator_device_name(address), vendor_device = %id, "GPU has a vendor CDI device")
+                }
+                None => {
+                    tracing::info!(device = %names::accelerator_device_name(address), "GPU has no vendor CDI device")
+                }
+            }
+        }
+    }
     // Before serving: the kubelet may retry a prepare that the previous run left half done.
     let recovery = preparer
         .recover()
@@ -242,6 +287,28 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
         Some(attached),
         shutdown.clone(),
     ));
+    // Vendor specs change when the GPU Operator or an admin regenerates them: the gauge
+    // follows at the rescan period (each pass stats the files, parses only changed ones).
+    {
+        let preparer = preparer.clone();
+        let metrics = metrics.clone();
+        let shutdown = shutdown.clone();
+        let period = args.rescan_period;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(period) => {}
+                }
+                let p = preparer.clone();
+                if let Ok(Some(found)) =
+                    tokio::task::spawn_blocking(move || p.vendor_devices()).await
+                {
+                    metrics.observe_vendor_devices(&found);
+                }
+            }
+        });
+    }
     let netattach = tokio::spawn(crate::plugin::netattach_reconcile::run(
         preparer,
         ReconcileTarget {

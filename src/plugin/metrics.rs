@@ -61,6 +61,11 @@ struct DeviceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VendorDeviceLabels {
+    device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PublishLabels {
     result: &'static str,
 }
@@ -78,6 +83,7 @@ pub struct PluginMetrics {
     publishes: Family<PublishLabels, Counter>,
     last_publish: Gauge<f64, AtomicU64>,
     discovery_problems: Gauge,
+    vendor_cdi_devices: Family<VendorDeviceLabels, Gauge>,
     netattach_pending: Gauge,
     netattach_attached: Gauge,
     claim_status_writes: Family<PublishLabels, Counter>,
@@ -114,6 +120,13 @@ impl PluginMetrics {
         let publishes = Family::<PublishLabels, Counter>::default();
         let last_publish = Gauge::<f64, AtomicU64>::default();
         let discovery_problems = Gauge::default();
+        let vendor_cdi_devices = Family::<VendorDeviceLabels, Gauge>::default();
+        plugin.register(
+            "gpu_vendor_cdi_device",
+            "1 for a GPU that a vendor CDI spec (--vendor-cdi-dirs) has a device for, which \
+             prepared claims list before Tandem's; 0 for one it has none for",
+            vendor_cdi_devices.clone(),
+        );
         let netattach_pending = Gauge::default();
         let netattach_attached = Gauge::default();
         let claim_status_writes = Family::<PublishLabels, Counter>::default();
@@ -177,6 +190,7 @@ impl PluginMetrics {
             publishes,
             last_publish,
             discovery_problems,
+            vendor_cdi_devices,
             netattach_pending,
             netattach_attached,
             claim_status_writes,
@@ -277,6 +291,18 @@ impl PluginMetrics {
         self.discovery_problems
             .set(i64::try_from(inventory.problems.len()).unwrap_or(i64::MAX));
         self.discovered.store(true, Ordering::Release);
+    }
+
+    /// Replaces the per-GPU vendor CDI gauges with `matches` (GPU by device name).
+    pub fn observe_vendor_devices(&self, matches: &crate::prepare::vendor_cdi::VendorMatches) {
+        self.vendor_cdi_devices.clear();
+        for (address, found) in matches {
+            self.vendor_cdi_devices
+                .get_or_create(&VendorDeviceLabels {
+                    device: crate::names::accelerator_device_name(address),
+                })
+                .set(i64::from(found.device_id.is_some()));
+        }
     }
 
     /// Records a publish attempt; the first success makes the plugin ready.
@@ -402,6 +428,34 @@ impl Responder for Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_gpu_shows_whether_it_has_a_vendor_cdi_device() {
+        use crate::prepare::vendor_cdi::{AcceleratorVendor, VendorMatches};
+        let metrics = PluginMetrics::new();
+        let mut found = VendorMatches::new();
+        found.insert(
+            "0000:1b:00.0".parse().unwrap(),
+            AcceleratorVendor {
+                device_id: Some("nvidia.com/gpu=0".into()),
+                ..AcceleratorVendor::default()
+            },
+        );
+        found.insert(
+            "0000:43:00.0".parse().unwrap(),
+            AcceleratorVendor::default(),
+        );
+        metrics.observe_vendor_devices(&found);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"tandem_plugin_gpu_vendor_cdi_device{device="gpu-0000-1b-00-0"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tandem_plugin_gpu_vendor_cdi_device{device="gpu-0000-43-00-0"} 0"#),
+            "{text}"
+        );
+    }
 
     #[test]
     fn repeated_prepares_count_each_claim_once_in_the_gauge() {

@@ -111,6 +111,13 @@ impl Preparer {
         })
     }
 
+    /// The vendor CDI device of each accelerator of the current inventory (for `/metrics`);
+    /// `None` when no vendor directory is configured.
+    pub fn vendor_devices(&self) -> Option<VendorMatches> {
+        let inventory = self.inner.inventory.borrow().clone();
+        self.inner.vendor_matches(&inventory)
+    }
+
     /// Start-up recovery. PrepareStarted claims are rolled back rather than finished: rolling
     /// back needs nothing but the checkpoint, and the kubelet retries the prepare it never got
     /// an answer for, which then starts clean. Orphan CDI specs of our kind and per-claim
