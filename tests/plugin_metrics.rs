@@ -6,6 +6,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[allow(
+    dead_code,
+    reason = "only the kubelet's registration calls are used here"
+)]
+#[path = "support/plugin_process.rs"]
+mod plugin_process;
+
+use plugin_process::register_as_kubelet;
 use tandem::fixture;
 use tandem::metrics_http;
 use tandem::plugin::client::unix_channel;
@@ -211,23 +219,6 @@ async fn prepare_and_unprepare_move_the_counters_that_prometheus_scrapes() {
     node.plugin.shutdown().await.unwrap();
 }
 
-/// GetInfo and NotifyRegistrationStatus(registered) on the registration socket.
-async fn register(plugin: &RunningPlugin) {
-    use tandem::plugin::proto::pluginregistration::{
-        InfoRequest, RegistrationStatus, registration_client::RegistrationClient,
-    };
-    let channel = unix_channel(&plugin.paths().registration).await.unwrap();
-    let mut registration = RegistrationClient::new(channel);
-    registration.get_info(InfoRequest {}).await.unwrap();
-    registration
-        .notify_registration_status(RegistrationStatus {
-            plugin_registered: true,
-            error: String::new(),
-        })
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn probes_follow_registration_the_first_publish_and_the_sockets() {
     let node = start_node().await;
@@ -242,7 +233,7 @@ async fn probes_follow_registration_the_first_publish_and_the_sockets() {
     // A publish alone does not make an unregistered plugin ready.
     node.metrics.record_publish(true);
     assert_eq!(get(node.http, "/readyz").await.0, 503);
-    register(&node.plugin).await;
+    register_as_kubelet(&node.plugin.paths().registration).await;
     let mut registration = node.plugin.registration();
     registration.wait_for(|s| s.is_registered()).await.unwrap();
     // The gauge follows the watch on another task.

@@ -99,6 +99,19 @@ pub const DEFAULT_TABLE: u32 = 253;
 /// The `local` routing table (`RT_TABLE_LOCAL`): the kernel fills it from the addresses.
 pub const LOCAL_TABLE: u32 = 255;
 
+/// The table a route belongs to: the RTA_TABLE attribute where the kernel sent one (tables
+/// above 255 exist only there), else the header's 8-bit field.
+pub fn route_table(route: &rtnetlink::packet_route::route::RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            rtnetlink::packet_route::route::RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(route.header.table))
+}
+
 impl InterfaceRoute {
     /// The table id the kernel sees.
     pub fn table_id(&self) -> u32 {

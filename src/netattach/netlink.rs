@@ -552,14 +552,7 @@ fn select_routes(index: u32, routes: &[RouteMessage]) -> (Vec<InterfaceRoute>, b
     let mut selected = Vec::new();
     let mut carries_default = false;
     for route in routes {
-        let table = route
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                RouteAttribute::Table(t) => Some(*t),
-                _ => None,
-            })
-            .unwrap_or(u32::from(route.header.table));
+        let table = crate::netattach::route_table(route);
         let uses_interface = route.attributes.iter().any(|a| match a {
             RouteAttribute::Oif(oif) => *oif == index,
             RouteAttribute::MultiPath(hops) => hops.iter().any(|h| h.interface_index == index),

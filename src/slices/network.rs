@@ -16,6 +16,7 @@ use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteMessage};
 
 use super::build::NetworkFacts;
 use crate::names;
+use crate::netattach::MAIN_TABLE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -73,23 +74,13 @@ pub fn keep_attached_addresses(
     }
 }
 
-/// The main routing table's id (`RT_TABLE_MAIN`).
-const MAIN_TABLE: u32 = 254;
-
 /// Indexes of the interfaces a main-table default route (either family) leaves through,
 /// multipath hops included. Defaults in other tables are per-NIC source routing, which RDMA
 /// NICs on multi-rail machines carry routinely; they do not make a NIC the node's own.
 pub fn default_route_interfaces(routes: &[RouteMessage]) -> BTreeSet<u32> {
     let mut found = BTreeSet::new();
     for route in routes {
-        let table = route
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                RouteAttribute::Table(t) => Some(*t),
-                _ => None,
-            })
-            .unwrap_or(u32::from(route.header.table));
+        let table = crate::netattach::route_table(route);
         if table != MAIN_TABLE || route.header.destination_prefix_length != 0 {
             continue;
         }
