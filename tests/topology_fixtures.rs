@@ -295,3 +295,52 @@ fn unknown_fixture_lists_the_valid_names() {
     let err = String::from_utf8_lossy(&topo.stderr);
     assert!(err.contains("dgx-h100") && err.contains("gb200"), "{err}");
 }
+
+#[test]
+fn an_accelerator_under_an_unknown_path_shape_is_a_problem_and_topo_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    let written = tandem(&["fixture", "workstation", "--out", out.to_str().unwrap()]);
+    assert!(written.status.success(), "{written:?}");
+    // The GPU moved below a bus discovery does not know: a PCI function hanging off a
+    // platform device with no PCI host bridge on the way.
+    let sys = out.join("sys");
+    let old = sys.join("devices/pci0000:00/0000:00:01.0/0000:01:00.0");
+    let new = sys.join("devices/platform/strange-bus/0000:01:00.0");
+    std::fs::create_dir_all(new.parent().unwrap()).unwrap();
+    std::fs::rename(&old, &new).unwrap();
+    let link = sys.join("bus/pci/devices/0000:01:00.0");
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink("../../../devices/platform/strange-bus/0000:01:00.0", &link)
+        .unwrap();
+
+    let inventory = discover(&tandem::sysfs::MachineRoots::under(&out)).unwrap();
+    assert!(inventory.accelerators.is_empty());
+    assert_eq!(inventory.lost_accelerators(), 1);
+    let problem = inventory
+        .problems
+        .iter()
+        .find(|p| p.device == Some(a("0000:01:00.0")))
+        .expect("a problem naming the GPU");
+    assert!(
+        problem.path.ends_with("bus/pci/devices/0000:01:00.0"),
+        "{problem}"
+    );
+    assert!(problem.message.contains("strange-bus"), "{problem}");
+
+    for format in ["text", "json"] {
+        let topo = tandem(&[
+            "topo",
+            "--sysfs-root",
+            sys.to_str().unwrap(),
+            "--proc-root",
+            out.join("proc").to_str().unwrap(),
+            "-o",
+            format,
+        ]);
+        assert_eq!(topo.status.code(), Some(3), "{topo:?}");
+        let stdout = String::from_utf8_lossy(&topo.stdout);
+        assert!(stdout.contains("strange-bus"), "{stdout}");
+        assert!(!stdout.contains("no accelerators found"), "{stdout}");
+    }
+}

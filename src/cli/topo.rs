@@ -26,6 +26,11 @@ pub struct TopoArgs {
     pub output: OutputFormat,
 }
 
+/// Exit status of `tandem topo` when the machine has accelerators that discovery found but
+/// could not place (an unknown sysfs path shape, an unreadable identity): the report is
+/// printed, but it does not describe the whole machine.
+pub const EXIT_LOST_ACCELERATORS: i32 = 3;
+
 pub fn run(args: TopoArgs) -> anyhow::Result<()> {
     // A fixture is written to a temporary tree and read back through the same discovery code
     // the real machine goes through.
@@ -49,6 +54,15 @@ pub fn run(args: TopoArgs) -> anyhow::Result<()> {
     match args.output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         OutputFormat::Text => print!("{}", report.render_text()),
+    }
+    if report.lost_accelerators > 0 {
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        eprintln!(
+            "tandem topo: {} accelerator(s) found but not placed; see problems",
+            report.lost_accelerators
+        );
+        std::process::exit(EXIT_LOST_ACCELERATORS);
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ pub mod roots;
 
 pub use roots::MachineRoots;
 
-use crate::topology::{DiscoveryProblem, Inventory, PciAddress};
+use crate::topology::{DiscoveryProblem, Inventory, LostDevice, PciAddress};
 use pci::Role;
 use reader::{ReadError, RootedReader};
 use std::path::PathBuf;
@@ -59,11 +59,31 @@ impl Problems {
         path: PathBuf,
         message: impl Into<String>,
     ) {
-        let problem = DiscoveryProblem {
+        self.push(DiscoveryProblem {
             device,
             path,
             message: message.into(),
-        };
+            lost: None,
+        });
+    }
+
+    /// A device of a known kind that could not be placed and is left out of the inventory.
+    pub fn lost(
+        &mut self,
+        device: Option<PciAddress>,
+        path: PathBuf,
+        message: impl Into<String>,
+        lost: LostDevice,
+    ) {
+        self.push(DiscoveryProblem {
+            device,
+            path,
+            message: message.into(),
+            lost: Some(lost),
+        });
+    }
+
+    fn push(&mut self, problem: DiscoveryProblem) {
         tracing::warn!(device = ?problem.device, path = %problem.path.display(), "discovery: {}", problem.message);
         self.list.push(problem);
     }

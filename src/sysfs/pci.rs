@@ -7,7 +7,7 @@ use super::cpulist::CpuList;
 use super::numa::NumaTopology;
 use super::reader::{DirEntry, ReadError, SysDir};
 use crate::topology::address::is_root_name;
-use crate::topology::{AcceleratorKind, NumaSource, PciAddress, PciFunction, Sriov};
+use crate::topology::{AcceleratorKind, LostDevice, NumaSource, PciAddress, PciFunction, Sriov};
 use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
 
@@ -32,6 +32,9 @@ pub fn role(class: u32, vendor: u16) -> Option<Role> {
         0x02 => Some(Role::Nic),
         0x03 if vendor == VENDOR_NVIDIA => Some(Role::Accelerator(AcceleratorKind::NvidiaGpu)),
         0x03 if vendor == VENDOR_AMD => Some(Role::Accelerator(AcceleratorKind::AmdGpu)),
+        // AMD Instinct MI200/MI300 report processing accelerator (0x1200), yet are amdgpu
+        // GPUs with DRM render nodes and /dev/kfd.
+        0x12 if vendor == VENDOR_AMD => Some(Role::Accelerator(AcceleratorKind::AmdGpu)),
         0x12 => Some(Role::Accelerator(AcceleratorKind::ProcessingAccelerator)),
         _ => None,
     }
@@ -127,22 +130,36 @@ pub fn identify<'r>(
     if class >> 16 != 0x02 && class >> 16 != 0x03 && class >> 16 != 0x12 {
         return None;
     }
+    // From here on the class says what the function would be; losing it is reported as such.
+    let likely = match class >> 16 {
+        0x02 => LostDevice::Nic,
+        _ => LostDevice::Accelerator,
+    };
+    let lose = |problems: &mut Problems, e: ReadError, kind: LostDevice| {
+        let message = e.message();
+        problems.lost(device, e.path().to_path_buf(), message, kind);
+    };
     let vendor_id = dir
         .parsed("vendor", "a vendor ID such as 0x10de", parse_hex_u16)
-        .map_err(|e| problems.add(device, e))
+        .map_err(|e| lose(problems, e, likely))
         .ok()?;
     let role = role(class, vendor_id)?;
+    let lost = match role {
+        Role::Nic => LostDevice::Nic,
+        Role::Accelerator(_) => LostDevice::Accelerator,
+    };
     let device_id = dir
         .parsed("device", "a device ID such as 0x2330", parse_hex_u16)
-        .map_err(|e| problems.add(device, e))
+        .map_err(|e| lose(problems, e, lost))
         .ok()?;
     let (pcie_root, bridges) = match place_in_tree(dir.rel(), address) {
         Ok(placed) => placed,
         Err(why) => {
-            problems.message(
+            problems.lost(
                 device,
                 link_path.to_path_buf(),
                 format!("leads to {}: {why}", dir.rel().display()),
+                lost,
             );
             return None;
         }
@@ -163,6 +180,13 @@ pub fn identify<'r>(
 /// (`devices/pci0000:15/0000:15:01.0/0000:16:00.0/0000:17:03.0/0000:1b:00.0`), its PCIe root
 /// (`pci0000:15`) and the bridges between the root and the function. A nested host bridge
 /// (Intel VMD puts `pci10000:e0` below a root port) is part of the path but not a bridge.
+///
+/// The root is the first `pciDDDD:BB` element, which is not always the first element below
+/// `devices/`: Hyper-V passes each PCI device through on its own synthetic host bridge, a
+/// VMBus device (`devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0004:00/VMBUS:00/<instance>/pci0001:00/
+/// 0001:00:00.0`), and device-tree platforms hang their host bridges below a platform device.
+/// Platform elements before the root must not be PCI functions; anything else is a shape we
+/// do not know, and an error.
 pub fn place_in_tree(rel: &Path, address: PciAddress) -> Result<(String, Vec<PciAddress>), String> {
     let mut names = rel.components().map(|c| match c {
         Component::Normal(n) => n.to_str(),
@@ -171,9 +195,23 @@ pub fn place_in_tree(rel: &Path, address: PciAddress) -> Result<(String, Vec<Pci
     if names.next() != Some(Some("devices")) {
         return Err("expected a path below devices/".to_string());
     }
-    let root = match names.next() {
-        Some(Some(root)) if is_root_name(root) => root.to_string(),
-        _ => return Err("expected devices/pciDDDD:BB/...".to_string()),
+    let mut platform = Vec::new();
+    let root = loop {
+        match names.next() {
+            Some(Some(root)) if is_root_name(root) => break root.to_string(),
+            Some(Some(name))
+                if name.parse::<PciAddress>().is_err() && name != "virtual" && !name.is_empty() =>
+            {
+                platform.push(name);
+            }
+            _ => {
+                return Err(
+                    "expected devices/pciDDDD:BB/... or a platform bus such as VMBus leading to \
+                     pciDDDD:BB"
+                        .to_string(),
+                );
+            }
+        }
     };
     let mut chain = Vec::new();
     for name in names {
@@ -416,6 +454,11 @@ mod tests {
             Some(Role::Accelerator(AcceleratorKind::AmdGpu))
         );
         assert_eq!(
+            role(0x120000, 0x1002),
+            Some(Role::Accelerator(AcceleratorKind::AmdGpu)),
+            "MI300X"
+        );
+        assert_eq!(
             role(0x120000, 0x1da3),
             Some(Role::Accelerator(AcceleratorKind::ProcessingAccelerator))
         );
@@ -474,8 +517,25 @@ mod tests {
         assert_eq!(root, "pci0000:00");
         assert_eq!(bridges, vec![addr("0000:00:0e.0"), addr("10000:e0:1d.0")]);
 
+        // Hyper-V: the device's own synthetic root, below its VMBus instance.
+        let vmbus = Path::new(
+            "devices/LNXSYSTM:00/LNXSYBUS:00/ACPI0004:00/VMBUS:00/\
+             47505500-0001-0000-3130-444531454238/pci0001:00/0001:00:00.0",
+        );
+        let (root, bridges) = place_in_tree(vmbus, addr("0001:00:00.0")).unwrap();
+        assert_eq!((root.as_str(), bridges), ("pci0001:00", vec![]));
+        // A five-hex-digit domain, as some hypervisors hand out.
+        let wide = Path::new("devices/LNXSYSTM:00/VMBUS:00/x/pci1a2b3:00/1a2b3:00:00.0");
+        assert_eq!(
+            place_in_tree(wide, addr("1a2b3:00:00.0")).unwrap().0,
+            "pci1a2b3:00"
+        );
+
         for bad in [
             "devices/virtual/net/lo",
+            "devices/virtual/pci0000:00/0000:1b:00.0",
+            "devices/LNXSYSTM:00/0000:00:01.0/pci0000:00/0000:1b:00.0",
+            "devices/LNXSYSTM:00/VMBUS:00/0000:1b:00.0",
             "bus/pci/devices/0000:1b:00.0",
             "devices/pci0000:15",
             "devices/pci0000:15/0000:1b:00.1",

@@ -147,6 +147,20 @@ mod tests {
     }
 
     #[test]
+    fn wide_domains_round_trip_as_the_kernel_prints_them() {
+        // VMD and some hypervisors use domains above 0xffff; the kernel prints them unpadded
+        // beyond four digits, and pciBusID must be that same text.
+        for text in ["10000:e1:00.0", "1a2b3:00:00.0", "0001:00:00.0"] {
+            let a: PciAddress = text.parse().unwrap();
+            assert_eq!(a.to_string(), text);
+        }
+        let a: PciAddress = "10000:e1:00.0".parse().unwrap();
+        assert_eq!(a.root_name(), "pci10000:e1");
+        assert_eq!(a.dashed(), "10000-e1-00-0");
+        assert!(is_root_name("pci10000:e1"));
+    }
+
+    #[test]
     fn root_names() {
         assert!(is_root_name("pci0000:00"));
         assert!(is_root_name("pci0018:00"));

@@ -176,6 +176,18 @@ pub struct DiscoveryProblem {
     pub device: Option<PciAddress>,
     pub path: PathBuf,
     pub message: String,
+    /// The kind of device this problem kept out of the inventory, where discovery knew it:
+    /// a machine with an accelerator it could not place is not described truthfully.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<LostDevice>,
+}
+
+/// A device that was found but left out of the inventory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LostDevice {
+    Accelerator,
+    Nic,
 }
 
 impl std::fmt::Display for DiscoveryProblem {
@@ -215,6 +227,14 @@ impl DeviceRef<'_> {
 }
 
 impl Inventory {
+    /// Accelerators that were found but could not be placed (and so are missing).
+    pub fn lost_accelerators(&self) -> usize {
+        self.problems
+            .iter()
+            .filter(|p| p.lost == Some(LostDevice::Accelerator))
+            .count()
+    }
+
     pub fn accelerator(&self, address: &PciAddress) -> Option<&Accelerator> {
         self.accelerators.iter().find(|a| &a.pci.address == address)
     }

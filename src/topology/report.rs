@@ -65,6 +65,9 @@ pub struct TopoReport {
     /// Why there are no (or fewer) pairs, for a person to read.
     pub note: Option<String>,
     pub problems: Vec<String>,
+    /// Accelerators found but left out of the report (see `problems`); `tandem topo` exits
+    /// with status 3 when there are any.
+    pub lost_accelerators: usize,
     /// `affinity[i][j]`: GPU i to NIC j, in the order of `gpus` and `nics`.
     #[serde(skip)]
     pub affinity: Vec<Vec<Affinity>>,
@@ -105,8 +108,13 @@ impl TopoReport {
             })
             .collect();
         let mut note = pairing.reason.clone();
-        if inventory.accelerators.is_empty() {
+        let lost = inventory.lost_accelerators();
+        if inventory.accelerators.is_empty() && lost == 0 {
             note = Some("no accelerators found on this node".to_string());
+        } else if lost > 0 {
+            note = Some(format!(
+                "{lost} accelerator(s) found but not placed (see the problems below)"
+            ));
         }
         TopoReport {
             gpus,
@@ -120,6 +128,7 @@ impl TopoReport {
             unpaired_nics: pairing.unpaired_nics.iter().map(nic_device_name).collect(),
             note,
             problems: inventory.problems.iter().map(|p| p.to_string()).collect(),
+            lost_accelerators: inventory.lost_accelerators(),
             affinity: affinity_matrix,
         }
     }
