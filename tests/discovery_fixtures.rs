@@ -69,6 +69,7 @@ fn every_builtin_discovers_without_problems() {
         ("gke-a4", 8, 9),
         ("gpu-only", 5, 0),
         ("large", 64, 64),
+        ("mi300x", 8, 8),
         ("workstation", 1, 1),
     ];
     assert_eq!(

@@ -566,7 +566,7 @@ fn gpu_only_has_every_accelerator_kind_and_no_nic() {
         .join("bus/pci/devices/0000:05:00.0")
         .canonicalize()
         .unwrap();
-    assert_eq!(read(mi300.join("class")), "0x038000");
+    assert_eq!(read(mi300.join("class")), "0x120000");
     assert_eq!(read(mi300.join("product_name")), "AMD Instinct MI300X");
     assert_eq!(read(mi300.join("mem_info_vram_total")), "206158430208");
     assert_eq!(read(mi300.join("drm/card1/dev")), "226:1");
