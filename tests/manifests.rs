@@ -1779,13 +1779,14 @@ fn api_uses() -> Vec<ApiUse> {
             ["patch"],
             None
         ),
-        // rail_configmap_data: get_opt of the controller's rail ConfigMap every rescan.
+        // watch_rail_configmap: list + watch of the controller's rail ConfigMap alone
+        // (fieldSelector metadata.name), authorized by resourceNames.
         api_use!(
             NodePlugin,
             "slices/network.rs",
             ConfigMap,
             controller_ns(),
-            ["get"],
+            ["list", "watch"],
             Some(names::RAILS_CONFIGMAP)
         ),
         // node_identity: the Node's UID for the slices' owner reference.

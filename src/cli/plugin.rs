@@ -364,6 +364,9 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
     served.context("kubelet plugin server")
 }
 
+/// How long the first slices wait for the rail ConfigMap's watch to list it.
+const FIRST_RAILS_WAIT: Duration = Duration::from_secs(5);
+
 /// Where and how `publish_slices` publishes.
 struct SliceTarget {
     client: kube::Client,
@@ -373,14 +376,14 @@ struct SliceTarget {
     node: String,
     options: SliceOptions,
     controller_namespace: String,
-    /// How often NIC addresses and the rail ConfigMap are re-read, and how long a vanished
-    /// device stays published with the `gone` taint.
+    /// How often NIC addresses are re-read, and how long a vanished device stays published
+    /// with the `gone` taint (the rail ConfigMap is watched).
     rescan_period: Duration,
     metrics: Arc<PluginMetrics>,
 }
 
-/// Re-reads NIC addresses (netlink) and the rail ConfigMap into `facts`. A failed read keeps
-/// the last value: a transient error must not strip subnets and rails from every NIC.
+/// Re-reads NIC addresses and routes (netlink) into `facts`. A failed read keeps the last
+/// value: a transient error must not strip subnets from every NIC.
 async fn refresh_network(target: &SliceTarget, facts: &mut NetworkFacts) {
     match network::interface_dump().await {
         Ok(mut interfaces) => {
@@ -394,12 +397,6 @@ async fn refresh_network(target: &SliceTarget, facts: &mut NetworkFacts) {
             interfaces.store_in(facts);
         }
         Err(error) => tracing::warn!(%error, "reading NIC addresses failed; keeping the last ones"),
-    }
-    match network::rail_configmap_data(target.client.clone(), &target.controller_namespace).await {
-        Ok(rails) => facts.rails = rails,
-        Err(error) => {
-            tracing::warn!(%error, "reading the rail ConfigMap failed; keeping the last rails")
-        }
     }
 }
 
@@ -426,8 +423,19 @@ async fn publish_slices(
             }
         }
     };
+    let (rails_tx, mut rails_rx) = watch::channel(None);
+    let rails_watch = tokio::spawn(network::watch_rail_configmap(
+        target.client.clone(),
+        target.controller_namespace.clone(),
+        rails_tx,
+        shutdown.clone(),
+    ));
     let mut facts = NetworkFacts::default();
     refresh_network(&target, &mut facts).await;
+    // The first slices carry the rails when the apiserver answers soon: no second write for them.
+    if let Ok(Ok(())) = tokio::time::timeout(FIRST_RAILS_WAIT, rails_rx.changed()).await {
+        facts.rails = rails_rx.borrow_and_update().clone();
+    }
     let (network_tx, network_rx) = watch::channel(facts.clone());
     let refresher = {
         let (target, shutdown) = (&target, shutdown.clone());
@@ -438,10 +446,14 @@ async fn publish_slices(
             refresh.tick().await;
             loop {
                 tokio::select! {
-                    _ = refresh.tick() => {}
+                    _ = refresh.tick() => refresh_network(target, &mut facts).await,
+                    // The rails arrive from their watch, not on the rescan period.
+                    changed = rails_rx.changed() => match changed {
+                        Ok(()) => facts.rails = rails_rx.borrow_and_update().clone(),
+                        Err(_) => return,
+                    },
                     () = shutdown.cancelled() => return,
                 }
-                refresh_network(target, &mut facts).await;
                 network_tx.send_if_modified(|current| {
                     let changed = *current != facts;
                     if changed {
@@ -494,6 +506,7 @@ async fn publish_slices(
         shutdown.clone(),
     ));
     tokio::join!(refresher, metrics_follow_inventory);
+    let _ = rails_watch.await;
     let _ = builder.await;
     let _ = publishing.await;
 }
