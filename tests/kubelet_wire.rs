@@ -109,6 +109,16 @@ async fn assert_no_slices_for_a_while(apiserver: &FakeApiServer, node: &str, why
     assert!(node_slices(apiserver, node).await.is_empty(), "{why}");
 }
 
+/// Writes `bytes` to the socket at `path`, then reads until the server closes the connection.
+async fn broken_connection(path: &Path, bytes: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::UnixStream::connect(path).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut sink)).await;
+    assert!(read.is_ok(), "server kept a broken connection open");
+}
+
 fn plugin_log(layout: &PluginLayout) -> String {
     std::fs::read_to_string(layout.log_path()).unwrap_or_default()
 }
@@ -169,6 +179,28 @@ async fn the_kubelets_registration_dial_registers_us_and_only_then_slices_appear
         5,
         "every attempt logged:\n{log}"
     );
+
+    // Connections that fail before any handler are logged at warn with the reason: a client
+    // that is not HTTP/2, and one whose header block does not decode.
+    broken_connection(&registration, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut bad_hpack = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bad_hpack.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]); // empty SETTINGS
+    bad_hpack.extend([0, 0, 1, 1, 4, 0, 0, 0, 1, 0x80 | 70]); // HEADERS: index 70, table empty
+    broken_connection(&registration, &bad_hpack).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = plugin_log(&layout);
+        if log.contains("did not start with the HTTP/2 preface")
+            && log.contains("closing a kubelet connection that broke HTTP/2")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "broken connections not logged:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The kubelet wiped its registry: we are no longer registered, and slices the kubelet then
     // deletes stay deleted until it registers us again.
