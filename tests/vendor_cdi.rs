@@ -395,3 +395,59 @@ async fn driver_root_mode_mounts_the_driver_read_only_and_the_spec_is_valid_cdi(
     assert!(!plain.to_string().contains("NVIDIA_VISIBLE_DEVICES"));
     assert!(!plain.to_string().contains("/usr/local/nvidia"));
 }
+
+fn tandem(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn topo_shows_which_gpus_have_a_vendor_device() {
+    // The dgx-h100 fixture carries the GPU Operator's spec: every GPU has its UUID device.
+    let json = tandem(&["topo", "--fixture", "dgx-h100", "-o", "json"]);
+    let vendor = json["vendorCdiDevices"].as_object().unwrap();
+    assert_eq!(vendor.len(), 8);
+    assert!(
+        vendor
+            .values()
+            .all(|v| v.as_str().unwrap().starts_with("nvidia.com/gpu=GPU-"))
+    );
+    // A fixture without a vendor spec prints what it always printed.
+    let json = tandem(&["topo", "--fixture", "gke-a4", "-o", "json"]);
+    assert!(json.get("vendorCdiDevices").is_none());
+
+    // A node's own directories: an `all`-only spec gives no GPU a device of its own.
+    let (dir, inventory) = dgx();
+    let cdi = dir.path().join("cdi");
+    std::fs::create_dir_all(&cdi).unwrap();
+    std::fs::write(
+        cdi.join("nvidia.yaml"),
+        nvidia_ctk_spec(&inventory, NvidiaNaming::AllOnly),
+    )
+    .unwrap();
+    let m = dir.path().join("m");
+    let json = tandem(&[
+        "topo",
+        "--sysfs-root",
+        m.join("sys").to_str().unwrap(),
+        "--proc-root",
+        m.join("proc").to_str().unwrap(),
+        "--dev-root",
+        m.join("dev").to_str().unwrap(),
+        "--vendor-cdi-dirs",
+        cdi.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    let vendor = json["vendorCdiDevices"].as_object().unwrap();
+    assert_eq!(vendor.len(), 8);
+    assert!(vendor.values().all(serde_json::Value::is_null));
+}

@@ -351,6 +351,41 @@ pub fn match_inventory(snapshot: &SpecSnapshot, inventory: &Inventory) -> Vendor
     matches
 }
 
+/// Which GPU has which vendor device, for `tandem topo` and `tandem demo`: one line per GPU
+/// (`gpu-0000-1b-00-0  nvidia.com/gpu=GPU-...`, or `none` and the first warning).
+pub fn render_text(matches: &VendorMatches) -> String {
+    let mut out = String::new();
+    for (address, found) in matches {
+        let name = accelerator_device_name(address);
+        match &found.device_id {
+            Some(id) => out.push_str(&format!("  {name}  {id}\n")),
+            None => {
+                let why = found.warnings.first().map(String::as_str).unwrap_or("");
+                out.push_str(&format!("  {name}  none  {why}\n"));
+            }
+        }
+    }
+    out
+}
+
+/// `{"gpu-0000-1b-00-0": "nvidia.com/gpu=GPU-...", "gpu-...": null}`.
+pub fn to_json(matches: &VendorMatches) -> serde_json::Value {
+    serde_json::Value::Object(
+        matches
+            .iter()
+            .map(|(address, found)| {
+                (
+                    accelerator_device_name(address),
+                    found
+                        .device_id
+                        .clone()
+                        .map_or(serde_json::Value::Null, serde_json::Value::String),
+                )
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
