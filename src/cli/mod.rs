@@ -1,6 +1,8 @@
 //! Command-line interface: argument parsing and dispatch to the library. Each subcommand
 //! lives in its own file.
 
+use std::time::Duration;
+
 use clap::{Parser, Subcommand, ValueEnum};
 
 pub mod controller;
@@ -76,5 +78,42 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("tandem {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+    }
+}
+
+/// A duration flag: `30s`, `2m`, `500ms`, `1h30m` (humantime's units), or plain seconds;
+/// never zero, since every duration flag is a period or a timeout.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let duration = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        text.parse()
+            .map(Duration::from_secs)
+            .map_err(|e| format!("{text:?}: {e}"))?
+    } else {
+        humantime::parse_duration(text)
+            .map_err(|e| format!("{text:?} is not a duration like 30s, 2m or 500ms: {e}"))?
+    };
+    if duration.is_zero() {
+        return Err(format!("duration {text:?} must be above zero"));
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_or_as_seconds() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("").is_err());
     }
 }

@@ -72,7 +72,7 @@ pub struct PluginArgs {
     #[arg(long, default_value = crate::netattach::record::RUN_NETNS_DIR)]
     pub netns_dir: PathBuf,
     /// How often interfaces not yet back from a pod are retried and claim statuses updated.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
     pub netattach_reconcile_period: Duration,
     /// kubeconfig file; without it the in-cluster config (or $KUBECONFIG) is used.
     #[arg(long)]
@@ -81,7 +81,7 @@ pub struct PluginArgs {
     #[arg(long, env = "POD_UID")]
     pub pod_uid: Option<String>,
     /// How often the machine is rescanned (e.g. 30s, 2m, 500ms).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = super::parse_duration)]
     pub rescan_period: Duration,
     /// Publish device health problems as DeviceTaints on the ResourceSlices.
     #[arg(long)]
@@ -112,29 +112,6 @@ pub struct PluginArgs {
     /// in legacy mode; off where the runtime uses CDI.
     #[arg(long)]
     pub nvidia_legacy_env: bool,
-}
-
-/// `30s`, `2m`, `500ms`, `1h`, or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s, 2m or 500ms"))?;
-    let duration = match unit {
-        "" | "s" => Duration::from_secs(value),
-        "ms" => Duration::from_millis(value),
-        "m" => Duration::from_secs(value.saturating_mul(60)),
-        "h" => Duration::from_secs(value.saturating_mul(3600)),
-        other => return Err(format!("unknown duration unit {other:?} in {text:?}")),
-    };
-    if duration.is_zero() {
-        return Err(format!("duration {text:?} must be above zero"));
-    }
-    Ok(duration)
 }
 
 /// Logging is configured by main (`--log-format`, `RUST_LOG`).
@@ -547,21 +524,5 @@ async fn publish_while_registered(
         }
         paused.cancel();
         let _ = running.await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("s").is_err());
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use super::plugin::parse_duration;
+use super::parse_duration;
 use crate::metrics_http;
 
 #[derive(Args, Debug)]
