@@ -4,7 +4,8 @@
 //! `NCCL_SOCKET_IFNAME` is deliberately not set: the NICs' netdevs stay in the host network
 //! namespace, so naming them would point NCCL's bootstrap at interfaces the pod cannot see;
 //! the pod's own interface is what bootstrap must use. GPU runtime variables
-//! (`NVIDIA_VISIBLE_DEVICES`, `CUDA_VISIBLE_DEVICES`) are left to the GPU vendor's tooling.
+//! (`NVIDIA_VISIBLE_DEVICES`, `CUDA_VISIBLE_DEVICES`) are left to the GPU vendor's tooling;
+//! TPU chips get the env GKE's TPU device plugin sets ([`tpu_env`]).
 
 use super::config::EnvFlavour;
 use super::topology_file::ClaimTopology;
@@ -46,6 +47,29 @@ pub fn claim_env(flavour: EnvFlavour, topology: &ClaimTopology) -> Vec<String> {
         _ => {}
     }
     env
+}
+
+/// The environment GKE's TPU device plugin gives a container holding `chips` (the host's chip
+/// indices, ascending): which chips libtpu opens, and that this one process drives all of
+/// them as one slice of the host (`TPU_CHIPS_PER_PROCESS_BOUNDS` is the chip grid: 1 chip
+/// `1,1,1`, 2 chips `1,2,1`, 4 chips `2,2,1`, 8 chips `2,4,1`).
+pub fn tpu_env(chips: &[u32]) -> Vec<String> {
+    if chips.is_empty() {
+        return Vec::new();
+    }
+    let bounds = match chips.len() {
+        1 => "1,1,1".to_string(),
+        2 => "1,2,1".to_string(),
+        4 => "2,2,1".to_string(),
+        8 => "2,4,1".to_string(),
+        n => format!("1,{n},1"),
+    };
+    let visible: Vec<String> = chips.iter().map(u32::to_string).collect();
+    vec![
+        format!("TPU_VISIBLE_CHIPS={}", visible.join(",")),
+        format!("TPU_CHIPS_PER_PROCESS_BOUNDS={bounds}"),
+        "TPU_PROCESS_BOUNDS=1,1,1".to_string(),
+    ]
 }
 
 /// RDMA devices with their port, in GPU order: the NIC paired with the first GPU first, so
@@ -149,6 +173,26 @@ mod tests {
         );
         let env = claim_env(EnvFlavour::None, &topology());
         assert!(env.iter().all(|e| e.starts_with("TANDEM_")), "{env:?}");
+    }
+
+    #[test]
+    fn tpu_env_names_the_chips_and_their_grid() {
+        assert!(tpu_env(&[]).is_empty());
+        assert_eq!(
+            tpu_env(&[2]),
+            [
+                "TPU_VISIBLE_CHIPS=2",
+                "TPU_CHIPS_PER_PROCESS_BOUNDS=1,1,1",
+                "TPU_PROCESS_BOUNDS=1,1,1"
+            ]
+        );
+        assert_eq!(tpu_env(&[0, 1])[1], "TPU_CHIPS_PER_PROCESS_BOUNDS=1,2,1");
+        assert_eq!(tpu_env(&[0, 1, 2, 3])[0], "TPU_VISIBLE_CHIPS=0,1,2,3");
+        assert_eq!(
+            tpu_env(&[0, 1, 2, 3])[1],
+            "TPU_CHIPS_PER_PROCESS_BOUNDS=2,2,1"
+        );
+        assert_eq!(tpu_env(&[0; 8])[1], "TPU_CHIPS_PER_PROCESS_BOUNDS=2,4,1");
     }
 
     #[test]

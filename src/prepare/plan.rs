@@ -359,6 +359,10 @@ pub fn plan_claim(
         env: claim_env(flavour, &topology),
         ..ContainerEdits::default()
     };
+    claim_edits.env.extend(super::env::tpu_env(&tpu_chips(
+        ctx.inventory,
+        &accelerators,
+    )));
     if ctx.nvidia_legacy_env {
         let uuids: Vec<&str> = accelerators
             .iter()
@@ -397,6 +401,43 @@ pub fn plan_claim(
         topology,
         spec: Some(spec),
     })
+}
+
+/// Google's PCI vendor ID: its class 0x12 functions are TPU chips.
+const VENDOR_GOOGLE: u16 = 0x1ae0;
+
+fn is_tpu(a: &Accelerator) -> bool {
+    a.kind == AcceleratorKind::ProcessingAccelerator && a.pci.vendor_id == VENDOR_GOOGLE
+}
+
+/// Host chip indices of the claim's TPUs, as libtpu numbers them: the `accel<N>` number of a
+/// chip with an accel node, else the chip's place among the node's TPUs in PCI bus order
+/// (the order `/dev/vfio` groups and accel nodes are created in).
+fn tpu_chips(inventory: &Inventory, accelerators: &[(&AllocatedDevice, &Accelerator)]) -> Vec<u32> {
+    let mut host: Vec<&Accelerator> = inventory
+        .accelerators
+        .iter()
+        .filter(|a| is_tpu(a))
+        .collect();
+    host.sort_by_key(|a| a.pci.address);
+    let mut chips: Vec<u32> = accelerators
+        .iter()
+        .filter(|(_, a)| is_tpu(a))
+        .filter_map(|(_, a)| {
+            let accel = a.char_devices.iter().find_map(|c| {
+                c.path
+                    .strip_prefix("accel/accel")
+                    .and_then(|n| n.parse::<u32>().ok())
+            });
+            accel.or_else(|| {
+                host.iter()
+                    .position(|h| h.pci.address == a.pci.address)
+                    .and_then(|i| u32::try_from(i).ok())
+            })
+        })
+        .collect();
+    chips.sort_unstable();
+    chips
 }
 
 /// The in-pod names of the claim's exclusively attached NICs: a request's `interfaceName`
@@ -1157,6 +1198,125 @@ mod tests {
             serde_json::json!({"interfaceName": "a/b"}),
         )];
         assert!(plan_with_hook(&inventory, &allocation).is_err());
+    }
+
+    /// A GKE TPU v5e host (ct5lp-hightpu-4t shape): four chips on one root complex, the
+    /// first two with accel nodes (`accel1`, `accel0`: numbered by the driver, not by bus),
+    /// the last two bound to vfio-pci.
+    fn tpu_host() -> (tempfile::TempDir, Inventory) {
+        let mut desc = crate::fixture::builtin("gpu-only").unwrap();
+        let template = desc
+            .devices
+            .iter()
+            .find(|d| matches!(d.kind, crate::fixture::DeviceKind::Accelerator(_)))
+            .unwrap()
+            .clone();
+        desc.name = "tpu-v5e".into();
+        desc.devices = (0..4u8)
+            .map(|i| {
+                let mut chip = template.clone();
+                chip.path = format!("0000:00:{:02x}.0", 4 + i);
+                chip.id = crate::fixture::PciId::new(VENDOR_GOOGLE, 0x0063);
+                chip.class = 0x120000;
+                chip.numa = Some(0);
+                chip.kind =
+                    crate::fixture::DeviceKind::Accelerator(crate::fixture::AcceleratorSpec {
+                        driver: "google-tpu".into(),
+                        index: Some(u32::from(i)),
+                    });
+                if i >= 2 {
+                    chip.overrides.driver = Some(crate::fixture::VFIO_DRIVER.into());
+                    chip.overrides.iommu_group = Some(10 + u32::from(i));
+                }
+                chip
+            })
+            .collect();
+        // accel1 for the first chip, accel0 for the second.
+        for (i, chip) in desc.devices.iter_mut().enumerate().take(2) {
+            chip.kind = crate::fixture::DeviceKind::Accelerator(crate::fixture::AcceleratorSpec {
+                driver: "google-tpu".into(),
+                index: Some(1 - i as u32),
+            });
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let roots = crate::fixture::write_machine(&desc, dir.path()).unwrap();
+        (dir, crate::sysfs::discover(&roots).unwrap())
+    }
+
+    #[test]
+    fn tpu_claims_get_their_chip_nodes_and_gke_tpu_env() {
+        let (_dir, tpus) = tpu_host();
+        assert!(tpus.problems.is_empty(), "{:?}", tpus.problems);
+        let names: Vec<String> = tpus
+            .accelerators
+            .iter()
+            .map(|a| accelerator_device_name(&a.pci.address))
+            .collect();
+        let claim_of = |picked: &[usize]| {
+            let allocation = OurAllocation {
+                devices: picked
+                    .iter()
+                    .map(|&i| allocated("tpus", &names[i]))
+                    .collect(),
+                config: Vec::new(),
+            };
+            plan(&tpus, "u", &allocation, &DeviceHolders::default())
+                .unwrap()
+                .spec
+                .unwrap()
+        };
+        let env_of = |spec: &CdiSpec| -> Vec<String> {
+            spec.container_edits
+                .env
+                .iter()
+                .filter(|e| e.starts_with("TPU_"))
+                .cloned()
+                .collect()
+        };
+        let nodes_of = |spec: &CdiSpec| -> Vec<String> {
+            let mut nodes: Vec<String> = spec
+                .devices
+                .iter()
+                .flat_map(|d| {
+                    d.container_edits
+                        .device_nodes
+                        .iter()
+                        .map(|n| n.path.clone())
+                })
+                .collect();
+            nodes.sort();
+            nodes
+        };
+        // The first chip by bus order carries accel1: its chip index is 1.
+        let first = claim_of(&[0]);
+        assert_eq!(nodes_of(&first), ["/dev/accel/accel1"]);
+        assert_eq!(
+            env_of(&first),
+            [
+                "TPU_VISIBLE_CHIPS=1",
+                "TPU_CHIPS_PER_PROCESS_BOUNDS=1,1,1",
+                "TPU_PROCESS_BOUNDS=1,1,1"
+            ]
+        );
+        // The two vfio chips: their groups, chips 2 and 3.
+        let vfio = claim_of(&[2, 3]);
+        assert_eq!(nodes_of(&vfio), ["/dev/vfio/12", "/dev/vfio/13"]);
+        assert_eq!(env_of(&vfio)[0], "TPU_VISIBLE_CHIPS=2,3");
+        assert_eq!(env_of(&vfio)[1], "TPU_CHIPS_PER_PROCESS_BOUNDS=1,2,1");
+        let all = claim_of(&[0, 1, 2, 3]);
+        assert_eq!(env_of(&all)[0], "TPU_VISIBLE_CHIPS=0,1,2,3");
+        assert_eq!(env_of(&all)[1], "TPU_CHIPS_PER_PROCESS_BOUNDS=2,2,1");
+        // GPUs get no TPU env.
+        let (_d, dgx) = inventory();
+        let gpu = OurAllocation {
+            devices: vec![allocated("gpus", "gpu-0000-1b-00-0")],
+            config: Vec::new(),
+        };
+        let spec = plan(&dgx, "u", &gpu, &DeviceHolders::default())
+            .unwrap()
+            .spec
+            .unwrap();
+        assert!(env_of(&spec).is_empty());
     }
 
     #[test]
