@@ -620,6 +620,48 @@ async fn rescans_carry_link_state_and_vanished_devices_into_the_slices() {
     server.shutdown().await;
 }
 
+/// A link change in the watcher's network namespace fires the trigger: the watcher runs on a
+/// thread that entered a namespace of its own, where bringing `lo` up is the change.
+#[test]
+fn link_watcher_fires_on_a_link_change() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIPPED link_watcher_fires_on_a_link_change: needs root for a network namespace"
+        );
+        return;
+    }
+    let fired = std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let trigger = Arc::new(tokio::sync::Notify::new());
+                let shutdown = CancellationToken::new();
+                let task =
+                    tandem::slices::spawn_link_watcher(trigger.clone(), shutdown.clone()).unwrap();
+                let (connection, handle, _) = rtnetlink::new_connection().unwrap();
+                tokio::spawn(connection);
+                handle
+                    .link()
+                    .set(rtnetlink::LinkUnspec::new_with_index(1).up().build())
+                    .execute()
+                    .await
+                    .unwrap();
+                let fired = tokio::time::timeout(Duration::from_secs(5), trigger.notified())
+                    .await
+                    .is_ok();
+                shutdown.cancel();
+                task.await.unwrap();
+                fired
+            })
+    })
+    .join()
+    .unwrap();
+    assert!(fired, "no trigger within 5 s of bringing lo up");
+}
+
 #[tokio::test]
 async fn link_watcher_starts_and_stops() {
     let shutdown = CancellationToken::new();

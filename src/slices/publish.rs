@@ -401,7 +401,11 @@ impl Publisher {
                     }
                     Some(Err(error)) => {
                         tracing::warn!(node = %self.node, %error, "watching ResourceSlices failed");
-                        tokio::time::sleep(retry_delay).await;
+                        // A failing watch must not hold up shutdown for up to MAX_RETRY_DELAY.
+                        tokio::select! {
+                            () = tokio::time::sleep(retry_delay) => {}
+                            () = shutdown.cancelled() => return,
+                        }
                     }
                     None => return,
                 },

@@ -10,10 +10,8 @@ use crate::sysfs::{MachineRoots, discover};
 use crate::topology::{Inventory, InventoryWatch, PciAddress};
 use k8s_openapi::api::resource::v1::{Device, ResourceSlice};
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -21,8 +19,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Link events come in bursts (a port flapping, a bond re-forming): one rescan per burst.
 pub const RESCAN_DEBOUNCE: Duration = Duration::from_millis(250);
-/// `RTMGRP_LINK`: the rtnetlink multicast group of link (netdev) changes.
-const RTMGRP_LINK: u32 = 1;
 
 /// The PCI addresses of NICs whose netdev sits in a pod's network namespace right now.
 pub type AttachedNics = Arc<dyn Fn() -> BTreeSet<PciAddress> + Send + Sync>;
@@ -108,54 +104,31 @@ pub fn keep_attached_nics(
     }
 }
 
-/// Fires `trigger` on every rtnetlink link message (netdev up/down/added/removed). The socket
-/// only listens to the kernel; it reads no host files.
+/// Fires `trigger` on every rtnetlink link message (netdev up/down/added/removed), and when
+/// the kernel reports that it dropped some (an overrun: something changed, rescan). The
+/// subscription only listens to the kernel; it reads no host files.
 pub fn spawn_link_watcher(
     trigger: Arc<Notify>,
     shutdown: CancellationToken,
 ) -> std::io::Result<JoinHandle<()>> {
-    use nix::sys::socket::{
-        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, socket,
-    };
-    let fd: OwnedFd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkRoute,
-    )?;
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, RTMGRP_LINK))?;
-    // SAFETY: the OwnedFd moves into the AsyncFd and is closed only when the AsyncFd drops,
-    // so the registered descriptor stays open and the same for the AsyncFd's whole life.
-    let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }?;
+    use futures::StreamExt;
+    let (connection, _handle, mut messages) =
+        rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link])?;
     Ok(tokio::spawn(async move {
-        let mut buffer = vec![0u8; 64 * 1024];
+        let connection = tokio::spawn(connection);
         loop {
-            let mut guard = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                ready = fd.readable() => match ready {
-                    Ok(guard) => guard,
-                    Err(error) => {
-                        tracing::warn!(%error, "netlink link watch failed; relying on periodic rescans");
-                        return;
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                message = messages.next() => {
+                    if message.is_none() {
+                        tracing::warn!("netlink link watch ended; relying on periodic rescans");
+                        break;
                     }
-                },
-            };
-            match guard.try_io(|inner| {
-                recv(inner.get_ref().as_raw_fd(), &mut buffer, MsgFlags::empty())
-                    .map_err(std::io::Error::from)
-            }) {
-                Ok(Ok(_)) => trigger.notify_one(),
-                // The kernel dropped messages for us: something changed, rescan.
-                Ok(Err(error)) if error.raw_os_error() == Some(nix::libc::ENOBUFS) => {
-                    trigger.notify_one()
+                    trigger.notify_one();
                 }
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "netlink link watch failed; relying on periodic rescans");
-                    return;
-                }
-                Err(_would_block) => continue,
             }
         }
+        connection.abort();
     }))
 }
 
