@@ -75,13 +75,16 @@ impl DriverRoot {
                 .map(String::from)
                 .ok_or_else(|| DriverRootError::NotUtf8(p.to_path_buf()))
         };
-        let lib_target = mount.join("lib64");
+        // An install directory keeps its layout (`lib64` stays `lib64`, ROCm's `lib` stays
+        // `lib`); a root file system's driver files all go to `lib64`.
+        let mut lib_target = mount.join("lib64");
         let bin_target = mount.join("bin");
         let mut mounts = Vec::new();
         let mut found = None;
         for dir in INSTALL_LIB_DIRS {
             let host = root.join(dir);
             if let Some(vendor) = vendor_of(&host) {
+                lib_target = mount.join(dir);
                 mounts.push(ro_mount(text(&host)?, text(&lib_target)?));
                 let bin = root.join("bin");
                 if bin.is_dir() {
@@ -278,6 +281,8 @@ mod tests {
         touch(&rocm.join("lib/libhsa-runtime64.so.1"));
         let r = DriverRoot::discover(&rocm, Path::new("/opt/rocm")).unwrap();
         assert_eq!(r.vendor, DriverVendor::Amd);
+        assert_eq!(r.edits().mounts[0].container_path, "/opt/rocm/lib");
+        assert_eq!(r.edits().env, ["LD_LIBRARY_PATH=/opt/rocm/lib"]);
         assert!(r.serves(AcceleratorKind::AmdGpu));
         let empty = dir.path().join("empty");
         std::fs::create_dir_all(&empty).unwrap();
