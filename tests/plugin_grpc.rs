@@ -736,6 +736,8 @@ fn demo_runs_end_to_end() {
         "sockets left: 0",
         // The DGX's first pair's NIC, moved into the pod as rdma0 by the attach hook.
         "ibp24s0 -> rdma0 in the pod (PCI 0000:18:00.0, RDMA device mlx5_0)",
+        // The dgx-h100 carries the GPU Operator's spec: each GPU shows its vendor device.
+        "vendor=nvidia.com/gpu=GPU-",
     ] {
         assert!(
             stdout.contains(expected),

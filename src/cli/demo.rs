@@ -289,6 +289,11 @@ async fn demo(fixture_name: &str) -> anyhow::Result<()> {
     let roots = fixture::write_machine(&description, &work.path().join("machine"))
         .with_context(|| format!("writing fixture {fixture_name}"))?;
     let inventory = discover(&roots).context("discovering the fixture machine")?;
+    // The GPU vendor's CDI spec as its toolkit leaves it in /etc/cdi, for machines that
+    // come with one: prepared GPUs then list the vendor's device next to ours.
+    let vendor_dir = roots.sys.with_file_name("etc").join("cdi");
+    let vendor_spec = fixture::write_builtin_vendor_spec(fixture_name, &inventory, &vendor_dir)
+        .with_context(|| format!("writing the vendor CDI spec under {}", vendor_dir.display()))?;
     println!(
         "read {} under {}: {} accelerators, {} NICs ({} with RDMA), {} NUMA nodes",
         fixture_name,
@@ -298,6 +303,12 @@ async fn demo(fixture_name: &str) -> anyhow::Result<()> {
         inventory.nics.iter().filter(|n| n.is_rdma()).count(),
         inventory.numa_nodes.len()
     );
+    if vendor_spec {
+        println!(
+            "vendor CDI spec (as nvidia-ctk cdi generate writes it): {}",
+            vendor_dir.join("nvidia.yaml").display()
+        );
+    }
 
     heading(2, "The ResourceSlice this node would publish");
     print_slice_summary(&inventory, driver);
@@ -363,6 +374,9 @@ async fn demo(fixture_name: &str) -> anyhow::Result<()> {
     // As on a production node: NICs of the claim get the attach hook in their CDI devices.
     // The demo shows it; running it needs root and a pod's network namespace.
     prepare_config.hook_path = std::env::current_exe().ok();
+    if vendor_spec {
+        prepare_config.vendor_cdi_dirs = vec![vendor_dir.clone()];
+    }
     let preparer = Preparer::new(prepare_config, client.clone(), inventory_rx.clone())
         .context("setting up claim preparation")?;
     preparer
@@ -414,12 +428,25 @@ async fn demo(fixture_name: &str) -> anyhow::Result<()> {
     if !answer.error.is_empty() {
         bail!("preparing the demo claim failed: {}", answer.error);
     }
+    let own_kind = format!("{}=", names::cdi_claim_kind(driver));
     for device in &answer.devices {
+        // The runtime applies every id; the vendor's comes first.
+        let (ours, vendor): (Vec<&String>, Vec<&String>) = device
+            .cdi_device_ids
+            .iter()
+            .partition(|id| id.starts_with(&own_kind));
+        let ours: Vec<&str> = ours.iter().map(|s| s.as_str()).collect();
+        let vendor: Vec<&str> = vendor.iter().map(|s| s.as_str()).collect();
+        let vendor = if vendor.is_empty() {
+            String::new()
+        } else {
+            format!("  vendor={}", vendor.join(","))
+        };
         println!(
-            "  {:<18} request={:<5} cdi={}",
+            "  {:<18} request={:<5} cdi={}{vendor}",
             device.device_name,
             device.request_names.join(","),
-            device.cdi_device_ids.join(",")
+            ours.join(","),
         );
     }
     let specs = cdi_specs(&cdi_dir)?;
