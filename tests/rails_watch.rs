@@ -31,6 +31,17 @@ fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
+async fn patch_data(api: &Api<ConfigMap>, key: &str, value: &str) {
+    let patch = serde_json::json!({ "data": { key: value } });
+    api.patch(
+        names::RAILS_CONFIGMAP,
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+}
+
 fn rail_gets(apiserver: &FakeApiServer) -> usize {
     apiserver
         .requests()
@@ -86,15 +97,8 @@ async fn rail_changes_arrive_by_watch_and_steady_state_costs_no_requests() {
     };
     api.create(&PostParams::default(), &other).await.unwrap();
 
-    let patch = serde_json::json!({"data": {"10.2.0.0_24": "1"}});
     let updated = Instant::now();
-    api.patch(
-        names::RAILS_CONFIGMAP,
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .unwrap();
+    patch_data(&api, "10.2.0.0_24", "1").await;
     assert_eq!(
         next_rails(&mut rx).await,
         Some(data(&[("10.1.0.0_24", "0"), ("10.2.0.0_24", "1")]))
@@ -158,14 +162,7 @@ async fn an_existing_configmap_is_listed_first_then_followed() {
         next_rails(&mut rx).await,
         Some(data(&[("10.1.0.0_24", "0")]))
     );
-    let patch = serde_json::json!({"data": {"10.1.0.0_24": "5"}});
-    api.patch(
-        names::RAILS_CONFIGMAP,
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .unwrap();
+    patch_data(&api, "10.1.0.0_24", "5").await;
     let mut seen = next_rails(&mut rx).await;
     while seen != Some(data(&[("10.1.0.0_24", "5")])) {
         seen = next_rails(&mut rx).await;

@@ -637,8 +637,9 @@ fn is_errno(error: &rtnetlink::Error, errno: nix::errno::Errno) -> bool {
 }
 
 /// A route dump request for every table: the builder's default (main) would otherwise
-/// filter on kernels that check dump requests strictly.
-fn all_tables(mut message: RouteMessage) -> RouteMessage {
+/// filter on kernels that check dump requests strictly, and without strict checking the
+/// kernel ignores the table filter anyway, so callers filter the answer themselves.
+pub fn all_tables(mut message: RouteMessage) -> RouteMessage {
     message.header.table = RouteHeader::RT_TABLE_UNSPEC;
     message
         .attributes

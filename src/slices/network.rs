@@ -12,11 +12,12 @@ use kube::Api;
 use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
-use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteMessage};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
 
 use super::build::NetworkFacts;
 use crate::names;
 use crate::netattach::MAIN_TABLE;
+use crate::netattach::netlink::all_tables;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -225,16 +226,6 @@ pub async fn interface_dump() -> Result<InterfaceDump, NetworkError> {
         }
     }
     Ok(dump)
-}
-
-/// A route dump request for every table: the kernel filters by the header's table only
-/// under strict checking, so the filter is ours to apply either way.
-fn all_tables(mut message: RouteMessage) -> RouteMessage {
-    message.header.table = RouteHeader::RT_TABLE_UNSPEC;
-    message
-        .attributes
-        .retain(|a| !matches!(a, RouteAttribute::Table(_)));
-    message
 }
 
 /// Follows the rail ConfigMap (`<namespace>/tandem-rails`) with one watch on that object
