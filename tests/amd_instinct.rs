@@ -133,3 +133,35 @@ async fn a_claim_gets_kfd_and_only_its_gpus_render_and_card_nodes() {
     // Only the claim's render nodes are in the container, so no HIP/ROCR_VISIBLE_DEVICES.
     assert!(!spec.to_string().contains("VISIBLE_DEVICES"));
 }
+
+#[test]
+fn an_amd_container_toolkit_spec_gives_each_gpu_its_own_amd_device() {
+    let (dir, _roots, inventory) = mi300x();
+    // amd.com/gpu devices by index with the GPU's render and card nodes, plus `all`.
+    let mut devices: Vec<serde_json::Value> = (0..8)
+        .map(|i| {
+            serde_json::json!({"name": i.to_string(), "containerEdits": {"deviceNodes": [
+                {"path": format!("/dev/dri/card{}", i + 1)},
+                {"path": format!("/dev/dri/renderD{}", 128 + i)},
+                {"path": "/dev/kfd"},
+            ]}})
+        })
+        .collect();
+    devices.push(serde_json::json!({"name": "all", "containerEdits": {"deviceNodes": [{"path": "/dev/kfd"}]}}));
+    let cdi = dir.path().join("cdi");
+    std::fs::create_dir_all(&cdi).unwrap();
+    std::fs::write(
+        cdi.join("amd.json"),
+        serde_json::json!({"cdiVersion": "0.5.0", "kind": "amd.com/gpu", "devices": devices})
+            .to_string(),
+    )
+    .unwrap();
+    let mut specs = tandem::prepare::vendor_cdi::VendorSpecs::new(vec![cdi], "tandem.dev");
+    let found = tandem::prepare::vendor_cdi::match_inventory(&specs.refresh(), &inventory);
+    for (i, gpu) in inventory.accelerators.iter().enumerate() {
+        assert_eq!(
+            found[&gpu.pci.address].device_id,
+            Some(format!("amd.com/gpu={i}"))
+        );
+    }
+}
