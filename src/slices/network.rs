@@ -329,7 +329,8 @@ mod tests {
 
     fn route(table: u32, prefix_len: u8, attributes: Vec<RouteAttribute>) -> RouteMessage {
         let mut message = RouteMessage::default();
-        message.header.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+        message.header.table = u8::try_from(table)
+            .unwrap_or(rtnetlink::packet_route::route::RouteHeader::RT_TABLE_UNSPEC);
         message.header.destination_prefix_length = prefix_len;
         message.attributes = attributes;
         if table > 255 {
