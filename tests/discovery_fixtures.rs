@@ -64,6 +64,9 @@ fn assert_sorted(inventory: &Inventory) {
 fn every_builtin_discovers_without_problems() {
     let expected: &[(&str, usize, usize)] = &[
         ("aws-p4d", 8, 8),
+        ("aws-p5", 8, 33),
+        ("azure-nd-h100-v5", 8, 9),
+        ("azure-ndv4", 8, 9),
         ("dgx-h100", 8, 13),
         ("gb200", 4, 8),
         ("gke-a4", 8, 9),

@@ -80,7 +80,27 @@ fn every_builtin_lays_out_the_kernel_pci_shape() {
             .collect();
 
         for (address, found) in &functions {
-            let root = &found.chain[0];
+            // Hyper-V passthrough: the device's own root sits below its VMBus instance,
+            // whose GUID carries the PCI domain in its second group (bytes 4-5).
+            let root_at = found
+                .chain
+                .iter()
+                .position(|e| tandem::topology::address::is_root_name(e))
+                .unwrap_or_else(|| panic!("{name} {address}: no root in {:?}", found.chain));
+            if root_at > 0 {
+                assert_eq!(
+                    found.chain[..4],
+                    ["LNXSYSTM:00", "LNXSYBUS:00", "ACPI0004:00", "VMBUS:00"],
+                    "{name} {address}"
+                );
+                assert_eq!(root_at, 5, "{name} {address}: one VMBus instance");
+                let guid: Vec<&str> = found.chain[4].split('-').collect();
+                assert_eq!(guid.len(), 5, "{name} {address}: {}", found.chain[4]);
+                assert_eq!(guid[1], format!("{:04x}", address.domain & 0xffff));
+                assert_eq!(found.chain.len(), 7, "no bridges on VMBus");
+            }
+            let chain = &found.chain[root_at..];
+            let root = &chain[0];
             assert_eq!(
                 link_prefix(&found.link),
                 "../../../devices",
@@ -91,9 +111,9 @@ fn every_builtin_lays_out_the_kernel_pci_shape() {
                 "{name}: {root}"
             );
             // The root is named after the first element's domain and bus.
-            let first: PciAddress = found.chain[1].parse().unwrap();
+            let first: PciAddress = chain[1].parse().unwrap();
             assert_eq!(&first.root_name(), root, "{name} {address}");
-            for bridge in &found.chain[1..found.chain.len() - 1] {
+            for bridge in &chain[1..chain.len() - 1] {
                 let bridge: PciAddress = bridge.parse().unwrap();
                 assert_eq!(bridge.domain, address.domain);
                 let class = hex(functions[&bridge].dir.join("class"));
@@ -129,7 +149,7 @@ fn every_builtin_lays_out_the_kernel_pci_shape() {
                 assert_eq!(hex(found.dir.join("device")), u32::from(spec.id.device));
                 assert_eq!(hex(found.dir.join("class")), spec.class);
                 let elements = spec.path.split('/').count();
-                assert_eq!(found.chain.len(), elements + 1, "{name} {address}");
+                assert_eq!(chain.len(), elements + 1, "{name} {address}");
             }
         }
         // Exactly the described devices plus the bridges their paths imply.

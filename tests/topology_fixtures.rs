@@ -112,18 +112,28 @@ fn aws_p4d_gpus_share_the_efa_of_their_root() {
 }
 
 #[test]
-fn gb200_pairs_by_numa_node() {
+fn gb200_pairs_by_numa_node_spread_over_physical_cards() {
     let (_dir, inv) = machine("gb200");
     let pairing = pair_node(&inv);
+    // Each GPU gets a port of its own dual-port card: two GPUs on the two ports of one card
+    // would share its PCIe link while the other card on the node idled.
     assert_eq!(
         pairs_of(&pairing),
         vec![
             ("0008:06:00.0".into(), "0000:03:00.0".into(), Affinity::Node),
-            ("0009:06:00.0".into(), "0000:03:00.1".into(), Affinity::Node),
+            ("0009:06:00.0".into(), "0002:03:00.0".into(), Affinity::Node),
             ("0018:06:00.0".into(), "0010:03:00.0".into(), Affinity::Node),
-            ("0019:06:00.0".into(), "0010:03:00.1".into(), Affinity::Node),
+            ("0019:06:00.0".into(), "0012:03:00.0".into(), Affinity::Node),
         ]
     );
+    let cards: std::collections::BTreeSet<(u32, u8, u8)> = pairing
+        .pairs
+        .iter()
+        .map(|p| (p.nic.domain, p.nic.bus, p.nic.device))
+        .collect();
+    assert_eq!(cards.len(), 4, "four different physical cards");
+    // NICs at NODE level form no sets: the second ports stay free.
+    assert_eq!(pairing.unpaired_nics.len(), 4);
     // pcieRoot never matches here; the pair group is the NUMA node.
     let groups = pair_groups(&inv);
     assert_eq!(groups[&a("0008:06:00.0")], "numa-0");
@@ -343,4 +353,144 @@ fn an_accelerator_under_an_unknown_path_shape_is_a_problem_and_topo_exits_3() {
         assert!(stdout.contains("strange-bus"), "{stdout}");
         assert!(!stdout.contains("no accelerators found"), "{stdout}");
     }
+}
+
+/// Every GPU paired with a fabric NIC, no NIC shared while a fabric NIC is free.
+fn assert_fabric_pairs_without_sharing(inv: &Inventory, pairing: &Pairing) {
+    use tandem::topology::NicRole;
+    let gpus: std::collections::BTreeSet<_> = pairing.pairs.iter().map(|p| p.accelerator).collect();
+    assert_eq!(gpus.len(), inv.accelerators.len(), "every GPU paired");
+    let mut seen = std::collections::BTreeSet::new();
+    for p in &pairing.pairs {
+        assert_eq!(inv.nic(&p.nic).unwrap().role(), NicRole::Fabric, "{p:?}");
+        assert!(seen.insert(p.nic), "NIC {} shared", p.nic);
+    }
+}
+
+#[test]
+fn azure_nd_h100_v5_on_vmbus_pairs_each_gpu_with_an_ib_vf_of_its_numa_node() {
+    let (_dir, inv) = machine("azure-nd-h100-v5");
+    assert!(inv.problems.is_empty(), "{:?}", inv.problems);
+    assert_eq!(inv.accelerators.len(), 8);
+    assert_eq!(inv.nics.len(), 9);
+    // Each device is its own root: the pci<dom>:00 element of its VMBus path.
+    let gpu = inv.accelerator(&a("0008:00:00.0")).unwrap();
+    assert_eq!(gpu.pci.pcie_root, "pci0008:00");
+    assert!(gpu.pci.bridges.is_empty());
+    // The accelerated-networking VF is RDMA-capable but the frontend, and stays unpaired
+    // though its address sorts before every IB VF.
+    let an = inv.nic(&a("00b5:00:02.0")).unwrap();
+    assert!(an.is_rdma());
+    assert_eq!(an.role(), tandem::topology::NicRole::Frontend);
+    assert!(
+        an.frontend.as_deref().unwrap().contains("eth0"),
+        "{:?}",
+        an.frontend
+    );
+    let pairing = pair_node(&inv);
+    assert_fabric_pairs_without_sharing(&inv, &pairing);
+    let expected = [
+        ("0001:00:00.0", "mlx5_ib0"),
+        ("0002:00:00.0", "mlx5_ib1"),
+        ("0003:00:00.0", "mlx5_ib2"),
+        ("0008:00:00.0", "mlx5_ib3"),
+        ("0009:00:00.0", "mlx5_ib4"),
+        ("000a:00:00.0", "mlx5_ib5"),
+        ("000b:00:00.0", "mlx5_ib6"),
+        ("000c:00:00.0", "mlx5_ib7"),
+    ];
+    for (gpu, ib) in expected {
+        let pair = pairing.nic_for(&a(gpu)).unwrap();
+        assert_eq!(rdma_name(&inv, &pair.nic), ib, "GPU {gpu}");
+        assert_eq!(
+            pair.affinity,
+            Affinity::Node,
+            "no switch information on VMBus"
+        );
+    }
+    assert_eq!(pairing.unpaired_nics, vec![a("00b5:00:02.0")]);
+    // pcieRoot never matches across devices here; the pair group is the NUMA node.
+    let groups = pair_groups(&inv);
+    assert_eq!(groups[&a("0001:00:00.0")], "numa-0");
+    assert_eq!(groups[&a("0105:00:00.0")], "numa-1");
+    assert!(
+        !groups.contains_key(&a("00b5:00:02.0")),
+        "frontend takes no part"
+    );
+}
+
+#[test]
+fn azure_ndv4_pairs_two_gpus_with_two_ib_vfs_on_each_of_four_numa_nodes() {
+    let (_dir, inv) = machine("azure-ndv4");
+    assert!(inv.problems.is_empty(), "{:?}", inv.problems);
+    let pairing = pair_node(&inv);
+    assert_fabric_pairs_without_sharing(&inv, &pairing);
+    // The pairs of Azure's own NCCL topology file for NDv4.
+    for (gpu, ib) in [
+        ("0003:00:00.0", "0103:00:00.0"),
+        ("0004:00:00.0", "0104:00:00.0"),
+        ("0001:00:00.0", "0101:00:00.0"),
+        ("0002:00:00.0", "0102:00:00.0"),
+        ("000d:00:00.0", "0107:00:00.0"),
+        ("000e:00:00.0", "0108:00:00.0"),
+        ("000b:00:00.0", "0105:00:00.0"),
+        ("000c:00:00.0", "0106:00:00.0"),
+    ] {
+        let pair = pairing.nic_for(&a(gpu)).unwrap();
+        assert_eq!(pair.nic, a(ib), "GPU {gpu}");
+        assert_eq!(pair.affinity, Affinity::Node);
+    }
+}
+
+#[test]
+fn aws_p5_pairs_each_gpu_with_the_four_efa_devices_below_its_switch() {
+    let (_dir, inv) = machine("aws-p5");
+    assert!(inv.problems.is_empty(), "{:?}", inv.problems);
+    assert_eq!(inv.accelerators.len(), 8);
+    assert_eq!(inv.nics.iter().filter(|n| n.is_rdma()).count(), 32);
+    let pairing = pair_node(&inv);
+    assert_fabric_pairs_without_sharing(&inv, &pairing);
+    assert_eq!(pairing.pairs.len(), 32);
+    for gpu in &inv.accelerators {
+        let set: Vec<_> = pairing.nics_of(&gpu.pci.address).collect();
+        assert_eq!(set.len(), 4, "GPU {}", gpu.pci.address);
+        for p in &set {
+            assert_eq!(p.affinity, Affinity::Pix);
+            assert!(
+                inv.nic(&p.nic).unwrap().netdevs.is_empty(),
+                "EFA is RDMA-only"
+            );
+        }
+        // The primary comes first, the rest in BDF order.
+        let nics: Vec<_> = set.iter().map(|p| p.nic).collect();
+        let mut sorted = nics.clone();
+        sorted.sort();
+        assert_eq!(nics, sorted);
+    }
+    assert_eq!(pairing.level_counts(), [8, 0, 0, 0, 0]);
+    assert_eq!(
+        pairing.unpaired_nics,
+        vec![a("0000:00:05.0")],
+        "ENA stays out"
+    );
+    let groups = pair_groups(&inv);
+    let gpu0 = inv.accelerators[0].pci.address;
+    for p in pairing.nics_of(&gpu0) {
+        assert_eq!(groups[&p.nic], groups[&gpu0]);
+    }
+
+    // tandem topo shows the set: one pair per GPU, its NICs listed in pairing order.
+    let topo = tandem(&["topo", "--fixture", "aws-p5", "-o", "json"]);
+    assert!(topo.status.success(), "{topo:?}");
+    let json: serde_json::Value = serde_json::from_slice(&topo.stdout).unwrap();
+    let pairs = json["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 8);
+    let first = &pairs[0];
+    assert_eq!(first["gpu"], accelerator_device_name(&gpu0).as_str());
+    let nics: Vec<String> = pairing
+        .nics_of(&gpu0)
+        .map(|p| nic_device_name(&p.nic))
+        .collect();
+    assert_eq!(first["nic"], nics[0].as_str());
+    assert_eq!(first["nics"], serde_json::json!(nics));
 }

@@ -62,7 +62,7 @@ pub fn read_nic(dir: &SysDir<'_>, pci: PciFunction, problems: &mut Problems) -> 
         }
         netdev_dirs.sort_by(|a, b| a.0.cmp(&b.0));
     }
-    let netdevs = netdev_dirs
+    let netdevs: Vec<Netdev> = netdev_dirs
         .into_iter()
         .map(|(name, net)| read_netdev(name, &net, device, problems))
         .collect();
@@ -70,7 +70,73 @@ pub fn read_nic(dir: &SysDir<'_>, pci: PciFunction, problems: &mut Problems) -> 
     if let Some(rdma) = rdma.as_mut() {
         attach_char_devices(dir, rdma, device, problems);
     }
-    Nic { pci, netdevs, rdma }
+    let frontend = frontend_reason(dir, &netdevs, rdma.as_ref(), device, problems);
+    Nic {
+        pci,
+        netdevs,
+        rdma,
+        frontend,
+    }
+}
+
+/// Driver of the Hyper-V synthetic NIC, a VMBus device.
+const NETVSC_DRIVER: &str = "hv_netvsc";
+/// Azure's udev rules name the RDMA device of an accelerated-networking VF `mlx5_an<N>` (and
+/// the InfiniBand VFs `mlx5_ib<N>`).
+const ACCELERATED_NETWORKING_IBDEV: &str = "mlx5_an";
+
+/// Why sysfs says this NIC is the node's frontend rather than a compute-fabric port: its
+/// netdev is enslaved (`master`) to a Hyper-V synthetic NIC, which makes it Azure's
+/// accelerated-networking VF of that interface, or its RDMA device carries Azure's name for
+/// one. A bond or bridge master says nothing by itself: RoCE fabrics bond ports too.
+fn frontend_reason(
+    dir: &SysDir<'_>,
+    netdevs: &[Netdev],
+    rdma: Option<&RdmaDevice>,
+    device: Option<PciAddress>,
+    problems: &mut Problems,
+) -> Option<String> {
+    let net = dir.opt_subdir("net").ok().flatten();
+    for netdev in netdevs {
+        let Some(net) = &net else { break };
+        let master = match net
+            .subdir(&netdev.name)
+            .and_then(|d| d.opt_subdir("master"))
+        {
+            Ok(Some(master)) => master,
+            Ok(None) => continue,
+            Err(e) => {
+                problems.add(device, e);
+                continue;
+            }
+        };
+        let driver = master
+            .opt_subdir("device")
+            .ok()
+            .flatten()
+            .and_then(|d| d.link_name("driver").ok().flatten());
+        if driver.as_deref() == Some(NETVSC_DRIVER) {
+            let master_name = master
+                .rel()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            return Some(format!(
+                "{} is the accelerated-networking VF of {master_name} ({NETVSC_DRIVER})",
+                netdev.name
+            ));
+        }
+    }
+    let rdma = rdma?;
+    rdma.name
+        .strip_prefix(ACCELERATED_NETWORKING_IBDEV)
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| {
+            format!(
+                "RDMA device {} is named as an accelerated-networking VF",
+                rdma.name
+            )
+        })
 }
 
 /// The subdirectories of `<dir>/<name>`, sorted by name; none when `<dir>/<name>` is absent.

@@ -137,11 +137,43 @@ pub struct Nic {
     /// Netdevs of this function, sorted by name; empty for RDMA-only devices such as EFA.
     pub netdevs: Vec<Netdev>,
     pub rdma: Option<RdmaDevice>,
+    /// Why this NIC is a frontend (the node's own network, not the compute fabric), where
+    /// sysfs tells: an accelerated-networking VF enslaved to a Hyper-V synthetic NIC. The
+    /// slice builder adds what only the network facts know (node IP, default route).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frontend: Option<String>,
+}
+
+/// What a NIC is for, as pairing and the `tandem.dev/role` attribute see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NicRole {
+    /// RDMA-capable and not the node's frontend: InfiniBand, RoCE, EFA.
+    Fabric,
+    /// The node's own network (or a NIC without RDMA): paired only when nothing else is left.
+    Frontend,
+}
+
+impl NicRole {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            NicRole::Fabric => "fabric",
+            NicRole::Frontend => "frontend",
+        }
+    }
 }
 
 impl Nic {
     pub fn is_rdma(&self) -> bool {
         self.rdma.is_some()
+    }
+
+    pub fn role(&self) -> NicRole {
+        if self.is_rdma() && self.frontend.is_none() {
+            NicRole::Fabric
+        } else {
+            NicRole::Frontend
+        }
     }
     /// The interface a person would name this NIC by.
     pub fn if_name(&self) -> Option<&str> {

@@ -8,10 +8,16 @@
 //! pairs inside it. That makes the pairing O(n log n) rather than a general assignment.
 //! The nesting holds because the kernel gives every function below a host bridge the
 //! bridge's NUMA node, so a root complex never spans NUMA nodes.
+//!
+//! Within a domain, ties go to NICs on physical cards (domain:bus:device) that no pair uses
+//! yet, so two GPUs do not share the PCIe link of a dual-port card while another card idles.
+//! Where NICs outnumber accelerators, a NIC left over below the same switch as a paired
+//! accelerator (PIX or PXB, as good as that accelerator's first NIC) joins its NIC set: AWS
+//! p5 puts four EFA devices below each GPU's switch, and the GPU gets all four.
 
 use super::address::PciAddress;
 use super::affinity::{Affinity, Domain, affinity, domain_at};
-use super::inventory::{Inventory, PciFunction};
+use super::inventory::{Inventory, NicRole, PciFunction};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -26,6 +32,8 @@ pub struct Pair {
 #[serde(rename_all = "camelCase")]
 pub struct Pairing {
     /// Sorted by accelerator. With more accelerators than NICs a NIC appears in several pairs.
+    /// An accelerator with a NIC set appears in one pair per NIC, its first (primary) NIC
+    /// first, the rest in BDF order: the pairing order claim environments list them in.
     pub pairs: Vec<Pair>,
     pub unpaired_accelerators: Vec<PciAddress>,
     pub unpaired_nics: Vec<PciAddress>,
@@ -38,10 +46,26 @@ impl Pairing {
         self.pairs.iter().find(|p| &p.accelerator == accelerator)
     }
 
-    /// How many pairs sit at each level, PIX first.
+    /// Every NIC of an accelerator's set, primary first.
+    pub fn nics_of<'a>(&'a self, accelerator: &'a PciAddress) -> impl Iterator<Item = &'a Pair> {
+        self.pairs
+            .iter()
+            .filter(move |p| &p.accelerator == accelerator)
+    }
+
+    /// The first pair of every accelerator: one per paired accelerator.
+    pub fn primary_pairs(&self) -> impl Iterator<Item = &Pair> {
+        self.pairs
+            .iter()
+            .enumerate()
+            .filter(|(i, p)| *i == 0 || self.pairs[i - 1].accelerator != p.accelerator)
+            .map(|(_, p)| p)
+    }
+
+    /// How many accelerators are paired at each level (by their primary NIC), PIX first.
     pub fn level_counts(&self) -> [usize; 5] {
         let mut counts = [0; 5];
-        for p in &self.pairs {
+        for p in self.primary_pairs() {
             counts[p.affinity.index()] += 1;
         }
         counts
@@ -59,8 +83,9 @@ pub fn pair_devices(accelerators: &[&PciFunction], nics: &[&PciFunction]) -> Pai
     pairing
 }
 
-/// Pairs the whole node. Only RDMA NICs take part, unless the node has none: then plain
-/// Ethernet NICs do, since a GPU with a TCP NIC nearby still beats one without.
+/// Pairs the whole node. Compute-fabric NICs take part (RDMA-capable and not the node's
+/// frontend); a node without any pairs its frontend RDMA NICs, and a node without RDMA its
+/// plain Ethernet NICs, since a GPU with a TCP NIC nearby still beats one without.
 pub fn pair_node(inventory: &Inventory) -> Pairing {
     let accelerators: Vec<&PciFunction> = inventory.accelerators.iter().map(|a| &a.pci).collect();
     let (nics, reason) = node_pairing_nics(inventory);
@@ -80,16 +105,29 @@ pub fn pair_node(inventory: &Inventory) -> Pairing {
     pairing
 }
 
-/// The NICs that take part in node-wide pairing, with a note when plain NICs stand in.
+/// The NICs that take part in node-wide pairing, with a note when others stand in: fabric
+/// NICs; else RDMA NICs that are frontends; else every NIC.
 pub fn node_pairing_nics(inventory: &Inventory) -> (Vec<&PciFunction>, Option<String>) {
-    let rdma: Vec<&PciFunction> = inventory
+    let fabric: Vec<&PciFunction> = inventory
+        .nics
+        .iter()
+        .filter(|n| n.role() == NicRole::Fabric)
+        .map(|n| &n.pci)
+        .collect();
+    if !fabric.is_empty() || inventory.nics.is_empty() {
+        return (fabric, None);
+    }
+    let frontend_rdma: Vec<&PciFunction> = inventory
         .nics
         .iter()
         .filter(|n| n.is_rdma())
         .map(|n| &n.pci)
         .collect();
-    if !rdma.is_empty() || inventory.nics.is_empty() {
-        return (rdma, None);
+    if !frontend_rdma.is_empty() {
+        return (
+            frontend_rdma,
+            Some("no compute-fabric NIC on this node: pairing frontend RDMA NICs".to_string()),
+        );
     }
     let all = inventory.nics.iter().map(|n| &n.pci).collect();
     (
@@ -123,6 +161,16 @@ fn match_in_domains(accelerators: &[&PciFunction], nics: &[&PciFunction]) -> Pai
         .collect();
     let mut free_accels: Vec<usize> = (0..accels.len()).collect();
     let mut pairs = Vec::new();
+    // Pairs on each NIC, and the other functions of each NIC's physical card.
+    let mut pairs_on_nic = vec![0usize; nic_list.len()];
+    let card_mates: Vec<Vec<usize>> = nic_list
+        .iter()
+        .map(|n| {
+            (0..nic_list.len())
+                .filter(|&m| nic_list[m].address != n.address && same_card(nic_list[m], n))
+                .collect()
+        })
+        .collect();
 
     for level in Affinity::ALL {
         if free_accels.is_empty() || free_slots.is_empty() {
@@ -141,14 +189,29 @@ fn match_in_domains(accelerators: &[&PciFunction], nics: &[&PciFunction]) -> Pai
         }
         let mut used_accels = Vec::new();
         let mut used_slots = Vec::new();
-        for (_, (group_accels, group_slots)) in groups {
-            // Both lists are already in BDF order (free lists are kept sorted).
-            for (&a, &s) in group_accels.iter().zip(group_slots.iter()) {
+        for (_, (group_accels, mut group_slots)) in groups {
+            // Both lists are already in BDF order (free lists are kept sorted). Each
+            // accelerator takes the first free slot on the least used card: with single-port
+            // NICs that is simply the next slot.
+            for &a in &group_accels {
+                let card_load = |n: usize| {
+                    card_mates[n]
+                        .iter()
+                        .map(|&m| pairs_on_nic[m])
+                        .sum::<usize>()
+                };
+                let Some(pick) =
+                    (0..group_slots.len()).min_by_key(|&i| (card_load(group_slots[i].0), i))
+                else {
+                    break;
+                };
+                let s = group_slots.remove(pick);
                 pairs.push(Pair {
                     accelerator: accels[a].address,
                     nic: nic_list[s.0].address,
                     affinity: affinity(accels[a], nic_list[s.0]),
                 });
+                pairs_on_nic[s.0] += 1;
                 used_accels.push(a);
                 used_slots.push(s);
             }
@@ -159,6 +222,10 @@ fn match_in_domains(accelerators: &[&PciFunction], nics: &[&PciFunction]) -> Pai
         free_slots.retain(|s| used_slots.binary_search(s).is_err());
     }
 
+    if nic_list.len() > accels.len() {
+        add_nic_sets(&accels, &nic_list, &pairs_on_nic, &mut pairs);
+    }
+    // Stable: each accelerator's primary NIC stays ahead of the rest of its set.
     pairs.sort_by_key(|p| p.accelerator);
     let unpaired_accelerators = free_accels.iter().map(|&a| accels[a].address).collect();
     let paired_nics: BTreeSet<PciAddress> = pairs.iter().map(|p| p.nic).collect();
@@ -172,5 +239,48 @@ fn match_in_domains(accelerators: &[&PciFunction], nics: &[&PciFunction]) -> Pai
         unpaired_accelerators,
         unpaired_nics,
         reason: None,
+    }
+}
+
+/// Two functions of one physical card: same domain, bus and device (`0000:03:00.0` and `.1`).
+fn same_card(a: &PciFunction, b: &PciFunction) -> bool {
+    let (a, b) = (a.address, b.address);
+    (a.domain, a.bus, a.device) == (b.domain, b.bus, b.device)
+}
+
+/// Gives each NIC that no pair uses to a paired accelerator below the same switch, when it is
+/// as close to it as the accelerator's first NIC (PIX or PXB): the accelerator with the
+/// fewest NICs so far, then the lowest BDF. NICs farther away than a switch stay unpaired.
+fn add_nic_sets(
+    accels: &[&PciFunction],
+    nics: &[&PciFunction],
+    pairs_on_nic: &[usize],
+    pairs: &mut Vec<Pair>,
+) {
+    let primaries: Vec<(usize, Affinity)> = accels
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| {
+            let first = pairs.iter().find(|p| p.accelerator == a.address)?;
+            matches!(first.affinity, Affinity::Pix | Affinity::Pxb).then_some((i, first.affinity))
+        })
+        .collect();
+    let mut set_sizes = vec![1usize; accels.len()];
+    for (n, nic) in nics.iter().enumerate() {
+        if pairs_on_nic[n] > 0 {
+            continue;
+        }
+        let best = primaries
+            .iter()
+            .filter(|&&(a, level)| affinity(accels[a], nic) == level)
+            .min_by_key(|&&(a, _)| (set_sizes[a], accels[a].address));
+        if let Some(&(a, level)) = best {
+            set_sizes[a] += 1;
+            pairs.push(Pair {
+                accelerator: accels[a].address,
+                nic: nic.address,
+                affinity: level,
+            });
+        }
     }
 }

@@ -4,7 +4,7 @@
 
 use super::affinity::{Affinity, affinity, nearest_switch};
 use super::groups::pair_groups;
-use super::inventory::{Accelerator, Inventory, Nic};
+use super::inventory::{Accelerator, Inventory, Nic, NicRole};
 use super::pairing::{Pairing, pair_node};
 use crate::names::{accelerator_device_name, nic_device_name};
 use serde::Serialize;
@@ -45,13 +45,21 @@ pub struct NicEntry {
     pub state: Option<String>,
     pub pcie_switch: Option<String>,
     pub pair_group: Option<String>,
+    /// `fabric` or `frontend`, as far as sysfs tells (the plugin also knows the node IP and
+    /// default routes, and publishes those NICs' role as frontend).
+    pub role: NicRole,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role_reason: Option<String>,
 }
 
+/// A GPU and its NIC set: `nic` is the first (primary) NIC, `nics` the whole set in pairing
+/// order (one NIC on most machines, four EFA devices per GPU on AWS p5).
 #[derive(Clone, Debug, Serialize)]
 pub struct PairEntry {
     pub gpu: String,
     pub nic: String,
     pub affinity: Affinity,
+    pub nics: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -99,12 +107,15 @@ impl TopoReport {
             })
             .collect();
         let pairs = pairing
-            .pairs
-            .iter()
+            .primary_pairs()
             .map(|p| PairEntry {
                 gpu: accelerator_device_name(&p.accelerator),
                 nic: nic_device_name(&p.nic),
                 affinity: p.affinity,
+                nics: pairing
+                    .nics_of(&p.accelerator)
+                    .map(|q| nic_device_name(&q.nic))
+                    .collect(),
             })
             .collect();
         let mut note = pairing.reason.clone();
@@ -168,9 +179,13 @@ impl TopoReport {
                     (None, Some(s)) => format!("{s} Gb/s"),
                     (None, None) => String::new(),
                 };
+                let role = match n.role {
+                    NicRole::Frontend => "  (frontend)",
+                    NicRole::Fabric => "",
+                };
                 let _ = writeln!(
                     out,
-                    "  NIC{j:<3} {:<18} {}  {:<11} NUMA {:<3} {:<10} {:<16} {:<8} {}",
+                    "  NIC{j:<3} {:<18} {}  {:<11} NUMA {:<3} {:<10} {:<16} {:<8} {}{role}",
                     n.name,
                     n.pci_bus_id,
                     n.pcie_root,
@@ -202,9 +217,14 @@ impl TopoReport {
                         n.rdma_device.clone().or_else(|| n.if_name.clone())
                     })
                     .unwrap_or_default();
+                let more = if p.nics.len() > 1 {
+                    format!("  +{} in its NIC set", p.nics.len() - 1)
+                } else {
+                    String::new()
+                };
                 let _ = writeln!(
                     out,
-                    "  {:<6} {} <-> {:<6} {} {:<12} {:<4}  group {}",
+                    "  {:<6} {} <-> {:<6} {} {:<12} {:<4}  group {}{more}",
                     label(gi, "GPU"),
                     p.gpu,
                     label(nj, "NIC"),
@@ -213,6 +233,24 @@ impl TopoReport {
                     p.affinity,
                     group
                 );
+                for extra in p.nics.iter().skip(1) {
+                    let j = self.nics.iter().position(|n| &n.name == extra);
+                    let name = j
+                        .and_then(|j| {
+                            let n = &self.nics[j];
+                            n.rdma_device.clone().or_else(|| n.if_name.clone())
+                        })
+                        .unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "  {:<6} {:<16}  +  {:<6} {} {}",
+                        "",
+                        "",
+                        label(j, "NIC"),
+                        extra,
+                        name
+                    );
+                }
             }
         }
         if !self.unpaired_nics.is_empty() {
@@ -327,5 +365,9 @@ fn nic_entry(n: &Nic, pair_group: Option<String>) -> NicEntry {
         state,
         pcie_switch: nearest_switch(&n.pci).map(|s| s.to_string()),
         pair_group,
+        role: n.role(),
+        role_reason: n.frontend.clone().or_else(|| {
+            (!n.is_rdma()).then(|| "no RDMA device: not a compute-fabric NIC".to_string())
+        }),
     }
 }

@@ -224,7 +224,7 @@ proptest! {
             prop_assert!(pairing.pairs.is_empty());
             return Ok(());
         }
-        prop_assert_eq!(pairing.pairs.len(), gpus.len());
+        prop_assert_eq!(pairing.primary_pairs().count(), gpus.len());
         let ours = pairing.level_counts();
         let share = gpus.len().div_ceil(nics.len());
         for assignment in all_assignments(gpus.len(), nics.len(), share) {
@@ -306,6 +306,7 @@ fn inventory_of(gpus: &[PciFunction], nics: &[PciFunction]) -> Inventory {
                     ports: vec![],
                     char_devices: vec![],
                 }),
+                frontend: None,
             })
             .collect(),
         ..Default::default()
