@@ -19,6 +19,13 @@ pub const ATTR_PCIE_SWITCH: &str = "pcieSwitch";
 pub const ATTR_PAIR_GROUP: &str = "pairGroup";
 pub const ATTR_PAIRED_WITH: &str = "pairedWith";
 pub const ATTR_PAIR_AFFINITY: &str = "pairAffinity";
+/// The accelerator's device name, on the accelerator and on every NIC of its NIC set, so that
+/// `matchAttribute: tandem.dev/pairSet` gives one GPU with its own NICs.
+pub const ATTR_PAIR_SET: &str = "pairSet";
+/// On an accelerator: how many NICs its NIC set holds.
+pub const ATTR_PAIRED_NIC_COUNT: &str = "pairedNicCount";
+/// On a NIC: `fabric` (the compute fabric) or `frontend` (the node's own network).
+pub const ATTR_ROLE: &str = "role";
 pub const ATTR_IF_NAME: &str = "ifName";
 pub const ATTR_RDMA: &str = "rdma";
 pub const ATTR_RDMA_DEVICE: &str = "rdmaDevice";

@@ -293,6 +293,8 @@ struct CommonFacts<'a> {
     model: String,
     pair_group: Option<&'a String>,
     paired_with: Option<(String, &'static str)>,
+    /// The accelerator whose NIC set this device is (or heads), and the set's size.
+    pair_set: Option<(String, usize)>,
 }
 
 struct Attributes<'a> {
@@ -336,6 +338,13 @@ fn common_attributes<'a>(driver: &'a str, facts: &CommonFacts<'_>) -> Attributes
     if let Some((peer, affinity)) = &facts.paired_with {
         attrs.set(names::ATTR_PAIRED_WITH, string_attribute(peer));
         attrs.set(names::ATTR_PAIR_AFFINITY, string_attribute(affinity));
+    }
+    if let Some((set, size)) = &facts.pair_set {
+        attrs.set(names::ATTR_PAIR_SET, string_attribute(set));
+        if facts.kind == names::KIND_GPU {
+            let size = i64::try_from(*size).unwrap_or(i64::MAX);
+            attrs.set(names::ATTR_PAIRED_NIC_COUNT, int_attribute(size));
+        }
     }
     attrs.map.insert(
         names::ATTR_PCIE_ROOT.into(),
@@ -417,6 +426,7 @@ fn nic_device(
         }
     }
     attrs.set(names::ATTR_RDMA, bool_attribute(nic.is_rdma()));
+    attrs.set(names::ATTR_ROLE, string_attribute(nic.role().as_str()));
     let first_port = nic.rdma.as_ref().and_then(|r| r.ports.first());
     if let Some(rdma) = &nic.rdma {
         attrs.set(names::ATTR_RDMA_DEVICE, string_attribute(&rdma.name));
@@ -475,7 +485,20 @@ pub fn build_devices_leaving_out(
     network: &NetworkFacts,
 ) -> (Vec<Device>, Vec<LeftOutNic>) {
     let left_out = management_nics(inventory, options, network);
-    let inventory = if left_out.is_empty() {
+    // Published management NICs are frontends: the role says so, and pairing takes them
+    // only when no compute-fabric NIC is left (the same knowledge that leaves them out).
+    let published_management: Vec<(PciAddress, ManagementReason)> = if options
+        .publish_management_nics
+    {
+        inventory
+            .nics
+            .iter()
+            .filter_map(|nic| Some((nic.pci.address, management_reason(nic, options, network)?)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let inventory = if left_out.is_empty() && published_management.is_empty() {
         Cow::Borrowed(inventory)
     } else {
         let mut kept = inventory.clone();
@@ -483,6 +506,15 @@ pub fn build_devices_leaving_out(
             let name = names::nic_device_name(&nic.pci.address);
             !left_out.iter().any(|l| l.device == name)
         });
+        for nic in &mut kept.nics {
+            if let Some((_, reason)) = published_management
+                .iter()
+                .find(|(address, _)| *address == nic.pci.address)
+                && nic.frontend.is_none()
+            {
+                nic.frontend = Some(reason.to_string());
+            }
+        }
         Cow::Owned(kept)
     };
     (devices_of(&inventory, driver, options, network), left_out)
@@ -506,6 +538,19 @@ fn devices_of(
             )
         });
     }
+    // NIC sets: every accelerator heads its own; a NIC shared by several accelerators
+    // belongs to the lowest-addressed one's.
+    let mut pair_set: BTreeMap<PciAddress, (String, usize)> = BTreeMap::new();
+    for pair in pairing.primary_pairs() {
+        let name = names::accelerator_device_name(&pair.accelerator);
+        let size = pairing.nics_of(&pair.accelerator).count();
+        pair_set.insert(pair.accelerator, (name.clone(), size));
+        for member in pairing.nics_of(&pair.accelerator) {
+            pair_set
+                .entry(member.nic)
+                .or_insert_with(|| (name.clone(), size));
+        }
+    }
     let mut devices = Vec::with_capacity(inventory.accelerators.len() + inventory.nics.len());
     for accelerator in &inventory.accelerators {
         let address = accelerator.pci.address;
@@ -517,6 +562,7 @@ fn devices_of(
             paired_with: pairing
                 .nic_for(&address)
                 .map(|p| (names::nic_device_name(&p.nic), p.affinity.as_str())),
+            pair_set: pair_set.get(&address).cloned(),
         };
         devices.push(accelerator_device(driver, accelerator, common, options));
     }
@@ -528,6 +574,7 @@ fn devices_of(
             model: nic_model(&nic.pci),
             pair_group: groups.get(&address),
             paired_with: nic_peer.get(&address).cloned(),
+            pair_set: pair_set.get(&address).cloned(),
         };
         devices.push(nic_device(driver, nic, common, options, network));
     }
@@ -1019,5 +1066,97 @@ mod tests {
                 .unwrap()
                 .contains_key("tandem.dev/pairGroup")
         );
+    }
+
+    fn attr<'a>(devices: &'a [Device], name: &str, id: &str) -> Option<&'a DeviceAttribute> {
+        devices
+            .iter()
+            .find(|d| d.name == name)?
+            .attributes
+            .as_ref()?
+            .get(&format!("tandem.dev/{id}"))
+    }
+
+    #[test]
+    fn nics_carry_their_role_and_a_published_management_nic_is_paired_last() {
+        // Azure ND H100 v5: the accelerated-networking VF is a frontend by sysfs alone.
+        let inventory = machine("azure-nd-h100-v5");
+        let devices = build_devices(&inventory, "tandem.dev", &SliceOptions::default());
+        let role = |name: &str| attr(&devices, name, "role").and_then(|a| a.string.clone());
+        assert_eq!(role("nic-00b5-00-02-0").as_deref(), Some("frontend"));
+        assert_eq!(role("nic-0101-00-00-0").as_deref(), Some("fabric"));
+        assert_eq!(attr(&devices, "nic-00b5-00-02-0", "pairedWith"), None);
+
+        // A RoCE port that carries the default route, published on request: a frontend,
+        // so the GPU of its switch takes it only if no fabric NIC is left. On gke-a4 each
+        // switch has two GPUs and two NICs, so GPU 0 then goes to a fabric NIC elsewhere.
+        let inventory = machine("gke-a4");
+        let rdma0 = nic_named(&inventory, "gpu0rdma0");
+        let rdma0_name = names::nic_device_name(&rdma0.pci.address);
+        let mut network = NetworkFacts::default();
+        network.default_routes.insert("gpu0rdma0".into());
+        let asked = SliceOptions {
+            publish_management_nics: true,
+            ..SliceOptions::default()
+        };
+        let devices = build_devices_with_network(&inventory, "tandem.dev", &asked, &network);
+        assert_eq!(
+            attr(&devices, &rdma0_name, "role").and_then(|a| a.string.as_deref()),
+            Some("frontend")
+        );
+        assert_eq!(attr(&devices, &rdma0_name, "pairedWith"), None);
+        let paired: Vec<String> = devices
+            .iter()
+            .filter(|d| d.name.starts_with("gpu-"))
+            .filter_map(|d| {
+                d.attributes
+                    .as_ref()?
+                    .get("tandem.dev/pairedWith")?
+                    .string
+                    .clone()
+            })
+            .collect();
+        assert_eq!(paired.len(), 8, "every GPU still paired: {paired:?}");
+        assert!(!paired.contains(&rdma0_name));
+    }
+
+    #[test]
+    fn a_gpu_and_its_nic_set_share_pair_set() {
+        let inventory = machine("aws-p5");
+        let devices = build_devices(&inventory, "tandem.dev", &SliceOptions::default());
+        let gpu = names::accelerator_device_name(&inventory.accelerators[0].pci.address);
+        assert_eq!(
+            attr(&devices, &gpu, "pairedNicCount").and_then(|a| a.int),
+            Some(4)
+        );
+        let members: Vec<&str> = devices
+            .iter()
+            .filter(|d| {
+                d.attributes
+                    .as_ref()
+                    .and_then(|a| a.get("tandem.dev/pairSet"))
+                    .and_then(|v| v.string.as_deref())
+                    == Some(gpu.as_str())
+            })
+            .map(|d| d.name.as_str())
+            .collect();
+        assert_eq!(members.len(), 5, "the GPU and its four EFA: {members:?}");
+        assert!(members[1..].iter().all(|m| m.starts_with("nic-")));
+        for nic in &members[1..] {
+            assert_eq!(
+                attr(&devices, nic, "pairedWith").and_then(|a| a.string.as_deref()),
+                Some(gpu.as_str())
+            );
+            assert_eq!(
+                attr(&devices, nic, "role").and_then(|a| a.string.as_deref()),
+                Some("fabric")
+            );
+        }
+        // The ENA is no fabric NIC and in no set.
+        assert_eq!(
+            attr(&devices, "nic-0000-00-05-0", "role").and_then(|a| a.string.as_deref()),
+            Some("frontend")
+        );
+        assert_eq!(attr(&devices, "nic-0000-00-05-0", "pairSet"), None);
     }
 }
