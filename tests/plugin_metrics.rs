@@ -190,6 +190,7 @@ async fn prepare_and_unprepare_move_the_counters_that_prometheus_scrapes() {
     );
     assert!(value(r#"tandem_plugin_devices{kind="nic",health="healthy"}"#) >= 8.0);
     assert_eq!(value("tandem_plugin_discovery_problems"), 0.0);
+    assert_eq!(value("tandem_plugin_discovery_lost_accelerators"), 0.0);
 
     let unprepared = dra
         .node_unprepare_resources(dra_v1::NodeUnprepareResourcesRequest {

@@ -166,6 +166,13 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
     for problem in &inventory.problems {
         tracing::warn!(%problem, "discovery problem");
     }
+    if inventory.lost_accelerators() > 0 {
+        tracing::error!(
+            node = %args.node_name,
+            lost = inventory.lost_accelerators(),
+            "accelerators found but not placed: they are missing from the slices (see the discovery problems above)"
+        );
+    }
     let metrics = Arc::new(PluginMetrics::new());
     metrics.observe_inventory(&inventory);
     // Bound before the kubelet sockets exist, so a taken port fails the start cleanly.

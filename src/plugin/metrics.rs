@@ -83,6 +83,7 @@ pub struct PluginMetrics {
     publishes: Family<PublishLabels, Counter>,
     last_publish: Gauge<f64, AtomicU64>,
     discovery_problems: Gauge,
+    discovery_lost_accelerators: Gauge,
     vendor_cdi_devices: Family<VendorDeviceLabels, Gauge>,
     netattach_pending: Gauge,
     netattach_attached: Gauge,
@@ -120,6 +121,7 @@ impl PluginMetrics {
         let publishes = Family::<PublishLabels, Counter>::default();
         let last_publish = Gauge::<f64, AtomicU64>::default();
         let discovery_problems = Gauge::default();
+        let discovery_lost_accelerators = Gauge::default();
         let vendor_cdi_devices = Family::<VendorDeviceLabels, Gauge>::default();
         plugin.register(
             "gpu_vendor_cdi_device",
@@ -180,6 +182,12 @@ impl PluginMetrics {
             "Problems the last discovery reported (unreadable or unexpected sysfs entries)",
             discovery_problems.clone(),
         );
+        plugin.register(
+            "discovery_lost_accelerators",
+            "Accelerators the last discovery found but could not place (unknown sysfs path \
+             shape, unreadable identity): they are missing from the slices",
+            discovery_lost_accelerators.clone(),
+        );
         Self {
             registry,
             requests,
@@ -190,6 +198,7 @@ impl PluginMetrics {
             publishes,
             last_publish,
             discovery_problems,
+            discovery_lost_accelerators,
             vendor_cdi_devices,
             netattach_pending,
             netattach_attached,
@@ -290,6 +299,8 @@ impl PluginMetrics {
         }
         self.discovery_problems
             .set(i64::try_from(inventory.problems.len()).unwrap_or(i64::MAX));
+        self.discovery_lost_accelerators
+            .set(i64::try_from(inventory.lost_accelerators()).unwrap_or(i64::MAX));
         self.discovered.store(true, Ordering::Release);
     }
 
@@ -428,6 +439,36 @@ impl Responder for Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accelerators_found_but_not_placed_are_counted() {
+        use crate::topology::{DiscoveryProblem, Inventory, LostDevice};
+        let metrics = PluginMetrics::new();
+        let problem = |lost| DiscoveryProblem {
+            device: Some("0001:00:00.0".parse().unwrap()),
+            path: "/sys/bus/pci/devices/0001:00:00.0".into(),
+            message: "leads to an unknown path shape".into(),
+            lost,
+        };
+        let inventory = Inventory {
+            problems: vec![
+                problem(Some(LostDevice::Accelerator)),
+                problem(Some(LostDevice::Nic)),
+                problem(None),
+            ],
+            ..Inventory::default()
+        };
+        metrics.observe_inventory(&inventory);
+        let text = metrics.encode();
+        assert!(
+            text.contains("tandem_plugin_discovery_lost_accelerators 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tandem_plugin_discovery_problems 3\n"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn each_gpu_shows_whether_it_has_a_vendor_cdi_device() {
