@@ -494,3 +494,69 @@ fn aws_p5_pairs_each_gpu_with_the_four_efa_devices_below_its_switch() {
     assert_eq!(first["nic"], nics[0].as_str());
     assert_eq!(first["nics"], serde_json::json!(nics));
 }
+
+#[test]
+fn a_claim_for_one_p5_gpu_with_its_nics_lists_the_whole_set_in_pairing_order() {
+    use tandem::prepare::config::EnvFlavour;
+    use tandem::prepare::env::claim_env;
+    use tandem::prepare::topology_file::{ClaimTopology, TopologyNic, TopologyPair};
+    use tandem::topology::pair_devices;
+
+    let (_dir, inv) = machine("aws-p5");
+    let gpu = &inv.accelerators[2];
+    let node = pair_node(&inv);
+    // The claim got the GPU and the four EFA of its set, in any order.
+    let mut set: Vec<_> = node
+        .nics_of(&gpu.pci.address)
+        .map(|p| inv.nic(&p.nic).unwrap())
+        .collect();
+    set.reverse();
+    let pairing = pair_devices(&[&gpu.pci], &set.iter().map(|n| &n.pci).collect::<Vec<_>>());
+    assert_eq!(
+        pairing.pairs,
+        node.nics_of(&gpu.pci.address).copied().collect::<Vec<_>>()
+    );
+
+    let topology = ClaimTopology {
+        claim_uid: "uid".into(),
+        namespace: "ml".into(),
+        name: "one-gpu-with-its-nics".into(),
+        gpus: Vec::new(),
+        nics: set
+            .iter()
+            .map(|n| TopologyNic {
+                name: nic_device_name(&n.pci.address),
+                pci_bus_id: n.pci.address.to_string(),
+                pcie_root: n.pci.pcie_root.clone(),
+                numa_node: n.pci.numa_node,
+                if_name: None,
+                rdma_device: n.rdma.as_ref().map(|r| r.name.clone()),
+                rdma_port: Some(1),
+                shared: false,
+            })
+            .collect(),
+        pairs: pairing
+            .pairs
+            .iter()
+            .map(|p| TopologyPair {
+                gpu: accelerator_device_name(&p.accelerator),
+                nic: nic_device_name(&p.nic),
+                affinity: p.affinity,
+            })
+            .collect(),
+        unpaired_gpus: Vec::new(),
+        unpaired_nics: Vec::new(),
+        reason: None,
+    };
+    let env = claim_env(EnvFlavour::Nccl, &topology);
+    let in_order: Vec<String> = pairing
+        .pairs
+        .iter()
+        .map(|p| rdma_name(&inv, &p.nic))
+        .collect();
+    assert_eq!(in_order.len(), 4);
+    let hca = env.iter().find(|e| e.starts_with("NCCL_IB_HCA=")).unwrap();
+    assert_eq!(hca, &format!("NCCL_IB_HCA=={}", in_order.join(",")));
+    let pairs = env.iter().find(|e| e.starts_with("TANDEM_PAIRS=")).unwrap();
+    assert_eq!(pairs.matches(":PIX").count(), 4, "{pairs}");
+}
