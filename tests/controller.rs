@@ -783,6 +783,7 @@ async fn one_leader_acts_and_a_standby_takes_over() {
 fn example_claims_parse_and_name_our_classes_and_attributes() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples");
     let pair_group = names::driver_qualified(DRIVER, names::ATTR_PAIR_GROUP);
+    let pair_set = names::driver_qualified(DRIVER, names::ATTR_PAIR_SET);
     let mut templates = 0;
     let mut shared_nic = false;
     let mut files: Vec<_> = std::fs::read_dir(&dir)
@@ -815,17 +816,32 @@ fn example_claims_parse_and_name_our_classes_and_attributes() {
         let devices = template.spec.spec.devices.as_ref().unwrap();
         let requests = devices.requests.as_ref().unwrap();
         for request in requests {
-            let class = &request.exactly.as_ref().unwrap().device_class_name;
-            assert!(
-                [names::DEVICE_CLASS_GPU, names::DEVICE_CLASS_NIC].contains(&class.as_str()),
-                "{}: class {class}",
-                path.display()
-            );
+            // A plain request, or a prioritized list of subrequests (largest NIC set first).
+            let classes: Vec<&str> = match &request.exactly {
+                Some(exactly) => vec![exactly.device_class_name.as_str()],
+                None => request
+                    .first_available
+                    .iter()
+                    .flatten()
+                    .map(|sub| sub.device_class_name.as_str())
+                    .collect(),
+            };
+            assert!(!classes.is_empty(), "{}", path.display());
+            for class in classes {
+                assert!(
+                    [names::DEVICE_CLASS_GPU, names::DEVICE_CLASS_NIC].contains(&class),
+                    "{}: class {class}",
+                    path.display()
+                );
+            }
         }
         for constraint in devices.constraints.iter().flatten() {
-            assert_eq!(
-                constraint.match_attribute.as_deref(),
-                Some(pair_group.as_str())
+            assert!(
+                [pair_group.as_str(), pair_set.as_str()]
+                    .contains(&constraint.match_attribute.as_deref().unwrap_or_default()),
+                "{}: {:?}",
+                path.display(),
+                constraint.match_attribute
             );
             for name in constraint.requests.iter().flatten() {
                 assert!(
@@ -858,6 +874,6 @@ fn example_claims_parse_and_name_our_classes_and_attributes() {
         );
         templates += 1;
     }
-    assert_eq!(templates, 4);
+    assert_eq!(templates, 5);
     assert!(shared_nic, "one example attaches the GPU's NIC shared");
 }
