@@ -1,23 +1,22 @@
 //! The small HTTP endpoint that the node plugin and the controller both serve beside their
 //! main work: `/metrics` in the Prometheus text format and plain-text health checks, on TCP
 //! addresses and Unix sockets. Each caller supplies a responder for GET paths; this module
-//! owns binding, the accept loop and shutdown, and the one-request client `tandem probe` uses.
+//! owns binding (SO_REUSEPORT, socket files), serving with axum until shutdown, and the
+//! one-request hyper client `tandem probe` uses.
 
+use axum::response::IntoResponse;
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use std::collections::BTreeSet;
-use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, UnixListener, UnixStream};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::plugin::sockets::{self, SocketError};
@@ -237,44 +236,15 @@ fn drop_listeners(listeners: Vec<Listener>) {
     }
 }
 
-fn respond<R: Responder>(
-    responder: &R,
-    request: &Request<hyper::body::Incoming>,
-) -> Response<Full<Bytes>> {
-    let reply = if request.method() == Method::GET {
-        responder
-            .get(request.uri().path())
-            .unwrap_or_else(Reply::not_found)
+/// What `responder` answers for `method` and `path`: only GETs are served.
+fn answer<R: Responder>(responder: &R, method: &Method, path: &str) -> axum::response::Response {
+    let reply = if method == Method::GET {
+        responder.get(path).unwrap_or_else(Reply::not_found)
     } else {
         Reply::text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n")
     };
-    let mut response = Response::new(Full::new(Bytes::from(reply.body)));
-    *response.status_mut() = reply.status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(reply.content_type),
-    );
-    response
-}
-
-/// A listener the accept loop can take connections from.
-trait Accept {
-    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn accept_stream(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
-}
-
-impl Accept for TcpListener {
-    type Stream = tokio::net::TcpStream;
-    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
-        self.accept().await.map(|(stream, _)| stream)
-    }
-}
-
-impl Accept for UnixListener {
-    type Stream = UnixStream;
-    async fn accept_stream(&self) -> std::io::Result<Self::Stream> {
-        self.accept().await.map(|(stream, _)| stream)
-    }
+    let content_type = [(hyper::header::CONTENT_TYPE, reply.content_type)];
+    (reply.status, content_type, reply.body).into_response()
 }
 
 /// Serves `responder` on `listener` until `shutdown` fires; a Unix socket's file is removed
@@ -284,54 +254,32 @@ pub async fn serve<R: Responder>(
     responder: Arc<R>,
     shutdown: CancellationToken,
 ) {
-    match listener.into() {
-        Listener::Tcp(listener) => accept_loop(&listener, responder, shutdown).await,
+    let app = axum::Router::new().fallback(move |method: Method, uri: Uri| {
+        let responder = responder.clone();
+        async move { answer(responder.as_ref(), &method, uri.path()) }
+    });
+    let stopped = shutdown.cancelled_owned();
+    let served = match listener.into() {
+        Listener::Tcp(listener) => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+        }
         Listener::Unix { listener, path } => {
-            accept_loop(&listener, responder, shutdown).await;
-            drop(listener);
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await;
             sockets::remove_socket(&path);
+            served
         }
-    }
-}
-
-async fn accept_loop<L: Accept, R: Responder>(
-    listener: &L,
-    responder: Arc<R>,
-    shutdown: CancellationToken,
-) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept_stream() => match accepted {
-                Ok(stream) => {
-                    let responder = responder.clone();
-                    connections.spawn(async move {
-                        let service = hyper::service::service_fn(move |request| {
-                            let response = respond(responder.as_ref(), &request);
-                            async move { Ok::<_, Infallible>(response) }
-                        });
-                        if let Err(e) = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await
-                        {
-                            tracing::debug!(error = %e, "metrics connection ended with an error");
-                        }
-                    });
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "metrics endpoint accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
+    };
+    if let Err(error) = served {
+        tracing::warn!(%error, "metrics endpoint stopped with an error");
     }
 }
 
 /// The most of a response the probe client reads; health answers are a line of text.
-const MAX_RESPONSE_BYTES: u64 = 64 * 1024;
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -344,11 +292,11 @@ pub enum ProbeError {
         source: std::io::Error,
     },
     #[error("GET {path} on {socket}: {source}")]
-    Io {
+    Http {
         socket: PathBuf,
         path: String,
         #[source]
-        source: std::io::Error,
+        source: hyper::Error,
     },
     #[error("GET {path} on {socket}: no answer within {timeout:?}")]
     Timeout {
@@ -371,46 +319,54 @@ pub struct ProbeAnswer {
     pub body: String,
 }
 
-/// One GET of `path` over the Unix socket `socket`, the whole exchange bounded by `timeout`.
-/// HTTP/1.0, so the answer is never chunked and the server closes the connection after it.
+/// One GET of `path` over the Unix socket `socket`, the whole exchange bounded by `timeout`
+/// and the body by [`MAX_RESPONSE_BYTES`].
 pub async fn get_unix(
     socket: &Path,
     path: &str,
     timeout: Duration,
 ) -> Result<ProbeAnswer, ProbeError> {
-    if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(ProbeError::BadPath {
-            path: path.to_string(),
-        });
+    let bad_path = || ProbeError::BadPath {
+        path: path.to_string(),
+    };
+    if !path.starts_with('/') {
+        return Err(bad_path());
     }
+    let uri: Uri = path.parse().map_err(|_| bad_path())?;
+    let http = |source| ProbeError::Http {
+        socket: socket.to_path_buf(),
+        path: path.to_string(),
+        source,
+    };
     let exchange = async {
-        let mut stream =
-            UnixStream::connect(socket)
-                .await
-                .map_err(|source| ProbeError::Connect {
-                    socket: socket.to_path_buf(),
-                    source,
-                })?;
-        let io_error = |source| ProbeError::Io {
-            socket: socket.to_path_buf(),
-            path: path.to_string(),
-            source,
-        };
-        let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
+        let stream = UnixStream::connect(socket)
             .await
-            .map_err(io_error)?;
-        let mut response = Vec::new();
-        (&mut stream)
-            .take(MAX_RESPONSE_BYTES)
-            .read_to_end(&mut response)
+            .map_err(|source| ProbeError::Connect {
+                socket: socket.to_path_buf(),
+                source,
+            })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(io_error)?;
-        parse_response(&response).map_err(|reason| ProbeError::Malformed {
-            socket: socket.to_path_buf(),
-            path: path.to_string(),
-            reason,
+            .map_err(http)?;
+        tokio::spawn(connection);
+        let request = Request::get(uri)
+            .header(hyper::header::HOST, "localhost")
+            .body(Empty::<Bytes>::new())
+            .map_err(|_| bad_path())?;
+        let response = sender.send_request(request).await.map_err(http)?;
+        let status = response.status().as_u16();
+        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|e| ProbeError::Malformed {
+                socket: socket.to_path_buf(),
+                path: path.to_string(),
+                reason: e.to_string(),
+            })?
+            .to_bytes();
+        Ok(ProbeAnswer {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
         })
     };
     tokio::time::timeout(timeout, exchange)
@@ -422,48 +378,6 @@ pub async fn get_unix(
                 timeout,
             })
         })
-}
-
-/// Status code and body of an HTTP/1.x response read to its end.
-fn parse_response(bytes: &[u8]) -> Result<ProbeAnswer, String> {
-    let split = bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| format!("no end of headers in {} bytes", bytes.len()))?;
-    let head = std::str::from_utf8(&bytes[..split]).map_err(|_| "headers are not UTF-8")?;
-    let mut body = &bytes[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    let code = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("status line {status_line:?}"));
-    }
-    let status: u16 = code
-        .parse()
-        .ok()
-        .filter(|c| (100..=599).contains(c))
-        .ok_or_else(|| format!("status line {status_line:?}"))?;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        if name.trim().eq_ignore_ascii_case("content-length") {
-            let length: usize = value
-                .trim()
-                .parse()
-                .map_err(|_| format!("Content-Length {:?}", value.trim()))?;
-            if body.len() < length {
-                return Err(format!("body ended after {} of {length} bytes", body.len()));
-            }
-            body = &body[..length];
-        }
-    }
-    Ok(ProbeAnswer {
-        status,
-        body: String::from_utf8_lossy(body).into_owned(),
-    })
 }
 
 #[cfg(test)]
@@ -525,38 +439,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn responses_parse_to_status_and_body() {
-        let answer = parse_response(
-            b"HTTP/1.0 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 9\r\n\r\nnot yet\nextra",
-        )
-        .unwrap();
-        assert_eq!(
-            answer,
-            ProbeAnswer {
-                status: 503,
-                body: "not yet\ne".into()
-            }
-        );
-        let answer = parse_response(b"HTTP/1.1 200 OK\r\n\r\nok\n").unwrap();
-        assert_eq!(answer.status, 200);
-        assert_eq!(answer.body, "ok\n");
-    }
-
-    #[test]
-    fn truncated_or_foreign_responses_are_errors() {
-        for bytes in [
-            &b""[..],
-            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
-            b"SSH-2.0-OpenSSH\r\n\r\n",
-            b"HTTP/1.1 abc OK\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
-        ] {
-            assert!(
-                parse_response(bytes).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bytes)
-            );
-        }
+    #[tokio::test]
+    async fn a_probe_of_something_that_is_not_http_is_an_error() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("ssh.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 512];
+            let _ = stream.read(&mut request).await;
+            let _ = stream.write_all(b"SSH-2.0-OpenSSH\r\n\r\n").await;
+        });
+        let answer = get_unix(&socket, "/readyz", Duration::from_secs(5)).await;
+        assert!(matches!(answer, Err(ProbeError::Http { .. })), "{answer:?}");
+        let bad = get_unix(&socket, "readyz", Duration::from_secs(5)).await;
+        assert!(matches!(bad, Err(ProbeError::BadPath { .. })), "{bad:?}");
     }
 }
