@@ -415,6 +415,19 @@ fn node_plugin_mounts_the_kubelet_cdi_and_state_directories_at_their_host_paths(
             );
             assert!(!read_only, "{}: the plugin writes {path}", r.overlay);
         }
+        // Other vendors' CDI specs are read where the runtime reads them: the same host path,
+        // and read-only unless it is our own spec directory.
+        for dir in tandem::prepare::vendor_cdi::DEFAULT_VENDOR_CDI_DIRS {
+            let (host, read_only) = host_mount(pod, container, dir)
+                .unwrap_or_else(|| panic!("{}: vendor CDI dir {dir} is not mounted", r.overlay));
+            assert_eq!(&host, dir, "{}", r.overlay);
+            let ours = Path::new(dir) == prepare.cdi_dir;
+            assert_eq!(
+                read_only, !ours,
+                "{}: {dir} read-only unless ours",
+                r.overlay
+            );
+        }
         // Discovery roots: env of the plugin, each inside a read-only host mount.
         for variable in ["TANDEM_SYSFS_ROOT", "TANDEM_DEV_ROOT"] {
             let root = plain_env(container, variable)
