@@ -560,3 +560,38 @@ fn a_claim_for_one_p5_gpu_with_its_nics_lists_the_whole_set_in_pairing_order() {
     let pairs = env.iter().find(|e| e.starts_with("TANDEM_PAIRS=")).unwrap();
     assert_eq!(pairs.matches(":PIX").count(), 4, "{pairs}");
 }
+
+#[test]
+fn the_accelerated_networking_vf_is_a_frontend_by_its_master_or_its_name() {
+    use tandem::fixture::DeviceKind;
+    use tandem::topology::NicRole;
+    let an = a("00b5:00:02.0");
+    let discover_variant = |edit: &dyn Fn(&mut tandem::fixture::DeviceSpec)| {
+        let mut desc = builtin("azure-nd-h100-v5").unwrap();
+        let spec = desc
+            .devices
+            .iter_mut()
+            .find(|d| d.path == "00b5:00:02.0")
+            .unwrap();
+        edit(spec);
+        let dir = tandem::fixture::scratch_dir().unwrap();
+        let inv = discover(&write_machine(&desc, dir.path()).unwrap()).unwrap();
+        assert!(inv.problems.is_empty(), "{:?}", inv.problems);
+        (dir, inv)
+    };
+    // Without the netvsc master, Azure's udev name still tells.
+    let (_d1, inv) = discover_variant(&|spec| spec.overrides.netvsc_master = None);
+    let nic = inv.nic(&an).unwrap();
+    assert_eq!(nic.role(), NicRole::Frontend);
+    assert!(nic.frontend.as_deref().unwrap().contains("mlx5_an0"));
+    // With neither, it is an RDMA NIC like any other, and its low address wins a NODE tie:
+    // the mistake the frontend rule prevents.
+    let (_d2, inv) = discover_variant(&|spec| {
+        spec.overrides.netvsc_master = None;
+        if let DeviceKind::Nic(nic) = &mut spec.kind {
+            nic.rdma.as_mut().unwrap().name = "mlx5_8".into();
+        }
+    });
+    assert_eq!(inv.nic(&an).unwrap().role(), NicRole::Fabric);
+    assert_eq!(pair_node(&inv).nic_for(&a("0001:00:00.0")).unwrap().nic, an);
+}
