@@ -14,7 +14,7 @@ COPY benches ./benches
 RUN mkdir -p src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && cargo build --release --locked \
+    && cargo build --release --locked --no-default-features \
     && rm -rf src \
         target/release/tandem target/release/.fingerprint/tandem-* \
         target/release/deps/tandem-* target/release/deps/libtandem-* \
@@ -23,7 +23,8 @@ RUN mkdir -p src \
 # The placeholder fingerprints are gone above, so cargo rebuilds this crate from the real
 # sources whatever their timestamps.
 COPY src ./src
-RUN cargo build --release --locked \
+# Without the default `demo` feature: no fixtures, no apiserver fake, no `demo` subcommand.
+RUN cargo build --release --locked --no-default-features \
     && install -m 0755 target/release/tandem /tandem
 
 # glibc + libgcc and nothing else: the binary links rustls, not OpenSSL.

@@ -11,7 +11,8 @@
 #
 # Usage: hack/build-image.sh [options]
 #   --out DIR            output directory (default: target/image)
-#   --binary PATH        use this tandem binary instead of `cargo build --release` (env TANDEM_BINARY)
+#   --binary PATH        use this tandem binary instead of `cargo build --release
+#                        --no-default-features` (env TANDEM_BINARY)
 #   --tag TAG            image tag (default: the Dockerfile's VERSION build arg)
 #   --name NAME          image name inside the docker archive (default: tandem)
 #   --build-arg K=V      as `docker build --build-arg` (VERSION, REVISION, SOURCE); repeatable
@@ -214,8 +215,8 @@ mkdir -p "${WORK}"
 
 # 1. The binary.
 if [[ -z "${BINARY}" ]]; then
-  log "cargo build --release --locked --bin tandem"
-  (cd "${REPO_ROOT}" && cargo build --release --locked --bin tandem)
+  log "cargo build --release --locked --no-default-features --bin tandem"
+  (cd "${REPO_ROOT}" && cargo build --release --locked --no-default-features --bin tandem)
   BINARY="${REPO_ROOT}/target/release/tandem"
 fi
 [[ -f "${BINARY}" && -x "${BINARY}" ]] || die "binary ${BINARY} missing or not executable"

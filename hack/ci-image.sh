@@ -2,10 +2,11 @@
 # CI step: builds the container image without a container engine (hack/build-image.sh, umoci
 # and skopeo from Debian) and checks it: config as the Dockerfile says, `tandem version` run
 # inside it with its own libraries, the DaemonSet's `hook install` copying its /tandem.
-# Reuses a binary the CI run already built: $TANDEM_BINARY, else target/release/tandem, else
-# target/debug/tandem (what `cargo test` builds) with its debug info stripped; builds the
-# release binary only when there is none. Installs umoci, skopeo and binutils with apt-get when
-# missing and running as root; otherwise, outside CI=true, it says why it skips.
+# The binary is $TANDEM_BINARY, else the product build without the `demo` feature (no fixtures,
+# no apiserver fake), in the debug profile so that it reuses the dependencies `cargo test`
+# compiled, with its debug info stripped; the check then also proves that the shipped binary
+# has no `demo` subcommand. Installs umoci, skopeo and binutils with apt-get when missing and
+# running as root; otherwise, outside CI=true, it says why it skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=${SECONDS}
@@ -32,13 +33,16 @@ fi
 
 out=target/image
 binary="${TANDEM_BINARY:-}"
-if [[ -z "${binary}" && -x target/release/tandem ]]; then
-  binary=target/release/tandem
-elif [[ -z "${binary}" && -x target/debug/tandem ]]; then
-  # Same code and the same libraries as the release build, 290 MB of it debug info.
+if [[ -z "${binary}" ]]; then
+  echo "== cargo build --locked --no-default-features --bin tandem (the product binary)"
+  cargo build --locked --no-default-features --bin tandem
   mkdir -p "${out}"
   objcopy --strip-debug target/debug/tandem "${out}/tandem-debug-stripped"
   binary="${out}/tandem-debug-stripped"
+  if "${binary}" demo --help >/dev/null 2>&1; then
+    echo "ci-image: the product binary still has the demo subcommand" >&2
+    exit 1
+  fi
 fi
 args=(--out "${out}" --archive docker
   --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)")

@@ -1,9 +1,14 @@
 //! Tandem: a Kubernetes DRA driver that hands out accelerators together with the RDMA NIC
 //! closest to each of them.
 
+/// The apiserver stand-in of the tests, the benches and `tandem demo`; never in a node's binary.
+#[cfg(feature = "demo")]
 pub mod apiserver_fake;
 pub mod cli;
 pub mod controller;
+/// Built-in fixture machines (sysfs/procfs/devfs trees shaped like real ones): tests, benches,
+/// `tandem demo`, `tandem fixture` and `tandem topo --fixture`; never in a node's binary.
+#[cfg(feature = "demo")]
 pub mod fixture;
 pub mod hash;
 pub mod metrics_http;

@@ -6,7 +6,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 pub mod controller;
+#[cfg(feature = "demo")]
 pub mod demo;
+#[cfg(feature = "demo")]
 pub mod fixture;
 pub mod hook;
 pub mod machine;
@@ -39,12 +41,14 @@ pub enum Command {
     /// Show the node's accelerators, NICs, affinity matrix and pairs.
     Topo(topo::TopoArgs),
     /// Write a fixture machine (sysfs/procfs/devfs tree) to a directory.
+    #[cfg(feature = "demo")]
     Fixture(fixture::FixtureArgs),
     /// Run the node agent the kubelet talks to (registration, DRA gRPC, health).
     Plugin(Box<plugin::PluginArgs>),
     /// Run the cluster controller (device classes, fleet labels, rails; leader-elected).
     Controller(controller::ControllerArgs),
     /// Run the whole node path on a built-in fixture machine, no cluster or root needed.
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
     /// OCI runtime hooks that claim CDI specs name (attach exclusive NICs).
     Hook(hook::HookArgs),
@@ -68,9 +72,11 @@ impl Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Topo(args) => topo::run(args),
+        #[cfg(feature = "demo")]
         Command::Fixture(args) => fixture::run(args),
         Command::Plugin(args) => plugin::run(*args),
         Command::Controller(args) => controller::run(args),
+        #[cfg(feature = "demo")]
         Command::Demo(args) => demo::run(args),
         Command::Hook(args) => hook::run(args),
         Command::Probe(args) => probe::run(args),

@@ -2,11 +2,16 @@
 //! NICs, affinity matrix and pairs, as text or as the JSON named in design.md.
 
 use super::machine::MachineArgs;
+#[cfg(feature = "demo")]
 use crate::fixture;
 use crate::prepare::vendor_cdi::{self, VendorSpecs};
+use crate::sysfs::MachineRoots;
 use crate::sysfs::discover;
+use crate::topology::Inventory;
 use crate::topology::report::TopoReport;
-use anyhow::{Context, bail};
+#[cfg(feature = "demo")]
+use anyhow::Context;
+use anyhow::bail;
 use clap::{Args, ValueEnum};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -39,19 +44,9 @@ pub const EXIT_LOST_ACCELERATORS: i32 = 3;
 pub fn run(args: TopoArgs) -> anyhow::Result<()> {
     // A fixture is written to a temporary tree and read back through the same discovery code
     // the real machine goes through.
-    let tempdir;
+    let mut tempdir = None;
     let roots = match &args.fixture {
-        Some(name) => {
-            let Some(description) = fixture::builtin(name) else {
-                bail!(
-                    "unknown fixture {name:?}; built-in fixtures: {}",
-                    fixture::builtin_names().join(", ")
-                );
-            };
-            tempdir = fixture::scratch_dir().context("creating a temporary directory")?;
-            fixture::write_machine(&description, tempdir.path())
-                .with_context(|| format!("writing fixture {name}"))?
-        }
+        Some(name) => fixture_roots(name, &mut tempdir)?,
         None => args.machine.roots(),
     };
     let inventory = discover(&roots)?;
@@ -59,13 +54,7 @@ pub fn run(args: TopoArgs) -> anyhow::Result<()> {
     let mut vendor_dirs = args.vendor_cdi_dirs.clone();
     vendor_dirs.retain(|d| !d.as_os_str().is_empty());
     if let Some(name) = &args.fixture {
-        // Beside the fixture's sys/, proc/ and dev/, as /etc/cdi is beside them on a node.
-        let dir = roots.sys.with_file_name("etc").join("cdi");
-        if fixture::write_builtin_vendor_spec(name, &inventory, &dir)
-            .with_context(|| format!("writing the vendor CDI spec of fixture {name}"))?
-        {
-            vendor_dirs.push(dir);
-        }
+        vendor_dirs.extend(fixture_vendor_dir(name, &inventory, &roots)?);
     }
     // Shown only where vendor specs were asked for and found, so plain output is unchanged.
     let vendor = (!vendor_dirs.is_empty())
@@ -103,4 +92,55 @@ pub fn run(args: TopoArgs) -> anyhow::Result<()> {
         std::process::exit(EXIT_LOST_ACCELERATORS);
     }
     Ok(())
+}
+
+/// A built-in fixture written to a temporary tree (kept alive in `tempdir`), read back
+/// through the same discovery code the real machine goes through.
+#[cfg(feature = "demo")]
+fn fixture_roots(
+    name: &str,
+    tempdir: &mut Option<tempfile::TempDir>,
+) -> anyhow::Result<MachineRoots> {
+    let Some(description) = fixture::builtin(name) else {
+        bail!(
+            "unknown fixture {name:?}; built-in fixtures: {}",
+            fixture::builtin_names().join(", ")
+        );
+    };
+    let dir = tempdir.insert(anyhow::Context::context(
+        fixture::scratch_dir(),
+        "creating a temporary directory",
+    )?);
+    fixture::write_machine(&description, dir.path())
+        .with_context(|| format!("writing fixture {name}"))
+}
+
+/// The fixture's vendor CDI spec directory, beside its sys/, proc/ and dev/ as /etc/cdi is
+/// beside them on a node, when the fixture carries one.
+#[cfg(feature = "demo")]
+fn fixture_vendor_dir(
+    name: &str,
+    inventory: &Inventory,
+    roots: &MachineRoots,
+) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let dir = roots.sys.with_file_name("etc").join("cdi");
+    let written = fixture::write_builtin_vendor_spec(name, inventory, &dir)
+        .with_context(|| format!("writing the vendor CDI spec of fixture {name}"))?;
+    Ok(written.then_some(dir))
+}
+
+#[cfg(not(feature = "demo"))]
+fn fixture_roots(name: &str, _: &mut Option<tempfile::TempDir>) -> anyhow::Result<MachineRoots> {
+    bail!(
+        "--fixture {name}: this build has no built-in fixtures (built without the `demo` feature)"
+    )
+}
+
+#[cfg(not(feature = "demo"))]
+fn fixture_vendor_dir(
+    _: &str,
+    _: &Inventory,
+    _: &MachineRoots,
+) -> anyhow::Result<Option<std::path::PathBuf>> {
+    Ok(None)
 }
