@@ -279,6 +279,86 @@ proptest! {
     }
 }
 
+#[test]
+fn ties_go_to_a_card_no_pair_uses_yet() {
+    // Two GPUs and two dual-port cards, each on its own root in NUMA node 0: one port of
+    // each card, not both ports of the first.
+    let gpus = [
+        function("0008:06:00.0", "pci0008:00", &["0008:00:00.0"], Some(0)),
+        function("0009:06:00.0", "pci0009:00", &["0009:00:00.0"], Some(0)),
+    ];
+    let nics = [
+        function("0000:03:00.0", "pci0000:00", &["0000:00:00.0"], Some(0)),
+        function("0000:03:00.1", "pci0000:00", &["0000:00:00.0"], Some(0)),
+        function("0002:03:00.0", "pci0002:00", &["0002:00:00.0"], Some(0)),
+        function("0002:03:00.1", "pci0002:00", &["0002:00:00.0"], Some(0)),
+    ];
+    let pairing = pair_devices(
+        &gpus.iter().collect::<Vec<_>>(),
+        &nics.iter().collect::<Vec<_>>(),
+    );
+    let chosen: Vec<PciAddress> = pairing.pairs.iter().map(|p| p.nic).collect();
+    assert_eq!(chosen, [addr("0000:03:00.0"), addr("0002:03:00.0")]);
+    assert!(pairing.pairs.iter().all(|p| p.affinity == Affinity::Node));
+    // NODE-level leftovers form no NIC sets.
+    assert_eq!(pairing.unpaired_nics.len(), 2);
+}
+
+#[test]
+fn nics_left_below_a_gpus_switch_join_its_set_and_farther_ones_do_not() {
+    let rp = "0000:40:01.0";
+    let usp = "0000:41:00.0";
+    let gpu = function(
+        "0000:43:00.0",
+        "pci0000:40",
+        &[rp, usp, "0000:42:00.0"],
+        Some(0),
+    );
+    let below = |bdf: &str, port: &str| function(bdf, "pci0000:40", &[rp, usp, port], Some(0));
+    let nics = [
+        below("0000:44:00.0", "0000:42:01.0"),
+        below("0000:45:00.0", "0000:42:02.0"),
+        below("0000:46:00.0", "0000:42:03.0"),
+        // Same NUMA node, another root: as good as nothing for a set.
+        function("0000:90:00.0", "pci0000:8f", &["0000:8f:01.0"], Some(0)),
+    ];
+    let pairing = pair_devices(&[&gpu], &nics.iter().collect::<Vec<_>>());
+    let set: Vec<(PciAddress, Affinity)> = pairing
+        .nics_of(&gpu.address)
+        .map(|p| (p.nic, p.affinity))
+        .collect();
+    assert_eq!(
+        set,
+        [
+            (addr("0000:44:00.0"), Affinity::Pix),
+            (addr("0000:45:00.0"), Affinity::Pix),
+            (addr("0000:46:00.0"), Affinity::Pix),
+        ]
+    );
+    assert_eq!(pairing.unpaired_nics, [addr("0000:90:00.0")]);
+    assert_eq!(pairing.primary_pairs().count(), 1);
+    assert_eq!(pairing.level_counts(), [1, 0, 0, 0, 0]);
+}
+
+#[test]
+fn frontend_nics_pair_only_when_no_fabric_nic_is_left() {
+    let gpu = function("0000:1b:00.0", "pci0000:15", &["0000:15:01.0"], Some(0));
+    let frontend = function("0000:18:00.0", "pci0000:15", &["0000:15:02.0"], Some(0));
+    let fabric = function("0000:90:00.0", "pci0000:8f", &["0000:8f:01.0"], Some(1));
+    let mut inventory = inventory_of(&[gpu.clone()], &[frontend.clone(), fabric.clone()]);
+    inventory.nics[0].frontend = Some("carries the default route".into());
+    let pairing = pair_node(&inventory);
+    // SYS to a fabric NIC beats PHB to the frontend.
+    assert_eq!(pairing.pairs[0].nic, fabric.address);
+    assert_eq!(pairing.pairs[0].affinity, Affinity::Sys);
+    assert_eq!(pairing.unpaired_nics, [frontend.address]);
+    // With only frontends left, the GPU still gets one, and the note says why.
+    inventory.nics.retain(|n| n.pci.address == frontend.address);
+    let pairing = pair_node(&inventory);
+    assert_eq!(pairing.pairs[0].nic, frontend.address);
+    assert!(pairing.reason.as_deref().unwrap().contains("frontend"));
+}
+
 fn inventory_of(gpus: &[PciFunction], nics: &[PciFunction]) -> Inventory {
     use crate::topology::inventory::{AcceleratorKind, RdmaDevice};
     Inventory {
