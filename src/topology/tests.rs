@@ -345,7 +345,10 @@ fn frontend_nics_pair_only_when_no_fabric_nic_is_left() {
     let gpu = function("0000:1b:00.0", "pci0000:15", &["0000:15:01.0"], Some(0));
     let frontend = function("0000:18:00.0", "pci0000:15", &["0000:15:02.0"], Some(0));
     let fabric = function("0000:90:00.0", "pci0000:8f", &["0000:8f:01.0"], Some(1));
-    let mut inventory = inventory_of(std::slice::from_ref(&gpu), &[frontend.clone(), fabric.clone()]);
+    let mut inventory = inventory_of(
+        std::slice::from_ref(&gpu),
+        &[frontend.clone(), fabric.clone()],
+    );
     inventory.nics[0].frontend = Some("carries the default route".into());
     let pairing = pair_node(&inventory);
     // SYS to a fabric NIC beats PHB to the frontend.
