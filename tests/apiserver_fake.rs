@@ -241,6 +241,96 @@ async fn merge_patch_and_server_side_apply() {
 }
 
 #[tokio::test]
+async fn server_side_apply_conflicts_name_the_owning_manager_unless_forced() {
+    let server = FakeApiServer::start().await.unwrap();
+    let api: Api<Lease> = Api::namespaced(server.client(), "kube-system");
+    let lease = |holder: &str| {
+        Patch::Apply(json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "tandem"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15},
+        }))
+    };
+    api.patch("tandem", &PatchParams::apply("replica-a"), &lease("a"))
+        .await
+        .unwrap();
+    // Applying the same values shares ownership; a different value is another's field.
+    api.patch(
+        "tandem",
+        &PatchParams::apply("replica-b"),
+        &Patch::Apply(json!({"spec": {"leaseDurationSeconds": 15}})),
+    )
+    .await
+    .unwrap();
+    let status = api_error(
+        api.patch("tandem", &PatchParams::apply("replica-b"), &lease("b"))
+            .await,
+    );
+    assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"));
+    assert_eq!(
+        status.message,
+        "Apply failed with 1 conflict: conflict with \"replica-a\": .spec.holderIdentity"
+    );
+    let holder = |l: Lease| l.spec.unwrap().holder_identity;
+    assert_eq!(holder(api.get("tandem").await.unwrap()), Some("a".into()));
+
+    // Forced, the field moves: now replica-a is the one refused.
+    let forced = api
+        .patch(
+            "tandem",
+            &PatchParams::apply("replica-b").force(),
+            &lease("b"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(holder(forced), Some("b".into()));
+    let status = api_error(
+        api.patch("tandem", &PatchParams::apply("replica-a"), &lease("a"))
+            .await,
+    );
+    assert!(
+        status
+            .message
+            .contains("conflict with \"replica-b\": .spec.holderIdentity"),
+        "{}",
+        status.message
+    );
+
+    // A field an update (PUT or merge patch) wrote belongs to that updater; removing it
+    // frees it for the next applier.
+    api.patch(
+        "tandem",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"holderIdentity": "hand-edit"}})),
+    )
+    .await
+    .unwrap();
+    let status = api_error(
+        api.patch("tandem", &PatchParams::apply("replica-b"), &lease("b"))
+            .await,
+    );
+    assert_eq!(status.code, 409);
+    assert!(
+        status.message.contains(" using coordination.k8s.io/v1 at "),
+        "{}",
+        status.message
+    );
+    api.patch(
+        "tandem",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"holderIdentity": null}})),
+    )
+    .await
+    .unwrap();
+    let taken = api
+        .patch("tandem", &PatchParams::apply("replica-a"), &lease("a"))
+        .await
+        .unwrap();
+    assert_eq!(holder(taken), Some("a".into()));
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn status_subresource_separates_spec_and_status() {
     let server = FakeApiServer::start().await.unwrap();
     let api: Api<ResourceClaim> = Api::namespaced(server.client(), "ns1");

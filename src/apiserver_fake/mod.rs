@@ -3,6 +3,7 @@
 //! of resource.k8s.io/v1 objects. Used by every test that talks to Kubernetes and by `tandem demo`.
 
 mod kinds;
+mod managed;
 mod selectors;
 mod status;
 mod store;
@@ -470,6 +471,7 @@ fn route(
         dry_run: query.get("dryRun") == Some("All"),
         manager,
         operation: "Update",
+        force: query.get("force") == Some("true"),
     };
     let namespace = target.namespace.clone().unwrap_or_default();
     let name = target.name.clone();

@@ -129,6 +129,17 @@ impl ApiError {
         }
     }
 
+    /// A server-side apply that would change fields other managers own (NewApplyConflict):
+    /// no name in the details, one FieldManagerConflict cause per field.
+    pub fn apply_conflict(message: String, causes: Vec<Value>) -> Self {
+        Self {
+            code: 409,
+            reason: "Conflict",
+            message,
+            details: Some(json!({ "causes": causes })),
+        }
+    }
+
     pub fn conflict(kind: &KindInfo, name: &str) -> Self {
         Self::conflict_because(
             kind,

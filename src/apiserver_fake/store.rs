@@ -3,6 +3,7 @@
 //! write semantics (preconditions, status subresource, generation, finalizers, no-op updates).
 
 use super::kinds::{KINDS, KindInfo};
+use super::managed;
 use super::selectors::{FieldSelector, LabelSelector};
 use super::status::ApiError;
 use super::validation::{apply_defaults, validate};
@@ -36,6 +37,8 @@ pub(crate) struct WriteContext {
     pub manager: String,
     /// `Update` or `Apply`, as managedFields records it.
     pub operation: &'static str,
+    /// `force=true`: an apply takes over fields other managers own instead of a 409.
+    pub force: bool,
 }
 
 /// The object a write addresses.
@@ -338,37 +341,27 @@ impl Store {
         }))
     }
 
+    /// Records the write in managedFields; true when field ownership changed.
     fn record_manager(
+        old: Option<&Value>,
         object: &mut Value,
         info: &KindInfo,
         ctx: &WriteContext,
         subresource: Option<&str>,
-    ) {
-        let operation = ctx.operation;
-        let meta = metadata(object);
-        let mut entries: Vec<Value> = meta
-            .get("managedFields")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        entries.retain(|e| {
-            !(str_at(e, "/manager") == Some(&ctx.manager)
-                && str_at(e, "/operation") == Some(operation)
-                && str_at(e, "/subresource") == subresource)
-        });
-        let mut entry = json!({
-            "manager": ctx.manager,
-            "operation": operation,
-            "apiVersion": info.api_version(),
-            "time": now_rfc3339(),
-            "fieldsType": "FieldsV1",
-            "fieldsV1": {},
-        });
-        if let Some(sub) = subresource {
-            entry["subresource"] = Value::String(sub.into());
-        }
-        entries.push(entry);
-        meta.insert("managedFields".into(), Value::Array(entries));
+        applied: Option<&Value>,
+    ) -> bool {
+        managed::record(
+            old,
+            object,
+            managed::Writer {
+                manager: &ctx.manager,
+                operation: ctx.operation,
+                subresource,
+            },
+            applied,
+            &info.api_version(),
+            &now_rfc3339(),
+        )
     }
 
     fn check_type_meta(info: &KindInfo, body: &mut Value) -> Result<(), ApiError> {
@@ -470,8 +463,9 @@ impl Store {
         {
             map.remove("status");
         }
-        Self::record_manager(&mut body, info, ctx, None);
+        let applied = (ctx.operation == "Apply").then(|| body.clone());
         apply_defaults(info, &mut body, &now_rfc3339());
+        Self::record_manager(None, &mut body, info, ctx, None, applied.as_ref());
         let errors = validate(info, &body, None);
         if !errors.is_empty() {
             let shown = if name.is_empty() { generate } else { name };
@@ -487,9 +481,21 @@ impl Store {
     pub fn replace(
         &mut self,
         target: ObjectRef<'_>,
+        body: Value,
+        status_only: bool,
+        ctx: &WriteContext,
+    ) -> Result<Value, ApiError> {
+        self.replace_applying(target, body, status_only, ctx, None)
+    }
+
+    /// `replace`, where `applied` is the configuration of a server-side apply.
+    fn replace_applying(
+        &mut self,
+        target: ObjectRef<'_>,
         mut body: Value,
         status_only: bool,
         ctx: &WriteContext,
+        applied: Option<&Value>,
     ) -> Result<Value, ApiError> {
         let ObjectRef {
             kind,
@@ -593,11 +599,18 @@ impl Store {
                 .pointer("/metadata/finalizers")
                 .and_then(Value::as_array)
                 .is_none_or(Vec::is_empty);
-        if comparable(&new) == comparable(&old) && !finalized {
+        let ownership_changed = Self::record_manager(
+            Some(&old),
+            &mut new,
+            info,
+            ctx,
+            status_only.then_some("status"),
+            applied,
+        );
+        if comparable(&new) == comparable(&old) && !ownership_changed && !finalized {
             // The real apiserver skips the storage write, so no new resourceVersion and no event.
             return Ok(old);
         }
-        Self::record_manager(&mut new, info, ctx, status_only.then_some("status"));
         if ctx.dry_run {
             return Ok(new);
         }
@@ -629,6 +642,7 @@ impl Store {
                 PatchType::Apply => "Apply",
                 PatchType::Merge | PatchType::StrategicMerge => "Update",
             },
+            force: ctx.force,
         };
         let Some(old) = self.objects.get(&key).cloned() else {
             if matches!(patch_type, PatchType::Apply) && !status_only {
@@ -650,10 +664,28 @@ impl Store {
         if !patch.is_object() {
             return Err(ApiError::bad_request("the patch must be a JSON object"));
         }
+        let applying = matches!(patch_type, PatchType::Apply);
+        if applying && !ctx.force {
+            managed::check_apply(
+                &old,
+                &patch,
+                managed::Writer {
+                    manager: &ctx.manager,
+                    operation: ctx.operation,
+                    subresource: status_only.then_some("status"),
+                },
+            )?;
+        }
         let mut patched = old;
         merge_patch(&mut patched, &patch);
-        self.replace(target, patched, status_only, ctx)
-            .map(|o| (o, false))
+        self.replace_applying(
+            target,
+            patched,
+            status_only,
+            ctx,
+            applying.then_some(&patch),
+        )
+        .map(|o| (o, false))
     }
 
     /// DELETE of one object; with finalizers it only gets a deletionTimestamp.
