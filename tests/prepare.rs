@@ -762,13 +762,20 @@ async fn after_a_reboot_completed_claims_are_prepared_again_from_the_current_inv
         }
     }
     h.inventory_tx.send(Arc::new(inventory)).unwrap();
-    let report = h.restarted().recover().await.unwrap();
+    // A reboot restarts the plugin, which reads the boot ID once, at start.
+    let rebooted = h.restarted();
+    let report = rebooted.recover().await.unwrap();
     assert_eq!(
         report.prepared_claims, 1,
         "completed claims survive a reboot"
     );
 
-    let again = h.prepare_one(&claim).await.unwrap();
+    let again = rebooted
+        .prepare(std::slice::from_ref(&claim))
+        .await
+        .remove(&claim.uid)
+        .unwrap()
+        .unwrap();
     assert_eq!(first, again);
     let spec = h.read_spec(&claim);
     let gpu0 = format!("{}-gpu-0000-1b-00-0", claim.uid);

@@ -1,6 +1,16 @@
 //! The on-disk record of prepared claims (`<state_dir>/checkpoint.json`): versioned, check-
 //! summed, tagged with the boot ID, written atomically. It is the only state preparation keeps,
 //! so that a restarted plugin, or the other instance during a rolling update, sees it all.
+//!
+//! Durability (docs/durability.md): a process keeps the checkpoint in memory ([`Store`]), read
+//! once, and makes each change durable with one flush, shared by every call that changed it
+//! meanwhile (group commit): the new content is written to a temp file, fdatasync'd, renamed
+//! over the old. A killed process loses nothing that was written, flushed or not: the page
+//! cache outlives it, and the claim files (CDI spec, topology file) are written before the
+//! entry that owns them and removed after it, so start-up recovery deletes whatever a kill
+//! left unowned. A power cut can lose the last renames (no directory fsync) and every file on
+//! tmpfs, never half a checkpoint: the node boots with a new boot ID, under which the entries
+//! of the old boot answer no prepare until the kubelet prepares them again from the apiserver.
 
 use super::cdi::CdiSpec;
 use super::fsutil;
@@ -11,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.json";
 pub const CURRENT_VERSION: u32 = 1;
@@ -326,28 +337,190 @@ fn set_aside(path: &Path) -> Result<PathBuf, CheckpointError> {
     Ok(target)
 }
 
-/// Writes the checkpoint atomically in the current format.
-pub fn save(state_dir: &Path, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
-    let path = checkpoint_path(state_dir);
-    let io_error = |source| CheckpointError {
-        path: path.clone(),
-        source,
-    };
-    let invalid = |e: String| io_error(io::Error::new(io::ErrorKind::InvalidData, e));
+/// The checkpoint in the current format, checksummed.
+fn encode(checkpoint: &Checkpoint) -> Result<Vec<u8>, String> {
     let file = FileOut {
         version: CURRENT_VERSION,
         boot_id: &checkpoint.boot_id,
         checksum: checksum(
             &checkpoint.boot_id,
             (&checkpoint.claims, &checkpoint.pending_releases),
-        )
-        .map_err(invalid)?,
+        )?,
         claims: &checkpoint.claims,
         pending_releases: &checkpoint.pending_releases,
     };
-    let bytes = serde_json::to_vec_pretty(&file).map_err(|e| invalid(e.to_string()))?;
+    serde_json::to_vec(&file).map_err(|e| e.to_string())
+}
+
+/// Writes the checkpoint atomically in the current format, with one flush (the temp file's
+/// fdatasync before the rename).
+pub fn save(state_dir: &Path, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+    write_flushed(state_dir, checkpoint).map(|_| ())
+}
+
+fn write_flushed(state_dir: &Path, checkpoint: &Checkpoint) -> Result<FileId, CheckpointError> {
+    write_bytes_flushed(state_dir, encode_for(state_dir, checkpoint)?)
+}
+
+fn encode_for(state_dir: &Path, checkpoint: &Checkpoint) -> Result<Vec<u8>, CheckpointError> {
+    encode(checkpoint).map_err(|e| CheckpointError {
+        path: checkpoint_path(state_dir),
+        source: io::Error::new(io::ErrorKind::InvalidData, e),
+    })
+}
+
+fn write_bytes_flushed(state_dir: &Path, bytes: Vec<u8>) -> Result<FileId, CheckpointError> {
+    let path = checkpoint_path(state_dir);
+    let io_error = |source| CheckpointError {
+        path: path.clone(),
+        source,
+    };
     fsutil::ensure_dir(state_dir, STATE_DIR_MODE).map_err(io_error)?;
-    fsutil::write_atomic(&path, &bytes, STATE_FILE_MODE).map_err(io_error)
+    let file = fsutil::replace_flushed(&path, &bytes, STATE_FILE_MODE).map_err(io_error)?;
+    let meta = file.metadata().map_err(io_error)?;
+    Ok(FileId::of(&meta))
+}
+
+/// Which file the checkpoint path named when this process last wrote or read it. Every writer
+/// replaces the file by rename, so a change by another process (the other instance of a
+/// rolling update, under the serialize flock; an operator) shows as another inode, size or
+/// change time, and is read back before this process's next change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileId {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    fn current(path: &Path) -> Result<Option<Self>, CheckpointError> {
+        match std::fs::metadata(path) {
+            Ok(meta) => Ok(Some(Self::of(&meta))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(CheckpointError {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+}
+
+/// The checkpoint of one process, in memory, and its group commit.
+///
+/// Changes are made to [`Mem`] under its lock (short, no I/O), each returning a version; then
+/// [`Store::commit`] makes that version durable. Commits queue on one I/O lock: the first in
+/// line writes whatever the memory holds by then, with one flush, and every caller whose
+/// version that covered returns without writing. So N concurrent calls cost between 1 and N
+/// flushes, never more than one each, and none waits on another's apiserver GET or file writes.
+pub struct Store {
+    state_dir: PathBuf,
+    mem: Mutex<Mem>,
+    io: Mutex<IoState>,
+}
+
+/// The in-memory checkpoint. Lock it briefly; never across I/O that can block on the network.
+pub struct Mem {
+    pub checkpoint: Checkpoint,
+    version: u64,
+}
+
+impl Mem {
+    /// Marks the memory changed; the version to [`Store::commit`].
+    pub fn changed(&mut self) -> u64 {
+        self.version += 1;
+        self.version
+    }
+}
+
+struct IoState {
+    /// The newest version on disk (flushed).
+    durable: u64,
+    /// The file as this process last saw it; `None` before the first read.
+    seen: Option<Option<FileId>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Store {
+    /// A store over `<state_dir>/checkpoint.json`; nothing is read until [`Store::refresh`].
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            state_dir: state_dir.to_path_buf(),
+            mem: Mutex::new(Mem {
+                checkpoint: Checkpoint::default(),
+                version: 0,
+            }),
+            io: Mutex::new(IoState {
+                durable: 0,
+                seen: None,
+            }),
+        }
+    }
+
+    /// Reads the file into memory the first time, and again only when another process
+    /// replaced it since (one `statx` otherwise). Returns how loading went when it read.
+    pub fn refresh(&self) -> Result<Option<LoadOutcome>, CheckpointError> {
+        let mut io = lock(&self.io);
+        let path = checkpoint_path(&self.state_dir);
+        if io.seen == Some(FileId::current(&path)?) {
+            return Ok(None);
+        }
+        let (checkpoint, outcome) = load(&self.state_dir)?;
+        // Loading may have set a bad file aside.
+        let seen = FileId::current(&path)?;
+        let mut mem = lock(&self.mem);
+        mem.checkpoint = checkpoint;
+        io.durable = mem.changed();
+        io.seen = Some(seen);
+        Ok(Some(outcome))
+    }
+
+    /// Reads the file whether or not it changed (start-up recovery reports how it went).
+    pub fn reload(&self) -> Result<LoadOutcome, CheckpointError> {
+        lock(&self.io).seen = None;
+        Ok(self
+            .refresh()?
+            .expect("a store that has not seen the file reads it"))
+    }
+
+    /// The in-memory checkpoint.
+    pub fn mem(&self) -> MutexGuard<'_, Mem> {
+        lock(&self.mem)
+    }
+
+    /// Makes `version` (and whatever else the memory holds by now) durable: one write and one
+    /// flush, or none when a commit that began after `version` already did it.
+    pub fn commit(&self, version: u64) -> Result<(), CheckpointError> {
+        let mut io = lock(&self.io);
+        if io.durable >= version {
+            return Ok(());
+        }
+        let (bytes, latest) = {
+            let mem = lock(&self.mem);
+            (encode_for(&self.state_dir, &mem.checkpoint)?, mem.version)
+        };
+        let written = write_bytes_flushed(&self.state_dir, bytes)?;
+        io.seen = Some(Some(written));
+        io.durable = latest;
+        Ok(())
+    }
 }
 
 /// The kernel's boot ID (`<proc>/sys/kernel/random/boot_id`). It tells whether a completed

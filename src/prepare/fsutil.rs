@@ -1,10 +1,26 @@
 //! Crash-safe file writes and removals for the CDI and state directories: a reader (the
 //! container runtime, a restarted plugin) sees either the old file or the new one, never half.
+//! Every flush to disk goes through here and is counted, so benchmarks and tests can hold the
+//! prepare path to its budget (docs/durability.md).
 
 use std::fs::{self, File, Permissions};
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// fsync/fdatasync calls made through this module since the process started.
+static FLUSHES: AtomicU64 = AtomicU64::new(0);
+
+/// How many fsync/fdatasync calls this process made through the prepare path's writers.
+pub fn flush_count() -> u64 {
+    FLUSHES.load(Ordering::Relaxed)
+}
+
+fn counted<T>(flush: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    FLUSHES.fetch_add(1, Ordering::Relaxed);
+    flush()
+}
 
 /// Suffix of our temporary files. CDI loads only `*.json`/`*.yaml`, so a half-written temp file
 /// left by a crash is never read by the runtime; `recover()` deletes it.
@@ -13,6 +29,34 @@ pub(crate) const TEMP_SUFFIX: &str = ".tmp";
 /// Writes `contents` to `path` through a temp file in the same directory: write, fsync, set
 /// the mode, rename over the target, fsync the directory so the rename itself is durable.
 pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let (dir, _) = split_path(path)?;
+    let temp = temp_with(path, contents, mode)?;
+    counted(|| temp.as_file().sync_all())?;
+    temp.persist(path).map_err(|e| e.error)?;
+    sync_dir(dir)
+}
+
+/// Replaces `path` through a temp file and rename, with no flush: readers see the old file or
+/// the new one, and a killed process loses nothing (the page cache outlives it). For files
+/// whose loss in a power cut does not matter: those on tmpfs (CDI specs), and per-claim files
+/// that the checkpoint's boot ID invalidates after a reboot anyway.
+pub(crate) fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let temp = temp_with(path, contents, mode)?;
+    temp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// Replaces `path` with exactly one flush: the temp file's data is flushed (fdatasync) before
+/// the rename, so after a power cut the name holds the old content or the new, never a torn
+/// or empty file. The rename itself is not flushed (no directory fsync): it reaches the disk
+/// with the filesystem's next journal commit. Returns the file, renamed, for its identity.
+pub(crate) fn replace_flushed(path: &Path, contents: &[u8], mode: u32) -> io::Result<File> {
+    let temp = temp_with(path, contents, mode)?;
+    counted(|| temp.as_file().sync_data())?;
+    temp.persist(path).map_err(|e| e.error)
+}
+
+fn temp_with(path: &Path, contents: &[u8], mode: u32) -> io::Result<tempfile::NamedTempFile> {
     let (dir, file_name) = split_path(path)?;
     let mut temp = tempfile::Builder::new()
         .prefix(&format!(".{file_name}."))
@@ -23,9 +67,7 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Resul
     temp.as_file()
         .set_permissions(Permissions::from_mode(mode))?;
     temp.write_all(contents)?;
-    temp.as_file().sync_all()?;
-    temp.persist(path).map_err(|e| e.error)?;
-    sync_dir(dir)
+    Ok(temp)
 }
 
 /// Removes a file; a file that is already gone counts as removed (unprepare is idempotent).
@@ -49,7 +91,8 @@ pub(crate) fn remove_dir_if_present(path: &Path) -> io::Result<bool> {
 
 /// Makes renames and unlinks in `dir` durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    let dir = File::open(dir)?;
+    counted(|| dir.sync_all())
 }
 
 /// Creates a directory (and parents) with the given mode when it does not exist yet.
@@ -97,6 +140,24 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("spec.json")]);
+    }
+
+    #[test]
+    fn replace_and_replace_flushed_swap_content_and_leave_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.json");
+        replace(&path, b"one", 0o600).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"one");
+        let file = replace_flushed(&path, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            file.metadata().unwrap().ino(),
+            fs::metadata(&path).unwrap().ino()
+        );
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

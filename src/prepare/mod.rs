@@ -18,6 +18,7 @@ pub mod vendor_cdi;
 
 pub use claim::ClaimRef;
 pub use error::PrepareError;
+pub use fsutil::flush_count;
 pub use preparer::{ClaimAttachments, NetattachReport, Preparer, RecoveryReport};
 
 use serde::{Deserialize, Serialize};

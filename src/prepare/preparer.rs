@@ -1,6 +1,7 @@
-//! The Preparer: prepare, unprepare and start-up recovery over the checkpoint. Claims are
-//! fetched concurrently; the checkpoint read-modify-write runs under one lock, in a blocking
-//! task, and re-reads the file every time so another plugin instance's writes are never missed.
+//! The Preparer: prepare, unprepare and start-up recovery over the checkpoint. Calls for
+//! distinct claims run in parallel (claim GETs, file writes) and share their checkpoint flush
+//! (group commit, [`checkpoint::Store`]); calls for the same claim wait for each other. The
+//! checkpoint is read once and kept in memory, re-read only when another process replaced it.
 
 use super::cdi::{self, CdiSpec};
 use super::checkpoint::{self, Checkpoint, ClaimEntry, ClaimState, LoadOutcome, PendingRelease};
@@ -15,6 +16,7 @@ use crate::netattach::record::{self, AttachedInterface, NetAttachRecord, RecordE
 use crate::netattach::{DEFAULT_NETLINK_TIMEOUT, Netns};
 use crate::topology::InventoryWatch;
 use k8s_openapi::api::resource::v1::ResourceClaim;
+use std::collections::HashMap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -75,9 +77,14 @@ struct Inner {
     cdi_kind: String,
     client: kube::Client,
     inventory: InventoryWatch,
-    /// Serialises this process's checkpoint read-modify-writes. Another process (rolling
-    /// update) is kept out by the caller's file lock.
-    lock: Mutex<()>,
+    /// The checkpoint in memory. Another process (rolling update) is kept out by the
+    /// caller's file lock, and its writes are read back before the next call.
+    store: checkpoint::Store,
+    /// One lock per claim UID with a call in flight: the same claim is prepared or unprepared
+    /// by one call at a time, different claims in parallel.
+    claim_locks: ClaimLocks,
+    /// Read once at start: the boot cannot change under a running process.
+    boot_id: String,
     /// Other vendors' CDI specs, re-read when they change.
     vendor_specs: Mutex<VendorSpecs>,
 }
@@ -102,10 +109,12 @@ impl Preparer {
         Ok(Self {
             inner: Arc::new(Inner {
                 cdi_kind: crate::names::cdi_claim_kind(&config.driver_name),
+                store: checkpoint::Store::new(&config.state_dir),
+                claim_locks: ClaimLocks::default(),
+                boot_id: checkpoint::read_boot_id(&config.proc_root),
                 config,
                 client,
                 inventory,
-                lock: Mutex::new(()),
                 vendor_specs: Mutex::new(vendor_specs),
             }),
         })
@@ -144,23 +153,39 @@ impl Preparer {
     }
 
     /// Prepares each distinct claim; one entry per claim UID, whatever happens to the others.
+    /// The work runs to its end on the blocking pool even if the caller stops waiting (the
+    /// kubelet cancels at its deadline): its retry then finds the claim prepared, or not
+    /// touched, never half done.
     pub async fn prepare(&self, claims: &[ClaimRef]) -> PrepareResults {
         let (mut results, unique) = distinct_valid_claims(claims);
         if unique.is_empty() {
             return results;
         }
-
+        let guards = self.inner.claim_locks.lock_all(&unique).await;
         // Claims completed in this boot are answered from the checkpoint alone; only the
-        // others are fetched, before taking the lock, so the apiserver round trips of
-        // concurrent calls overlap. The locked section re-checks against a fresh read.
-        let config = &self.inner.config;
-        let boot_id = checkpoint::read_boot_id(&config.proc_root);
-        let peeked = checkpoint::load_read_only(&config.state_dir);
-        let fetches = unique.iter().map(|c| {
-            let current = peeked
-                .as_ref()
-                .and_then(|cp| cp.claims.get(&c.uid))
-                .is_some_and(|e| is_current(e, &boot_id));
+        // others are fetched, concurrently, outside any lock but their own.
+        let current: Vec<bool> = match self.inner.refresh() {
+            Ok(()) => {
+                let mem = self.inner.store.mem();
+                unique
+                    .iter()
+                    .map(|c| {
+                        mem.checkpoint
+                            .claims
+                            .get(&c.uid)
+                            .is_some_and(|e| is_current(e, &self.inner.boot_id))
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                for claim in unique {
+                    let error = self.inner.checkpoint_error(&claim, &e);
+                    results.insert(claim.uid, Err(error));
+                }
+                return results;
+            }
+        };
+        let fetches = unique.iter().zip(current).map(|(c, current)| {
             let client = self.inner.client.clone();
             async move {
                 if current {
@@ -179,7 +204,11 @@ impl Preparer {
             .collect();
 
         let inner = self.inner.clone();
-        match tokio::task::spawn_blocking(move || inner.prepare_locked(work, &boot_id)).await {
+        let job = move || {
+            let _guards = guards;
+            inner.prepare_claims(work)
+        };
+        match tokio::task::spawn_blocking(job).await {
             Ok(answers) => results.extend(answers),
             Err(e) => {
                 for (uid, claim) in uids {
@@ -208,8 +237,13 @@ impl Preparer {
             .iter()
             .map(|c| (c.uid.clone(), c.to_string()))
             .collect();
+        let guards = self.inner.claim_locks.lock_all(&unique).await;
         let inner = self.inner.clone();
-        match tokio::task::spawn_blocking(move || inner.unprepare_locked(unique)).await {
+        let job = move || {
+            let _guards = guards;
+            inner.unprepare_claims(unique)
+        };
+        match tokio::task::spawn_blocking(job).await {
             Ok(answers) => results.extend(answers),
             Err(e) => {
                 for (uid, claim) in uids {
@@ -298,6 +332,56 @@ struct Planned {
     plan: ClaimPlan,
 }
 
+type ClaimLockMap = HashMap<String, Arc<tokio::sync::Mutex<()>>>;
+
+/// Per-claim locks, created on demand and dropped with their last holder so the map stays as
+/// small as the number of calls in flight.
+#[derive(Default)]
+struct ClaimLocks(Arc<Mutex<ClaimLockMap>>);
+
+/// The locks of one call's claims, released (and forgotten when unused) on drop.
+struct ClaimGuards {
+    map: Arc<Mutex<ClaimLockMap>>,
+    held: Vec<(String, tokio::sync::OwnedMutexGuard<()>)>,
+}
+
+impl ClaimLocks {
+    /// Locks every claim of a call, in UID order so two calls sharing claims cannot deadlock.
+    async fn lock_all(&self, claims: &[ClaimRef]) -> ClaimGuards {
+        let uids: BTreeSet<&str> = claims.iter().map(|c| c.uid.as_str()).collect();
+        let mut held = Vec::with_capacity(uids.len());
+        for uid in uids {
+            let lock = lock_map(&self.0)
+                .entry(uid.to_string())
+                .or_default()
+                .clone();
+            held.push((uid.to_string(), lock.lock_owned().await));
+        }
+        ClaimGuards {
+            map: self.0.clone(),
+            held,
+        }
+    }
+}
+
+impl Drop for ClaimGuards {
+    fn drop(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        let mut map = lock_map(&self.map);
+        for (uid, guard) in held {
+            drop(guard);
+            // The map's reference is the last: no call holds or waits for this claim.
+            if map.get(&uid).is_some_and(|l| Arc::strong_count(l) == 1) {
+                map.remove(&uid);
+            }
+        }
+    }
+}
+
+fn lock_map(map: &Mutex<ClaimLockMap>) -> std::sync::MutexGuard<'_, ClaimLockMap> {
+    map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl Inner {
     fn netdev_mover(&self) -> Option<plan::NetdevMover<'_>> {
         match self.config.netdev_attach {
@@ -344,195 +428,225 @@ impl Inner {
         }
     }
 
-    fn prepare_locked(
+    /// Re-reads the checkpoint if another process replaced it since this one last saw it.
+    fn refresh(&self) -> Result<(), checkpoint::CheckpointError> {
+        if let Some(outcome) = self.store.refresh()? {
+            tracing::debug!(?outcome, "checkpoint read");
+        }
+        Ok(())
+    }
+
+    fn prepare_claims(
         &self,
         work: Vec<(ClaimRef, Option<Result<ResourceClaim, PrepareError>>)>,
-        boot_id: &str,
     ) -> PrepareResults {
-        let _guard = self
-            .lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let boot_id = self.boot_id.as_str();
         let mut answers = PrepareResults::new();
-        let (mut cp, _) = match checkpoint::load(&self.config.state_dir) {
-            Ok(loaded) => loaded,
-            Err(e) => {
-                for (claim, _) in work {
-                    answers.insert(claim.uid.clone(), Err(self.checkpoint_error(&claim, &e)));
-                }
-                return answers;
-            }
-        };
         let inventory = self.inventory.borrow().clone();
         let vendor = self.vendor_matches(&inventory);
-        let mut holders = DeviceHolders::default();
-        for (uid, entry) in &cp.claims {
-            let holder = ClaimRef {
-                namespace: entry.namespace.clone(),
-                name: entry.name.clone(),
-                uid: uid.clone(),
-            };
-            holders.add(&holder, &entry.devices);
-        }
-        // A NIC whose netdev has not come back from an earlier pod cannot be attached again;
-        // one more try now, and what stays is refused with the reason.
-        let mut dirty = self.retry_pending_releases(&mut cp) > 0;
-        for (uid, pending) in &cp.pending_releases {
-            for interface in &pending.interfaces {
-                let Some(address) = interface
-                    .pci_address
-                    .as_deref()
-                    .and_then(|a| a.parse::<crate::topology::PciAddress>().ok())
-                else {
-                    continue;
-                };
-                holders.add_unavailable(
-                    crate::names::nic_device_name(&address),
-                    format!(
-                        "{}/{} {uid} (unprepared, but its interface {} is still in its pod's network namespace)",
-                        pending.namespace, pending.name, interface.snapshot.host_name
-                    ),
-                );
-            }
-        }
+        let mut current: Vec<(ClaimRef, ClaimEntry)> = Vec::new();
+        let mut stale: Vec<(ClaimRef, ClaimEntry)> = Vec::new();
         let mut planned: Vec<Planned> = Vec::new();
 
-        for (claim, fetched) in work {
-            let uid = claim.uid.clone();
-            if let Some(entry) = cp.claims.get(&uid) {
-                if entry.namespace != claim.namespace || entry.name != claim.name {
-                    let recorded = format!("{}/{}", entry.namespace, entry.name);
-                    answers.insert(
-                        uid,
-                        Err(PrepareError::ClaimIdentityMismatch {
-                            claim: claim.to_string(),
-                            recorded,
-                        }),
+        // Plan under the memory lock (no I/O but the rare pending-release retry), so that two
+        // calls never plan the same device: a planned claim enters the checkpoint at once, as
+        // PrepareStarted, and holds its devices from then on.
+        let version = {
+            let mut mem = self.store.mem();
+            let cp = &mut mem.checkpoint;
+            let mut holders = DeviceHolders::default();
+            for (uid, entry) in &cp.claims {
+                let holder = ClaimRef {
+                    namespace: entry.namespace.clone(),
+                    name: entry.name.clone(),
+                    uid: uid.clone(),
+                };
+                holders.add(&holder, &entry.devices);
+            }
+            // A NIC whose netdev has not come back from an earlier pod cannot be attached
+            // again; one more try now, and what stays is refused with the reason.
+            let mut dirty = self.retry_pending_releases(cp) > 0;
+            for (uid, pending) in &cp.pending_releases {
+                for interface in &pending.interfaces {
+                    let Some(address) = interface
+                        .pci_address
+                        .as_deref()
+                        .and_then(|a| a.parse::<crate::topology::PciAddress>().ok())
+                    else {
+                        continue;
+                    };
+                    holders.add_unavailable(
+                        crate::names::nic_device_name(&address),
+                        format!(
+                            "{}/{} {uid} (unprepared, but its interface {} is still in its pod's network namespace)",
+                            pending.namespace, pending.name, interface.snapshot.host_name
+                        ),
                     );
-                    continue;
                 }
-                if is_current(entry, boot_id) {
-                    let answer = self
-                        .restore_missing_files(&claim, entry)
-                        .map(|()| entry.devices.iter().map(|d| d.device.clone()).collect());
-                    answers.insert(uid, answer);
-                    continue;
-                }
-                if entry.state == ClaimState::PrepareStarted {
-                    // A previous attempt died half-way (and recover() has not run, e.g. the
-                    // other instance of a rolling update crashed): start clean.
-                    if let Err(e) = self.remove_claim_files(&uid, entry) {
-                        answers.insert(uid, Err(io_error(&claim, e)));
+            }
+            for (claim, fetched) in work {
+                let uid = claim.uid.clone();
+                if let Some(entry) = cp.claims.get(&uid) {
+                    if entry.namespace != claim.namespace || entry.name != claim.name {
+                        let recorded = format!("{}/{}", entry.namespace, entry.name);
+                        answers.insert(
+                            uid,
+                            Err(PrepareError::ClaimIdentityMismatch {
+                                claim: claim.to_string(),
+                                recorded,
+                            }),
+                        );
                         continue;
                     }
-                    cp.claims.remove(&uid);
-                    dirty = true;
+                    if is_current(entry, boot_id) {
+                        current.push((claim, entry.clone()));
+                        continue;
+                    }
+                    if entry.state == ClaimState::PrepareStarted {
+                        // A previous attempt died half-way (and recover() has not run, e.g.
+                        // the other instance of a rolling update crashed): start clean.
+                        if let Some(entry) = cp.claims.remove(&uid) {
+                            stale.push((claim.clone(), entry));
+                        }
+                        dirty = true;
+                    }
                 }
-            }
-            let answer = fetched
-                .unwrap_or_else(|| {
-                    Err(PrepareError::Retry {
-                        claim: claim.to_string(),
+                let answer = fetched
+                    .unwrap_or_else(|| {
+                        Err(PrepareError::Retry {
+                            claim: claim.to_string(),
+                        })
                     })
-                })
-                .and_then(|resource| {
-                    claim::our_allocation(
-                        &claim,
-                        &resource,
-                        &self.config.driver_name,
-                        &self.config.node_name,
-                    )
-                })
-                .and_then(|allocation| {
-                    let topology_path = self.claim_dir(&uid).join(TOPOLOGY_FILE_NAME);
-                    let ctx = PlanContext {
-                        driver_name: &self.config.driver_name,
-                        dev_root_in_container: &self.config.dev_root_in_container,
-                        topology_host_path: &topology_path,
-                        inventory: &inventory,
-                        netdev_mover: self.netdev_mover(),
-                        vendor: vendor.as_ref(),
-                        driver_root: self.config.driver_root.as_ref(),
-                        nvidia_legacy_env: self.config.nvidia_legacy_env,
-                    };
-                    if let Some(vendor) = &vendor {
-                        log_vendor_warnings(&claim, &allocation, &inventory, vendor);
+                    .and_then(|resource| {
+                        claim::our_allocation(
+                            &claim,
+                            &resource,
+                            &self.config.driver_name,
+                            &self.config.node_name,
+                        )
+                    })
+                    .and_then(|allocation| {
+                        let topology_path = self.claim_dir(&uid).join(TOPOLOGY_FILE_NAME);
+                        let ctx = PlanContext {
+                            driver_name: &self.config.driver_name,
+                            dev_root_in_container: &self.config.dev_root_in_container,
+                            topology_host_path: &topology_path,
+                            inventory: &inventory,
+                            netdev_mover: self.netdev_mover(),
+                            vendor: vendor.as_ref(),
+                            driver_root: self.config.driver_root.as_ref(),
+                            nvidia_legacy_env: self.config.nvidia_legacy_env,
+                        };
+                        if let Some(vendor) = &vendor {
+                            log_vendor_warnings(&claim, &allocation, &inventory, vendor);
+                        }
+                        plan::plan_claim(&ctx, &claim, &allocation, &holders)
+                    });
+                match answer {
+                    Err(e) => {
+                        tracing::warn!(claim = %claim, error = %e, "claim not prepared");
+                        answers.insert(uid, Err(e));
                     }
-                    plan::plan_claim(&ctx, &claim, &allocation, &holders)
-                });
-            match answer {
-                Err(e) => {
-                    tracing::warn!(claim = %claim, error = %e, "claim not prepared");
-                    answers.insert(uid, Err(e));
-                }
-                Ok(plan) if plan.spec.is_none() => {
-                    // Nothing of ours in the claim: nothing to write or remember.
-                    answers.insert(uid, Ok(Vec::new()));
-                }
-                Ok(plan) => {
-                    holders.add(&claim, &plan.devices);
-                    let entry = ClaimEntry {
-                        namespace: claim.namespace.clone(),
-                        name: claim.name.clone(),
-                        state: ClaimState::PrepareStarted,
-                        boot_id: boot_id.to_string(),
-                        devices: plan.devices.clone(),
-                        cdi_spec_path: Some(self.spec_path(&uid)),
-                        cdi_spec: plan.spec.clone(),
-                        topology: Some(plan.topology.clone()),
-                        files: vec![self.claim_dir(&uid).join(TOPOLOGY_FILE_NAME)],
-                    };
-                    cp.claims.insert(uid, entry);
-                    planned.push(Planned { claim, plan });
+                    Ok(plan) if plan.spec.is_none() => {
+                        // Nothing of ours in the claim: nothing to write or remember.
+                        answers.insert(uid, Ok(Vec::new()));
+                    }
+                    Ok(plan) => {
+                        holders.add(&claim, &plan.devices);
+                        let entry = ClaimEntry {
+                            namespace: claim.namespace.clone(),
+                            name: claim.name.clone(),
+                            state: ClaimState::PrepareStarted,
+                            boot_id: boot_id.to_string(),
+                            devices: plan.devices.clone(),
+                            cdi_spec_path: Some(self.spec_path(&uid)),
+                            cdi_spec: plan.spec.clone(),
+                            topology: Some(plan.topology.clone()),
+                            files: vec![self.claim_dir(&uid).join(TOPOLOGY_FILE_NAME)],
+                        };
+                        cp.claims.insert(uid, entry);
+                        planned.push(Planned { claim, plan });
+                    }
                 }
             }
-        }
-
-        if planned.is_empty() && !dirty {
-            return answers;
-        }
-        // Record PrepareStarted for the whole batch before the first file is written.
-        cp.boot_id = boot_id.to_string();
-        if let Err(e) = checkpoint::save(&self.config.state_dir, &cp) {
-            for p in planned {
-                answers.insert(
-                    p.claim.uid.clone(),
-                    Err(self.checkpoint_error(&p.claim, &e)),
-                );
+            if !planned.is_empty() {
+                cp.boot_id = boot_id.to_string();
             }
-            return answers;
-        }
-        if planned.is_empty() {
-            return answers;
-        }
+            (dirty || !planned.is_empty()).then(|| mem.changed())
+        };
 
+        // Files, outside every lock but the claims' own. Completed claims whose files
+        // vanished get them back; the rest are written before the entry that owns them is
+        // committed, so a kill in between leaves files recover() deletes as orphans.
+        for (claim, entry) in current {
+            let answer = self
+                .restore_missing_files(&claim, &entry)
+                .map(|()| entry.devices.iter().map(|d| d.device.clone()).collect());
+            answers.insert(claim.uid.clone(), answer);
+        }
+        for (claim, entry) in stale {
+            if let Err(e) = self.remove_claim_files(&claim.uid, &entry) {
+                tracing::warn!(claim = %claim, error = %e.1, "cleanup failed; recover() retries");
+            }
+        }
         let mut written: Vec<Planned> = Vec::new();
+        let mut failed: Vec<(ClaimRef, PrepareError)> = Vec::new();
         for p in planned {
-            let uid = p.claim.uid.clone();
             match self.write_claim_files(&p.claim, &p.plan) {
-                Ok(()) => {
-                    if let Some(entry) = cp.claims.get_mut(&uid) {
-                        entry.state = ClaimState::PrepareCompleted;
-                    }
-                    written.push(p);
-                }
+                Ok(()) => written.push(p),
                 Err(e) => {
                     tracing::warn!(claim = %p.claim, error = %e, "writing claim files failed");
-                    if let Some(entry) = cp.claims.remove(&uid)
-                        && let Err(cleanup) = self.remove_claim_files(&uid, &entry)
-                    {
-                        tracing::warn!(claim = %p.claim, error = %cleanup.1, "cleanup failed; recover() retries");
-                    }
-                    answers.insert(uid, Err(e));
+                    failed.push((p.claim, e));
                 }
             }
         }
-        if let Err(e) = checkpoint::save(&self.config.state_dir, &cp) {
-            // The entries stay PrepareStarted on disk; undo the files so the kubelet's retry
-            // (or recover()) finds a clean slate.
-            for p in written {
-                if let Some(entry) = cp.claims.get(&p.claim.uid)
-                    && let Err(cleanup) = self.remove_claim_files(&p.claim.uid, entry)
+        let Some(mut version) = version else {
+            return answers;
+        };
+        if !written.is_empty() || !failed.is_empty() {
+            let mut mem = self.store.mem();
+            for p in &written {
+                if let Some(entry) = mem.checkpoint.claims.get_mut(&p.claim.uid) {
+                    entry.state = ClaimState::PrepareCompleted;
+                }
+            }
+            let removed: Vec<(ClaimRef, Option<ClaimEntry>)> = failed
+                .iter()
+                .map(|(claim, _)| (claim.clone(), mem.checkpoint.claims.remove(&claim.uid)))
+                .collect();
+            version = mem.changed();
+            drop(mem);
+            for (claim, entry) in removed {
+                if let Some(entry) = entry
+                    && let Err(cleanup) = self.remove_claim_files(&claim.uid, &entry)
+                {
+                    tracing::warn!(claim = %claim, error = %cleanup.1, "cleanup failed; recover() retries");
+                }
+            }
+        }
+        for (claim, e) in failed {
+            answers.insert(claim.uid, Err(e));
+        }
+
+        // One flush, shared with every call whose changes are in memory by now.
+        if let Err(e) = self.store.commit(version) {
+            // Undo in memory and on disk, so the kubelet's retry (or recover()) finds a clean
+            // slate; the next commit writes the memory without these claims.
+            let removed: Vec<(Planned, Option<ClaimEntry>)> = {
+                let mut mem = self.store.mem();
+                let removed = written
+                    .into_iter()
+                    .map(|p| {
+                        let entry = mem.checkpoint.claims.remove(&p.claim.uid);
+                        (p, entry)
+                    })
+                    .collect();
+                mem.changed();
+                removed
+            };
+            for (p, entry) in removed {
+                if let Some(entry) = entry
+                    && let Err(cleanup) = self.remove_claim_files(&p.claim.uid, &entry)
                 {
                     tracing::warn!(claim = %p.claim, error = %cleanup.1, "cleanup failed; recover() retries");
                 }
@@ -685,75 +799,92 @@ impl Inner {
     }
 
     /// Releases a claim's interfaces ahead of removing its files: what stays in the pod is
-    /// written to the checkpoint's pending releases first, so no crash can lose it.
-    fn release_before_removal(
-        &self,
-        cp: &mut Checkpoint,
-        claim: &ClaimRef,
-    ) -> Result<(), PrepareError> {
+    /// committed to the checkpoint's pending releases first, so no crash can lose it (an
+    /// extra flush, only when an interface could not come back).
+    fn release_before_removal(&self, claim: &ClaimRef) -> Result<(), PrepareError> {
         let leftover = self.release_claim_interfaces(claim)?;
         if leftover.is_empty() {
             return Ok(());
         }
-        let previous = cp.pending_releases.insert(
-            claim.uid.clone(),
-            PendingRelease {
-                namespace: claim.namespace.clone(),
-                name: claim.name.clone(),
-                interfaces: leftover,
-            },
-        );
-        if let Err(e) = checkpoint::save(&self.config.state_dir, cp) {
+        let (version, previous) = {
+            let mut mem = self.store.mem();
+            let previous = mem.checkpoint.pending_releases.insert(
+                claim.uid.clone(),
+                PendingRelease {
+                    namespace: claim.namespace.clone(),
+                    name: claim.name.clone(),
+                    interfaces: leftover,
+                },
+            );
+            (mem.changed(), previous)
+        };
+        if let Err(e) = self.store.commit(version) {
+            let mut mem = self.store.mem();
             match previous {
-                Some(previous) => cp.pending_releases.insert(claim.uid.clone(), previous),
-                None => cp.pending_releases.remove(&claim.uid),
+                Some(previous) => mem
+                    .checkpoint
+                    .pending_releases
+                    .insert(claim.uid.clone(), previous),
+                None => mem.checkpoint.pending_releases.remove(&claim.uid),
             };
+            mem.changed();
             return Err(self.checkpoint_error(claim, &e));
         }
         Ok(())
     }
 
     fn reconcile_netattach_locked(&self) -> Result<NetattachReport, PrepareError> {
-        let _guard = self
-            .lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (mut cp, _) = checkpoint::load(&self.config.state_dir).map_err(state_error)?;
-        let released = self.retry_pending_releases(&mut cp);
-        if released > 0 {
-            checkpoint::save(&self.config.state_dir, &cp).map_err(state_error)?;
+        self.refresh().map_err(state_error)?;
+        let (released, version, claims, pending) = {
+            let mut mem = self.store.mem();
+            let released = self.retry_pending_releases(&mut mem.checkpoint);
+            let version = (released > 0).then(|| mem.changed());
+            let claims: Vec<ClaimRef> = mem
+                .checkpoint
+                .claims
+                .iter()
+                .map(|(uid, entry)| ClaimRef {
+                    namespace: entry.namespace.clone(),
+                    name: entry.name.clone(),
+                    uid: uid.clone(),
+                })
+                .collect();
+            let pending = mem
+                .checkpoint
+                .pending_releases
+                .values()
+                .map(|p| p.interfaces.len())
+                .sum();
+            (released, version, claims, pending)
+        };
+        if let Some(version) = version {
+            self.store.commit(version).map_err(state_error)?;
         }
         let mut attached = Vec::new();
-        for (uid, entry) in &cp.claims {
-            let claim_dir = self.claim_dir(uid);
+        for claim in claims {
+            let claim_dir = self.claim_dir(&claim.uid);
             match NetAttachRecord::load(&claim_dir) {
                 Ok(record) if !record.interfaces.is_empty() => attached.push(ClaimAttachments {
-                    claim: ClaimRef {
-                        namespace: entry.namespace.clone(),
-                        name: entry.name.clone(),
-                        uid: uid.clone(),
-                    },
+                    claim,
                     interfaces: record.interfaces,
                 }),
                 Ok(_) => {}
                 Err(error) => {
-                    tracing::warn!(claim_uid = %uid, %error, "unreadable netattach record")
+                    tracing::warn!(claim_uid = %claim.uid, %error, "unreadable netattach record")
                 }
             }
         }
         Ok(NetattachReport {
             released,
-            pending: cp
-                .pending_releases
-                .values()
-                .map(|p| p.interfaces.len())
-                .sum(),
+            pending,
             attached,
         })
     }
 
     /// Removes every file a claim may own: the recorded ones and the ones derived from its
-    /// UID (a crash can leave a file behind before its path was recorded).
+    /// UID (a crash can leave a file behind before its path was recorded). The unlinks are not
+    /// flushed: after a power cut a file may come back without its entry, and recover() deletes
+    /// it as an orphan.
     fn remove_claim_files(
         &self,
         uid: &str,
@@ -762,52 +893,28 @@ impl Inner {
         let mut paths: BTreeSet<PathBuf> = entry.files.iter().cloned().collect();
         paths.extend(entry.cdi_spec_path.clone());
         paths.insert(self.spec_path(uid));
-        let mut touched_dirs: BTreeSet<PathBuf> = BTreeSet::new();
         for path in &paths {
-            if fsutil::remove_file_if_present(path).map_err(|e| with_path(path, e))?
-                && let Some(parent) = path.parent()
-            {
-                touched_dirs.insert(parent.to_path_buf());
-            }
+            fsutil::remove_file_if_present(path).map_err(|e| with_path(path, e))?;
         }
         let dir = self.claim_dir(uid);
-        if fsutil::remove_dir_if_present(&dir).map_err(|e| with_path(&dir, e))?
-            && let Some(parent) = dir.parent()
-        {
-            touched_dirs.insert(parent.to_path_buf());
-        }
-        // Make the unlinks durable before the checkpoint forgets the claim. The claim's own
-        // directory is gone by now; syncing its parent covers it.
-        for dir in touched_dirs {
-            match fsutil::sync_dir(&dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(with_path(&dir, e));
-                }
-                _ => {}
-            }
-        }
+        fsutil::remove_dir_if_present(&dir).map_err(|e| with_path(&dir, e))?;
         Ok(())
     }
 
-    fn unprepare_locked(&self, claims: Vec<ClaimRef>) -> UnprepareResults {
-        let _guard = self
-            .lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    fn unprepare_claims(&self, claims: Vec<ClaimRef>) -> UnprepareResults {
         let mut answers = UnprepareResults::new();
-        let (mut cp, _) = match checkpoint::load(&self.config.state_dir) {
-            Ok(loaded) => loaded,
-            Err(e) => {
-                for claim in claims {
-                    answers.insert(claim.uid.clone(), Err(self.checkpoint_error(&claim, &e)));
-                }
-                return answers;
+        if let Err(e) = self.refresh() {
+            for claim in claims {
+                answers.insert(claim.uid.clone(), Err(self.checkpoint_error(&claim, &e)));
             }
-        };
+            return answers;
+        }
+        // Files go first, then the entries, in one commit for the whole call.
         let mut removed: Vec<ClaimRef> = Vec::new();
         for claim in claims {
             let uid = claim.uid.clone();
-            let empty = ClaimEntry {
+            let entry = self.store.mem().checkpoint.claims.get(&uid).cloned();
+            let entry = entry.unwrap_or_else(|| ClaimEntry {
                 namespace: claim.namespace.clone(),
                 name: claim.name.clone(),
                 state: ClaimState::PrepareCompleted,
@@ -817,33 +924,55 @@ impl Inner {
                 cdi_spec: None,
                 topology: None,
                 files: Vec::new(),
-            };
-            let entry = cp.claims.get(&uid).cloned().unwrap_or(empty);
-            if let Err(e) = self.release_before_removal(&mut cp, &claim) {
+            });
+            if let Err(e) = self.release_before_removal(&claim) {
                 answers.insert(uid, Err(e));
                 continue;
             }
             match self.remove_claim_files(&uid, &entry) {
-                Ok(()) => {
-                    if cp.claims.remove(&uid).is_some() {
-                        tracing::info!(claim = %claim, "claim unprepared");
-                        removed.push(claim);
-                    } else {
-                        answers.insert(uid, Ok(()));
-                    }
-                }
+                Ok(()) => removed.push(claim),
                 Err(e) => {
                     answers.insert(uid, Err(io_error(&claim, e)));
                 }
             }
         }
-        if removed.is_empty() {
-            return answers;
+        let (version, forgotten) = {
+            let mut mem = self.store.mem();
+            let forgotten: Vec<(ClaimRef, Option<ClaimEntry>)> = removed
+                .into_iter()
+                .map(|claim| {
+                    let entry = mem.checkpoint.claims.remove(&claim.uid);
+                    (claim, entry)
+                })
+                .collect();
+            let version = forgotten
+                .iter()
+                .any(|(_, entry)| entry.is_some())
+                .then(|| mem.changed());
+            (version, forgotten)
+        };
+        let result = version.map_or(Ok(()), |v| self.store.commit(v));
+        if result.is_err() {
+            // Not forgotten on disk: keep the entries in memory too, so the kubelet's retry
+            // (files already gone, which is fine) commits their removal.
+            let mut mem = self.store.mem();
+            for (claim, entry) in &forgotten {
+                if let Some(entry) = entry {
+                    mem.checkpoint
+                        .claims
+                        .insert(claim.uid.clone(), entry.clone());
+                }
+            }
+            mem.changed();
         }
-        let result = checkpoint::save(&self.config.state_dir, &cp);
-        for claim in removed {
+        for (claim, entry) in forgotten {
             let answer = match &result {
-                Ok(()) => Ok(()),
+                Ok(()) => {
+                    if entry.is_some() {
+                        tracing::info!(claim = %claim, "claim unprepared");
+                    }
+                    Ok(())
+                }
                 Err(e) => Err(self.checkpoint_error(&claim, e)),
             };
             answers.insert(claim.uid.clone(), answer);
@@ -852,33 +981,30 @@ impl Inner {
     }
 
     fn recover_locked(&self) -> Result<RecoveryReport, PrepareError> {
-        let _guard = self
-            .lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (mut cp, outcome) = checkpoint::load(&self.config.state_dir).map_err(state_error)?;
+        let outcome = self.store.reload().map_err(state_error)?;
         let mut rolled_back = Vec::new();
-        let started: Vec<String> = cp
+        let started: Vec<(String, ClaimEntry)> = self
+            .store
+            .mem()
+            .checkpoint
             .claims
             .iter()
             .filter(|(_, e)| e.state == ClaimState::PrepareStarted)
-            .map(|(uid, _)| uid.clone())
+            .map(|(uid, e)| (uid.clone(), e.clone()))
             .collect();
-        for uid in started {
-            if let Some(entry) = cp.claims.get(&uid).cloned() {
-                let claim = ClaimRef {
-                    namespace: entry.namespace.clone(),
-                    name: entry.name.clone(),
-                    uid: uid.clone(),
-                };
-                self.release_before_removal(&mut cp, &claim)?;
-                self.remove_claim_files(&uid, &entry)
-                    .map_err(|(path, source)| PrepareError::StateIo { path, source })?;
-                tracing::warn!(claim_uid = %uid, namespace = %entry.namespace, name = %entry.name,
-                    "rolled back a claim whose preparation was interrupted");
-                cp.claims.remove(&uid);
-                rolled_back.push(uid);
-            }
+        for (uid, entry) in started {
+            let claim = ClaimRef {
+                namespace: entry.namespace.clone(),
+                name: entry.name.clone(),
+                uid: uid.clone(),
+            };
+            self.release_before_removal(&claim)?;
+            self.remove_claim_files(&uid, &entry)
+                .map_err(|(path, source)| PrepareError::StateIo { path, source })?;
+            tracing::warn!(claim_uid = %uid, namespace = %entry.namespace, name = %entry.name,
+                "rolled back a claim whose preparation was interrupted");
+            self.store.mem().checkpoint.claims.remove(&uid);
+            rolled_back.push(uid);
         }
         let needs_save = !rolled_back.is_empty()
             || matches!(
@@ -888,13 +1014,18 @@ impl Inner {
                 } | LoadOutcome::SetAside { .. }
             );
         if needs_save {
-            if cp.boot_id.is_empty() {
-                cp.boot_id = checkpoint::read_boot_id(&self.config.proc_root);
-            }
-            checkpoint::save(&self.config.state_dir, &cp).map_err(state_error)?;
+            let version = {
+                let mut mem = self.store.mem();
+                if mem.checkpoint.boot_id.is_empty() {
+                    mem.checkpoint.boot_id = self.boot_id.clone();
+                }
+                mem.changed()
+            };
+            self.store.commit(version).map_err(state_error)?;
         }
+        let cp = self.store.mem().checkpoint.clone();
 
-        let boot_id = checkpoint::read_boot_id(&self.config.proc_root);
+        let boot_id = self.boot_id.clone();
         let mut restored = Vec::new();
         for (uid, entry) in &cp.claims {
             let missing = entry.cdi_spec_path.as_ref().is_some_and(|p| !p.exists())
@@ -1013,7 +1144,9 @@ fn write_json<T: serde::Serialize>(
     };
     let bytes = serde_json::to_vec_pretty(value)
         .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
-    fsutil::write_atomic(path, &bytes, PUBLIC_FILE_MODE).map_err(io)
+    // No flush: the CDI spec is on tmpfs, and the topology file belongs to an entry that a
+    // reboot (new boot ID) makes stale; a killed process loses nothing either way.
+    fsutil::replace(path, &bytes, PUBLIC_FILE_MODE).map_err(io)
 }
 
 fn with_path(path: &Path, e: std::io::Error) -> (PathBuf, std::io::Error) {
