@@ -330,6 +330,50 @@ async fn server_side_apply_conflicts_name_the_owning_manager_unless_forced() {
     server.shutdown().await;
 }
 
+/// kube-lease-manager (the controller's leader election) takes a free lease by a
+/// non-forced apply: of replicas racing, the field-manager conflict leaves exactly one leader.
+#[tokio::test]
+async fn racing_lease_managers_elect_exactly_one_leader() {
+    let server = FakeApiServer::start().await.unwrap();
+    let mut racers = tokio::task::JoinSet::new();
+    for i in 0..5 {
+        let client = server.client();
+        racers.spawn(async move {
+            let manager = kube_lease_manager::LeaseManagerBuilder::new(client, "race")
+                .with_namespace("kube-system")
+                .with_parameters(kube_lease_manager::LeaseParams::new(
+                    format!("r{i}"),
+                    30,
+                    10,
+                ))
+                .build()
+                .await
+                .unwrap();
+            let won = manager.changed().await.unwrap();
+            // Hold on to the manager so losers keep campaigning instead of returning.
+            (won, manager)
+        });
+    }
+    let first = tokio::time::timeout(Duration::from_secs(5), racers.join_next())
+        .await
+        .expect("someone leads")
+        .unwrap()
+        .unwrap();
+    assert!(first.0);
+    // Nobody else becomes leader while the lease is held (losers wait for it to expire).
+    let others = tokio::time::timeout(Duration::from_secs(2), racers.join_next()).await;
+    assert!(
+        others.is_err(),
+        "a second leader: {:?}",
+        others.map(|o| o.map(|r| r.map(|r| r.0)))
+    );
+    let api: Api<Lease> = Api::namespaced(server.client(), "kube-system");
+    let spec = api.get("race").await.unwrap().spec.unwrap();
+    assert!(spec.holder_identity.unwrap().starts_with('r'));
+    racers.abort_all();
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn status_subresource_separates_spec_and_status() {
     let server = FakeApiServer::start().await.unwrap();

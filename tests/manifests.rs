@@ -1854,15 +1854,6 @@ fn api_uses() -> Vec<ApiUse> {
             ["patch"],
             None
         ),
-        // LeaderElector: get_opt, create, replace of the Lease.
-        api_use!(
-            Controller,
-            "controller/lease.rs",
-            Lease,
-            controller_ns(),
-            ["get", "create", "update"],
-            Some(names::CONTROLLER_LEASE_NAME)
-        ),
         // FleetReconciler: Node label merge patches; the rail ConfigMap; NodeEvents in the
         // "default" namespace (fleet.rs NODE_EVENT_NAMESPACE) with a get+replace count bump.
         api_use!(
@@ -2042,7 +2033,23 @@ struct ImpliedGrant {
 }
 
 fn implied_grants() -> Vec<ImpliedGrant> {
+    // The Lease calls are kube-lease-manager's, not ours: it reads the Lease, creates it
+    // when missing, and takes, renews and releases it by PATCH (apply and strategic merge).
+    let lease = |verb: &'static str, name: Option<&'static str>| ImpliedGrant {
+        who: Who::Controller,
+        file: "controller/lease.rs",
+        evidence: &["LeaseManagerBuilder::new("],
+        group: Lease::GROUP,
+        resource: Lease::URL_PATH_SEGMENT,
+        verb,
+        scope: Scope::Namespace(names::DEFAULT_CONTROLLER_NAMESPACE.to_string()),
+        name,
+    };
     vec![
+        lease("get", Some(names::CONTROLLER_LEASE_NAME)),
+        lease("patch", Some(names::CONTROLLER_LEASE_NAME)),
+        // create cannot be narrowed to a name: the name is in the body.
+        lease("create", None),
         // apply_class: a server-side apply of a class someone deleted creates it, and the
         // apiserver authorizes that PATCH as create.
         ImpliedGrant {

@@ -18,7 +18,8 @@ pub struct ControllerArgs {
     /// DRA driver name, also the attribute domain of the slices it reads.
     #[arg(long, default_value = names::DEFAULT_DRIVER_NAME)]
     pub driver_name: String,
-    /// How long a leader that stopped renewing keeps the lease (failover time), e.g. 15s.
+    /// How long a leader that stopped renewing keeps the lease (failover time; whole
+    /// seconds, at least 2), e.g. 15s.
     #[arg(long, default_value = "15s", value_parser = super::parse_duration)]
     pub lease_duration: Duration,
     /// kubeconfig file; without it the in-cluster config (or $KUBECONFIG) is used.

@@ -18,7 +18,7 @@ use k8s_openapi::api::resource::v1::{DeviceClass, ResourceSlice};
 use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use lease::{HoldEnd, LeaderElector, LeaseConfig};
+use lease::LeaseConfig;
 use metrics::{Metrics, ReconcileKind};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
@@ -95,6 +95,8 @@ impl ControllerConfig {
 const CLASSES: u8 = 1;
 const FLEET: u8 = 2;
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
+const LEASE_RETRY_MIN: Duration = Duration::from_millis(500);
+const LEASE_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Which parts have to be reconciled; watch tasks mark, the reconcile loop takes.
 #[derive(Default)]
@@ -214,37 +216,82 @@ impl Controller {
     /// Campaigns for the lease and reconciles while leading, until `shutdown` fires; then
     /// releases the lease so another replica takes over at once.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut elector = LeaderElector::new(
-            self.client.clone(),
-            LeaseConfig {
-                namespace: self.config.namespace.clone(),
-                name: names::CONTROLLER_LEASE_NAME.to_string(),
-                identity: self.config.identity.clone(),
-                duration: self.config.lease_duration,
-            },
-        );
-        loop {
-            if !elector.acquire(&shutdown).await {
-                return;
+        let config = LeaseConfig {
+            namespace: self.config.namespace.clone(),
+            name: names::CONTROLLER_LEASE_NAME.to_string(),
+            identity: self.config.identity.clone(),
+            duration: self.config.lease_duration,
+        };
+        let mut retry = LEASE_RETRY_MIN;
+        while !shutdown.is_cancelled() {
+            let manager = match lease::lease_manager(self.client.clone(), &config).await {
+                Ok(manager) => manager,
+                Err(e) => {
+                    tracing::warn!(error = %e, "leader election unavailable; retrying");
+                    Self::pause(&shutdown, &mut retry).await;
+                    continue;
+                }
+            };
+            match self.campaign(&manager, &shutdown).await {
+                Ok(()) => retry = LEASE_RETRY_MIN,
+                // Leadership is not to be trusted when the lease cannot be read or renewed:
+                // step down, then campaign with a fresh view of the lease.
+                Err(e) => {
+                    tracing::warn!(identity = %self.config.identity, error = %e, "leader election failed; campaigning again");
+                    Self::pause(&shutdown, &mut retry).await;
+                }
             }
+            if shutdown.is_cancelled() {
+                match manager.release().await {
+                    Ok(()) => {
+                        tracing::info!(identity = %self.config.identity, "released the lease")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not release the lease; it expires on its own");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn pause(shutdown: &CancellationToken, retry: &mut Duration) {
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(*retry) => {}
+        }
+        *retry = (*retry * 2).min(LEASE_RETRY_MAX);
+    }
+
+    /// Follows the lease until `shutdown` (Ok) or an error of the election (Err), leading
+    /// while this replica holds it. `changed` returns when holding flips; dropping `lead` on
+    /// lost leadership stops every watch and write at once.
+    async fn campaign(
+        &self,
+        manager: &kube_lease_manager::LeaseManager,
+        shutdown: &CancellationToken,
+    ) -> Result<(), kube_lease_manager::LeaseManagerError> {
+        loop {
+            let leading = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                changed = manager.changed() => changed?,
+            };
+            if !leading {
+                continue;
+            }
+            tracing::info!(identity = %self.config.identity, "became leader");
             self.metrics.set_leader(true);
             let leadership = shutdown.child_token();
-            // Dropping `lead` on lost leadership stops every watch and write at once.
-            let end = tokio::select! {
-                end = elector.hold(&leadership) => end,
-                () = self.lead(&leadership) => HoldEnd::Shutdown,
+            let outcome = tokio::select! {
+                changed = manager.changed() => changed.map(|_| ()),
+                () = self.lead(&leadership) => Ok(()),
             };
             leadership.cancel();
             self.metrics.set_leader(false);
+            outcome?;
             if shutdown.is_cancelled() {
-                if let Err(e) = elector.release().await {
-                    tracing::warn!(error = %e, "could not release the lease; it expires on its own");
-                }
-                return;
+                return Ok(());
             }
-            if end == HoldEnd::Lost {
-                tracing::warn!(identity = %self.config.identity, "lost leadership; campaigning again");
-            }
+            tracing::warn!(identity = %self.config.identity, "lost leadership; campaigning again");
         }
     }
 
