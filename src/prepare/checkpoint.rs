@@ -306,7 +306,7 @@ pub fn load(state_dir: &Path) -> Result<(Checkpoint, LoadOutcome), CheckpointErr
 }
 
 /// Reads the checkpoint without repairing anything: `None` when it is missing or cannot be
-/// trusted. For decisions that the locked section re-checks against a proper `load`.
+/// trusted. For observers (tests, the soak) that must never move a file under the plugin.
 pub fn load_read_only(state_dir: &Path) -> Option<Checkpoint> {
     let bytes = std::fs::read(checkpoint_path(state_dir)).ok()?;
     let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
@@ -476,8 +476,17 @@ impl Store {
 
     /// Reads the file into memory the first time, and again only when another process
     /// replaced it since (one `statx` otherwise). Returns how loading went when it read.
+    ///
+    /// Reading replaces the memory, so it must not happen while this process has changes in
+    /// flight: another writer is only ever active between this process's calls (the
+    /// serialize flock of rolling updates), and a commit of ours in progress means a call of
+    /// ours is running, so then there is nothing to check and no call waits on the flush.
     pub fn refresh(&self) -> Result<Option<LoadOutcome>, CheckpointError> {
-        let mut io = lock(&self.io);
+        let mut io = match self.io.try_lock() {
+            Ok(io) => io,
+            Err(std::sync::TryLockError::WouldBlock) if self.loaded() => return Ok(None),
+            Err(_) => lock(&self.io),
+        };
         let path = checkpoint_path(&self.state_dir);
         if io.seen == Some(FileId::current(&path)?) {
             return Ok(None);
@@ -490,6 +499,10 @@ impl Store {
         io.durable = mem.changed();
         io.seen = Some(seen);
         Ok(Some(outcome))
+    }
+
+    fn loaded(&self) -> bool {
+        lock(&self.mem).version > 0
     }
 
     /// Reads the file whether or not it changed (start-up recovery reports how it went).

@@ -136,8 +136,8 @@ impl Preparer {
             .await
     }
 
-    /// Runs one whole-checkpoint job on the blocking pool (it takes the checkpoint lock and
-    /// does file and netlink I/O); a task that died is an error naming the checkpoint.
+    /// Runs one whole-checkpoint job on the blocking pool (it does file and netlink I/O); a
+    /// task that died is an error naming the checkpoint.
     async fn checkpoint_task<T: Send + 'static>(
         &self,
         job: &'static str,
