@@ -1,7 +1,9 @@
 //! Claim preparation over the real kubelet socket (`cargo bench --bench plugin`): the release
 //! `tandem plugin` binary runs as a child against the in-process apiserver fake, and a tonic
 //! client acting as the kubelet prepares and unprepares claims of 8 GPUs + 8 NICs, one at a
-//! time and 16 at once. Also reports the idle plugin's resident memory. Prints Markdown rows.
+//! time and 16 at once, and 8 one-GPU claims sequentially, in 8 parallel calls and in one call.
+//! Then the same three modes through an in-process `Preparer`, counting its disk flushes
+//! (fsync/fdatasync). Also reports the idle plugin's resident memory. Prints Markdown rows.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -32,12 +34,14 @@ struct Node {
     claims: Vec<Claim>,
 }
 
-/// Starts the plugin on `description` with `claims` claims of 8 paired GPUs + NICs each.
+/// Starts the plugin on `description` with `claims` claims of `per_claim` paired GPUs + NICs
+/// each.
 async fn start(
     apiserver: &FakeApiServer,
     node_name: &str,
     description: &MachineDescription,
     claims: usize,
+    per_claim: usize,
 ) -> Node {
     let scratch = fixture::scratch_dir().expect("scratch dir");
     // The checkpoint lives on disk as it does on a node (/var/lib/tandem); CDI specs on tmpfs
@@ -61,10 +65,10 @@ async fn start(
         .expect("create node");
 
     let mut made = Vec::new();
-    for (i, chunk) in pairs.chunks(8).take(claims).enumerate() {
+    for (i, chunk) in pairs.chunks(per_claim).take(claims).enumerate() {
         assert_eq!(
             chunk.len(),
-            8,
+            per_claim,
             "fixture too small for {claims} claims of 8 pairs"
         );
         let name = format!("{node_name}-claim-{i}");
@@ -127,31 +131,98 @@ async fn start(
 }
 
 async fn prepare(client: &mut DraPluginClient<Channel>, claim: &Claim) -> Duration {
+    prepare_all(client, std::slice::from_ref(claim), 16).await
+}
+
+async fn unprepare(client: &mut DraPluginClient<Channel>, claim: &Claim) -> Duration {
+    unprepare_all(client, std::slice::from_ref(claim)).await
+}
+
+/// One NodePrepareResources for `claims`, each of which must get `devices` devices.
+async fn prepare_all(
+    client: &mut DraPluginClient<Channel>,
+    claims: &[Claim],
+    devices: usize,
+) -> Duration {
     let t = Instant::now();
     let response = client
         .node_prepare_resources(NodePrepareResourcesRequest {
-            claims: vec![claim.clone()],
+            claims: claims.to_vec(),
         })
         .await
         .expect("prepare rpc")
         .into_inner();
-    let result = &response.claims[&claim.uid];
-    assert!(result.error.is_empty(), "{}", result.error);
-    assert_eq!(result.devices.len(), 16);
-    t.elapsed()
+    let elapsed = t.elapsed();
+    for claim in claims {
+        let result = &response.claims[&claim.uid];
+        assert!(result.error.is_empty(), "{}", result.error);
+        assert_eq!(result.devices.len(), devices);
+    }
+    elapsed
 }
 
-async fn unprepare(client: &mut DraPluginClient<Channel>, claim: &Claim) -> Duration {
+async fn unprepare_all(client: &mut DraPluginClient<Channel>, claims: &[Claim]) -> Duration {
     let t = Instant::now();
     let response = client
         .node_unprepare_resources(NodeUnprepareResourcesRequest {
-            claims: vec![claim.clone()],
+            claims: claims.to_vec(),
         })
         .await
         .expect("unprepare rpc")
         .into_inner();
-    assert!(response.claims[&claim.uid].error.is_empty());
-    t.elapsed()
+    let elapsed = t.elapsed();
+    for claim in claims {
+        assert!(response.claims[&claim.uid].error.is_empty());
+    }
+    elapsed
+}
+
+/// Per-call latencies of `rounds` rounds: all claims prepared in parallel calls (one claim
+/// each, own connection), then all unprepared the same way; and each round's wall time.
+async fn parallel_rounds(
+    node: &Node,
+    rounds: usize,
+    devices: usize,
+) -> (Vec<Duration>, Vec<Duration>, Vec<Duration>, Vec<Duration>) {
+    let (mut prep, mut unprep, mut prep_rounds, mut unprep_rounds) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        for unprepare_now in [false, true] {
+            let t = Instant::now();
+            let tasks: Vec<_> = node
+                .claims
+                .iter()
+                .cloned()
+                .map(|claim| {
+                    let mut client = node.client.clone();
+                    tokio::spawn(async move {
+                        let one = std::slice::from_ref(&claim);
+                        if unprepare_now {
+                            unprepare_all(&mut client, one).await
+                        } else {
+                            prepare_all(&mut client, one, devices).await
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                let d = task.await.expect("task");
+                if unprepare_now {
+                    &mut unprep
+                } else {
+                    &mut prep
+                }
+                .push(d);
+            }
+            if unprepare_now {
+                &mut unprep_rounds
+            } else {
+                &mut prep_rounds
+            }
+            .push(t.elapsed());
+        }
+    }
+    (prep, unprep, prep_rounds, unprep_rounds)
 }
 
 fn percentiles(mut v: Vec<Duration>) -> (f64, f64) {
@@ -179,6 +250,12 @@ async fn main() {
         return;
     }
     let apiserver = FakeApiServer::start().await.expect("apiserver");
+    if let Some(cycles) = std::env::var("TANDEM_BENCH_FOOTPRINT_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return footprint(&apiserver, cycles).await;
+    }
     const ROUNDS: usize = 200;
 
     // Sequential: one claim of the 8 DGX H100 GPUs with their rail HCAs.
@@ -187,6 +264,7 @@ async fn main() {
         "dgx-h100",
         &fixture::builtin("dgx-h100").expect("fixture"),
         1,
+        8,
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -209,39 +287,75 @@ async fn main() {
 
     // 16 in parallel: 16 claims of 8 + 8 on a 128-GPU synthetic node, each on its own
     // connection as concurrent pod starts would be.
-    let mut node = start(
+    let node = start(
         &apiserver,
         "synthetic-256",
         &fixture::synthetic(128, 128),
         16,
+        8,
     )
     .await;
-    let (mut prep, mut unprep) = (Vec::new(), Vec::new());
-    for _ in 0..(ROUNDS / 16).max(4) {
-        let tasks: Vec<_> = node
-            .claims
-            .iter()
-            .cloned()
-            .map(|claim| {
-                let mut client = node.client.clone();
-                tokio::spawn(async move {
-                    let p = prepare(&mut client, &claim).await;
-                    let u = unprepare(&mut client, &claim).await;
-                    (p, u)
-                })
-            })
-            .collect();
-        for t in tasks {
-            let (p, u) = t.await.expect("task");
-            prep.push(p);
-            unprep.push(u);
-        }
-    }
+    let (prep, unprep, _, _) = parallel_rounds(&node, (ROUNDS / 16).max(4), 16).await;
     let calls = prep.len();
     let (p50, p99) = percentiles(prep);
     println!("| prepare 8 GPUs + 8 NICs | 16 in parallel | {p50:.2} | {p99:.2} | {calls} |");
     let (p50, p99) = percentiles(unprep);
     println!("| unprepare | 16 in parallel | {p50:.2} | {p99:.2} | {calls} |");
+    let Node { mut child, .. } = node;
+    child.kill().await.ok();
+
+    // 8 one-GPU claims (each GPU with its rail NIC) on the DGX H100: one claim per call one
+    // after another, 8 calls at once, and all 8 in one call.
+    let mut node = start(
+        &apiserver,
+        "dgx-h100-small",
+        &fixture::builtin("dgx-h100").expect("fixture"),
+        8,
+        1,
+    )
+    .await;
+    let claims = node.claims.clone();
+    let (mut prep, mut unprep) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let claim = &claims[round % claims.len()];
+        prep.push(prepare_all(&mut node.client, std::slice::from_ref(claim), 2).await);
+        unprep.push(unprepare_all(&mut node.client, std::slice::from_ref(claim)).await);
+    }
+    println!();
+    println!("| 8 one-GPU claims (GPU + rail NIC each) | mode | p50 ms | p99 ms | calls |");
+    println!("|---|---|---:|---:|---:|");
+    let (p50, p99) = percentiles(prep);
+    println!("| prepare, one claim per call | sequential | {p50:.2} | {p99:.2} | {ROUNDS} |");
+    let (p50, p99) = percentiles(unprep);
+    println!("| unprepare, one claim per call | sequential | {p50:.2} | {p99:.2} | {ROUNDS} |");
+    let rounds = ROUNDS / 8;
+    let (prep, unprep, prep_rounds, unprep_rounds) = parallel_rounds(&node, rounds, 2).await;
+    let calls = prep.len();
+    let (p50, p99) = percentiles(prep);
+    println!(
+        "| prepare, 8 parallel calls: each call | 8 in parallel | {p50:.2} | {p99:.2} | {calls} |"
+    );
+    let (p50, p99) = percentiles(prep_rounds);
+    println!(
+        "| prepare, 8 parallel calls: whole round | 8 in parallel | {p50:.2} | {p99:.2} | {rounds} |"
+    );
+    let (p50, p99) = percentiles(unprep);
+    println!(
+        "| unprepare, 8 parallel calls: each call | 8 in parallel | {p50:.2} | {p99:.2} | {calls} |"
+    );
+    let (p50, p99) = percentiles(unprep_rounds);
+    println!(
+        "| unprepare, 8 parallel calls: whole round | 8 in parallel | {p50:.2} | {p99:.2} | {rounds} |"
+    );
+    let (mut prep, mut unprep) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        prep.push(prepare_all(&mut node.client, &claims, 2).await);
+        unprep.push(unprepare_all(&mut node.client, &claims).await);
+    }
+    let (p50, p99) = percentiles(prep);
+    println!("| prepare, 8 claims in one call | one call | {p50:.2} | {p99:.2} | {rounds} |");
+    let (p50, p99) = percentiles(unprep);
+    println!("| unprepare, 8 claims in one call | one call | {p50:.2} | {p99:.2} | {rounds} |");
     node.child.kill().await.ok();
 
     println!();
@@ -250,4 +364,157 @@ async fn main() {
     println!("| idle RSS after start | {idle_rss} |");
     println!("| RSS after {ROUNDS} prepare/unprepare rounds | {rss_after} |");
     println!("| peak RSS (VmHWM) | {hwm} |");
+
+    flushes(&apiserver).await;
+}
+
+/// Disk flushes per call, counted in-process (`tandem::prepare::flush_count`) around the same
+/// Preparer the plugin runs, over the same 8 one-GPU claims and state on disk.
+async fn flushes(apiserver: &FakeApiServer) {
+    use tandem::prepare::{ClaimRef, PrepareConfig, Preparer, flush_count};
+    let scratch = fixture::scratch_dir().expect("scratch dir");
+    let state = tempfile::tempdir().expect("state dir");
+    let node_name = "dgx-h100-flush";
+    let roots = fixture::write_machine(
+        &fixture::builtin("dgx-h100").expect("fixture"),
+        &scratch.path().join("machine"),
+    )
+    .expect("fixture");
+    let inventory = discover(&roots).expect("discover");
+    let pairs = pair_node(&inventory).pairs;
+    let mut claims = Vec::new();
+    for (i, pair) in pairs.iter().take(8).enumerate() {
+        let name = format!("{node_name}-{i}");
+        let requests = [
+            ClaimRequest {
+                name: "gpus".into(),
+                device_class: names::DEVICE_CLASS_GPU.into(),
+                devices: vec![names::accelerator_device_name(&pair.accelerator)],
+            },
+            ClaimRequest {
+                name: "nics".into(),
+                device_class: names::DEVICE_CLASS_NIC.into(),
+                devices: vec![names::nic_device_name(&pair.nic)],
+            },
+        ];
+        let created = create_allocated_claim(
+            &apiserver.client(),
+            NAMESPACE,
+            &name,
+            names::DEFAULT_DRIVER_NAME,
+            node_name,
+            &requests,
+        )
+        .await
+        .expect("claim");
+        claims.push(ClaimRef {
+            namespace: NAMESPACE.into(),
+            name,
+            uid: created.metadata.uid.expect("uid"),
+        });
+    }
+    let config = PrepareConfig {
+        cdi_dir: scratch.path().join("cdi"),
+        state_dir: state.path().to_path_buf(),
+        proc_root: roots.proc.clone(),
+        ..PrepareConfig::new(names::DEFAULT_DRIVER_NAME, node_name)
+    };
+    let (_tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(inventory));
+    let preparer =
+        std::sync::Arc::new(Preparer::new(config, apiserver.client(), rx).expect("preparer"));
+    preparer.recover().await.expect("recover");
+    const ROUNDS: usize = 25;
+    let (mut seq, mut par, mut one) = ([0u64; 2], [0u64; 2], [0u64; 2]);
+    for _ in 0..ROUNDS {
+        for c in &claims {
+            let before = flush_count();
+            assert!(preparer.prepare(std::slice::from_ref(c)).await[&c.uid].is_ok());
+            seq[0] += flush_count() - before;
+            let before = flush_count();
+            assert!(preparer.unprepare(std::slice::from_ref(c)).await[&c.uid].is_ok());
+            seq[1] += flush_count() - before;
+        }
+        for (i, slot) in par.iter_mut().enumerate() {
+            let before = flush_count();
+            let calls = claims.iter().cloned().map(|c| {
+                let preparer = preparer.clone();
+                tokio::spawn(async move {
+                    let one = std::slice::from_ref(&c);
+                    if i == 0 {
+                        preparer.prepare(one).await[&c.uid].is_ok()
+                    } else {
+                        preparer.unprepare(one).await[&c.uid].is_ok()
+                    }
+                })
+            });
+            for ok in futures::future::join_all(calls).await {
+                assert!(ok.expect("task"));
+            }
+            *slot += flush_count() - before;
+        }
+        let before = flush_count();
+        let answers = preparer.prepare(&claims).await;
+        assert!(answers.values().all(Result::is_ok));
+        one[0] += flush_count() - before;
+        let before = flush_count();
+        let answers = preparer.unprepare(&claims).await;
+        assert!(answers.values().all(Result::is_ok));
+        one[1] += flush_count() - before;
+    }
+    let per_call = |total: u64, calls: usize| total as f64 / calls as f64;
+    let n = ROUNDS * claims.len();
+    println!();
+    println!(
+        "| flushes (fsync + fdatasync), in-process Preparer, 8 one-GPU claims | prepare, per call | unprepare, per call | calls |"
+    );
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| one claim per call, sequential | {:.2} | {:.2} | {n} |",
+        per_call(seq[0], n),
+        per_call(seq[1], n)
+    );
+    println!(
+        "| 8 parallel calls of one claim | {:.2} | {:.2} | {n} |",
+        per_call(par[0], n),
+        per_call(par[1], n)
+    );
+    println!(
+        "| 8 claims in one call | {:.2} | {:.2} | {ROUNDS} |",
+        per_call(one[0], ROUNDS),
+        per_call(one[1], ROUNDS)
+    );
+}
+
+/// `hack/footprint.sh`: the plugin's resident memory idle on dgx-h100 and after `cycles`
+/// prepare/unprepare rounds of one 8 GPU + 8 NIC claim.
+async fn footprint(apiserver: &FakeApiServer, cycles: usize) {
+    let mut node = start(
+        apiserver,
+        "dgx-h100",
+        &fixture::builtin("dgx-h100").expect("fixture"),
+        1,
+        8,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = node.child.id().expect("pid");
+    let (idle_rss, _) = rss_kib(pid);
+    let claim = node.claims[0].clone();
+    let mut samples = Vec::new();
+    for cycle in 1..=cycles {
+        prepare(&mut node.client, &claim).await;
+        unprepare(&mut node.client, &claim).await;
+        if cycle % (cycles / 4).max(1) == 0 {
+            samples.push((cycle, rss_kib(pid).0));
+        }
+    }
+    let (_, hwm) = rss_kib(pid);
+    println!("| plugin memory (dgx-h100) | KiB |");
+    println!("|---|---:|");
+    println!("| idle RSS after start | {idle_rss} |");
+    for (cycle, rss) in samples {
+        println!("| RSS after {cycle} prepare/unprepare cycles | {rss} |");
+    }
+    println!("| peak RSS (VmHWM) | {hwm} |");
+    node.child.kill().await.ok();
 }

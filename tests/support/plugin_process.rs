@@ -17,7 +17,11 @@ pub fn plugin_command(
     roots: &MachineRoots,
     kubeconfig: &Path,
 ) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandem"));
+    // TANDEM_PLUGIN_BIN: another build of the binary (hack/footprint.sh measures the one
+    // built without test doubles).
+    let binary = std::env::var_os("TANDEM_PLUGIN_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_tandem").into());
+    let mut command = tokio::process::Command::new(binary);
     command
         .arg("plugin")
         .args(["--node-name", node])
