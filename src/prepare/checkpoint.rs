@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.json";
 pub const CURRENT_VERSION: u32 = 1;
@@ -418,23 +419,63 @@ impl FileId {
     }
 }
 
+/// How long a commit waits for calls that are between their change and their commit (writing
+/// their claim files) so that one flush covers them too. Only a call with such siblings
+/// waits; a lone call never does.
+const GATHER_AT_MOST: Duration = Duration::from_millis(2);
+
 /// The checkpoint of one process, in memory, and its group commit.
 ///
 /// Changes are made to [`Mem`] under its lock (short, no I/O), each returning a version; then
 /// [`Store::commit`] makes that version durable. Commits queue on one I/O lock: the first in
-/// line writes whatever the memory holds by then, with one flush, and every caller whose
-/// version that covered returns without writing. So N concurrent calls cost between 1 and N
-/// flushes, never more than one each, and none waits on another's apiserver GET or file writes.
+/// line waits (at most [`GATHER_AT_MOST`]) for the calls that announced a commit with
+/// [`Store::will_commit`] and have not reached it yet, then writes whatever the memory holds,
+/// with one flush, and every caller whose version that covered returns without writing. So N
+/// concurrent calls cost between 1 and N flushes, never more than one each, and none waits on
+/// another's apiserver GET.
 pub struct Store {
     state_dir: PathBuf,
     mem: Mutex<Mem>,
+    /// Signalled when a call announced with `will_commit` reaches its commit (or gives up).
+    arrived: Condvar,
     io: Mutex<IoState>,
+}
+
+/// A call's announcement that it will commit; reaching [`Store::commit`] (or dropping it)
+/// withdraws it.
+pub struct WillCommit<'a> {
+    store: &'a Store,
+    done: bool,
+}
+
+impl WillCommit<'_> {
+    /// Makes `version` durable (see [`Store::commit`]).
+    pub fn commit(mut self, version: u64) -> Result<(), CheckpointError> {
+        self.withdraw();
+        self.store.commit(version)
+    }
+
+    fn withdraw(&mut self) {
+        if !self.done {
+            self.done = true;
+            lock(&self.store.mem).coming -= 1;
+            self.store.arrived.notify_all();
+        }
+    }
+}
+
+impl Drop for WillCommit<'_> {
+    fn drop(&mut self) {
+        self.withdraw();
+    }
 }
 
 /// The in-memory checkpoint. Lock it briefly; never across I/O that can block on the network.
 pub struct Mem {
     pub checkpoint: Checkpoint,
     version: u64,
+    /// Calls that announced a commit and have not reached it.
+    coming: usize,
 }
 
 impl Mem {
@@ -466,7 +507,9 @@ impl Store {
             mem: Mutex::new(Mem {
                 checkpoint: Checkpoint::default(),
                 version: 0,
+                coming: 0,
             }),
+            arrived: Condvar::new(),
             io: Mutex::new(IoState {
                 durable: 0,
                 seen: None,
@@ -518,6 +561,17 @@ impl Store {
         lock(&self.mem)
     }
 
+    /// Announces that this call will change the memory and commit: a commit in progress
+    /// meanwhile waits a little for it (group commit). Take it before the work that precedes
+    /// the change (file writes), commit through it.
+    pub fn will_commit(&self) -> WillCommit<'_> {
+        lock(&self.mem).coming += 1;
+        WillCommit {
+            store: self,
+            done: false,
+        }
+    }
+
     /// Makes `version` (and whatever else the memory holds by now) durable: one write and one
     /// flush, or none when a commit that began after `version` already did it.
     pub fn commit(&self, version: u64) -> Result<(), CheckpointError> {
@@ -526,7 +580,19 @@ impl Store {
             return Ok(());
         }
         let (bytes, latest) = {
-            let mem = lock(&self.mem);
+            let deadline = Instant::now() + GATHER_AT_MOST;
+            let mut mem = lock(&self.mem);
+            while mem.coming > 0 {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                mem = self
+                    .arrived
+                    .wait_timeout(mem, left)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .0;
+            }
             (encode_for(&self.state_dir, &mem.checkpoint)?, mem.version)
         };
         let written = write_bytes_flushed(&self.state_dir, bytes)?;

@@ -451,6 +451,7 @@ impl Inner {
         // Plan under the memory lock (no I/O but the rare pending-release retry), so that two
         // calls never plan the same device: a planned claim enters the checkpoint at once, as
         // PrepareStarted, and holds its devices from then on.
+        let ticket = self.store.will_commit();
         let version = {
             let mut mem = self.store.mem();
             let cp = &mut mem.checkpoint;
@@ -574,6 +575,8 @@ impl Inner {
             }
             (dirty || !planned.is_empty()).then(|| mem.changed())
         };
+        // A call with nothing to commit must not hold up the commits of others.
+        let ticket = version.map(|_| ticket);
 
         // Files, outside every lock but the claims' own. Completed claims whose files
         // vanished get them back; the rest are written before the entry that owns them is
@@ -600,7 +603,7 @@ impl Inner {
                 }
             }
         }
-        let Some(mut version) = version else {
+        let (Some(mut version), Some(ticket)) = (version, ticket) else {
             return answers;
         };
         if !written.is_empty() || !failed.is_empty() {
@@ -629,7 +632,7 @@ impl Inner {
         }
 
         // One flush, shared with every call whose changes are in memory by now.
-        if let Err(e) = self.store.commit(version) {
+        if let Err(e) = ticket.commit(version) {
             // Undo in memory and on disk, so the kubelet's retry (or recover()) finds a clean
             // slate; the next commit writes the memory without these claims.
             let removed: Vec<(Planned, Option<ClaimEntry>)> = {
@@ -910,6 +913,7 @@ impl Inner {
             return answers;
         }
         // Files go first, then the entries, in one commit for the whole call.
+        let ticket = self.store.will_commit();
         let mut removed: Vec<ClaimRef> = Vec::new();
         for claim in claims {
             let uid = claim.uid.clone();
@@ -951,7 +955,7 @@ impl Inner {
                 .then(|| mem.changed());
             (version, forgotten)
         };
-        let result = version.map_or(Ok(()), |v| self.store.commit(v));
+        let result = version.map_or(Ok(()), |v| ticket.commit(v));
         if result.is_err() {
             // Not forgotten on disk: keep the entries in memory too, so the kubelet's retry
             // (files already gone, which is fine) commits their removal.
