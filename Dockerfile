@@ -14,18 +14,19 @@ COPY benches ./benches
 RUN mkdir -p src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && cargo build --release --locked --no-default-features \
+    && cargo build --profile node --locked --no-default-features \
     && rm -rf src \
-        target/release/tandem target/release/.fingerprint/tandem-* \
-        target/release/deps/tandem-* target/release/deps/libtandem-* \
-        target/release/build/tandem-*
+        target/node/tandem target/node/.fingerprint/tandem-* \
+        target/node/deps/tandem-* target/node/deps/libtandem-* \
+        target/node/build/tandem-*
 
 # The placeholder fingerprints are gone above, so cargo rebuilds this crate from the real
 # sources whatever their timestamps.
 COPY src ./src
 # Without the default `demo` feature: no fixtures, no apiserver fake, no `demo` subcommand.
-RUN cargo build --release --locked --no-default-features \
-    && install -m 0755 target/release/tandem /tandem
+# The `node` profile (Cargo.toml): release with whole-program LTO and one codegen unit.
+RUN cargo build --profile node --locked --no-default-features \
+    && install -m 0755 target/node/tandem /tandem
 
 # glibc + libgcc and nothing else: the binary links rustls, not OpenSSL.
 # hack/build-image.sh builds the same image without a container engine (CI runs it) from

@@ -11,7 +11,7 @@
 #
 # Usage: hack/build-image.sh [options]
 #   --out DIR            output directory (default: target/image)
-#   --binary PATH        use this tandem binary instead of `cargo build --release
+#   --binary PATH        use this tandem binary instead of `cargo build --profile node
 #                        --no-default-features` (env TANDEM_BINARY)
 #   --tag TAG            image tag (default: the Dockerfile's VERSION build arg)
 #   --name NAME          image name inside the docker archive (default: tandem)
@@ -215,9 +215,9 @@ mkdir -p "${WORK}"
 
 # 1. The binary.
 if [[ -z "${BINARY}" ]]; then
-  log "cargo build --release --locked --no-default-features --bin tandem"
-  (cd "${REPO_ROOT}" && cargo build --release --locked --no-default-features --bin tandem)
-  BINARY="${REPO_ROOT}/target/release/tandem"
+  log "cargo build --profile node --locked --no-default-features --bin tandem"
+  (cd "${REPO_ROOT}" && cargo build --profile node --locked --no-default-features --bin tandem)
+  BINARY="${REPO_ROOT}/target/node/tandem"
 fi
 [[ -f "${BINARY}" && -x "${BINARY}" ]] || die "binary ${BINARY} missing or not executable"
 log "binary ${BINARY} ($(du -h "${BINARY}" | cut -f1))"
