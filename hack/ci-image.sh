@@ -37,7 +37,7 @@ if [[ -z "${binary}" ]]; then
   echo "== cargo build --locked --no-default-features --bin tandem (the product binary)"
   cargo build --locked --no-default-features --bin tandem
   mkdir -p "${out}"
-  objcopy --strip-debug target/debug/tandem "${out}/tandem-debug-stripped"
+  objcopy --strip-debug "${CARGO_TARGET_DIR:-target}/debug/tandem" "${out}/tandem-debug-stripped"
   binary="${out}/tandem-debug-stripped"
   if "${binary}" demo --help >/dev/null 2>&1; then
     echo "ci-image: the product binary still has the demo subcommand" >&2
