@@ -90,20 +90,11 @@ async fn start(
                     .collect(),
             },
         ];
-        let created = create_allocated_claim(
-            &apiserver.client(),
-            NAMESPACE,
-            &name,
-            names::DEFAULT_DRIVER_NAME,
-            node_name,
-            &requests,
-        )
-        .await
-        .expect("claim");
+        let uid = allocate(apiserver, node_name, &name, &requests).await;
         made.push(Claim {
             namespace: NAMESPACE.into(),
             name,
-            uid: created.metadata.uid.expect("uid"),
+            uid,
         });
     }
     assert_eq!(made.len(), claims);
@@ -128,6 +119,26 @@ async fn start(
         client,
         claims: made,
     }
+}
+
+/// Creates claim `name` on `node` allocated as `requests` say; its UID.
+async fn allocate(
+    apiserver: &FakeApiServer,
+    node: &str,
+    name: &str,
+    requests: &[ClaimRequest],
+) -> String {
+    let created = create_allocated_claim(
+        &apiserver.client(),
+        NAMESPACE,
+        name,
+        names::DEFAULT_DRIVER_NAME,
+        node,
+        requests,
+    )
+    .await
+    .expect("claim");
+    created.metadata.uid.expect("uid")
 }
 
 async fn prepare(client: &mut DraPluginClient<Channel>, claim: &Claim) -> Duration {
@@ -397,20 +408,11 @@ async fn flushes(apiserver: &FakeApiServer) {
                 devices: vec![names::nic_device_name(&pair.nic)],
             },
         ];
-        let created = create_allocated_claim(
-            &apiserver.client(),
-            NAMESPACE,
-            &name,
-            names::DEFAULT_DRIVER_NAME,
-            node_name,
-            &requests,
-        )
-        .await
-        .expect("claim");
+        let uid = allocate(apiserver, node_name, &name, &requests).await;
         claims.push(ClaimRef {
             namespace: NAMESPACE.into(),
             name,
-            uid: created.metadata.uid.expect("uid"),
+            uid,
         });
     }
     let config = PrepareConfig {

@@ -169,6 +169,20 @@ fn from_fields_v1(value: &Value, prefix: &mut Path, out: &mut FieldSet) {
     }
 }
 
+/// Who owns what in `list`, without the timestamps: what a write must change to count.
+fn ownership(list: &[Entry]) -> Vec<(String, String, Option<String>, FieldSet)> {
+    list.iter()
+        .map(|e| {
+            (
+                e.manager.clone(),
+                e.operation.clone(),
+                e.subresource.clone(),
+                e.fields.clone(),
+            )
+        })
+        .collect()
+}
+
 fn entries(object: &Value) -> Vec<Entry> {
     let Some(list) = object
         .pointer("/metadata/managedFields")
@@ -268,17 +282,7 @@ pub(crate) fn record(
     now: &str,
 ) -> bool {
     let mut list = old.map(entries).unwrap_or_default();
-    let before: Vec<(String, String, Option<String>, FieldSet)> = list
-        .iter()
-        .map(|e| {
-            (
-                e.manager.clone(),
-                e.operation.clone(),
-                e.subresource.clone(),
-                e.fields.clone(),
-            )
-        })
-        .collect();
+    let before = ownership(&list);
     let new_fields = object_fields(new);
     let old_fields = old.map(object_fields).unwrap_or_default();
     let changed: FieldSet = new_fields
@@ -323,18 +327,7 @@ pub(crate) fn record(
         }
     }
     list.retain(|e| !e.fields.is_empty());
-    let after: Vec<(String, String, Option<String>, FieldSet)> = list
-        .iter()
-        .map(|e| {
-            (
-                e.manager.clone(),
-                e.operation.clone(),
-                e.subresource.clone(),
-                e.fields.clone(),
-            )
-        })
-        .collect();
-    let ownership_changed = before != after;
+    let ownership_changed = before != ownership(&list);
     let rendered: Vec<Value> = list
         .iter()
         .map(|e| {
