@@ -5,27 +5,27 @@
 FROM rust:1-bookworm AS builder
 WORKDIR /build
 
-# Dependencies first, against placeholder sources, so that a source-only change reuses this
-# layer. build.rs and proto/ go in too (build.rs needs them), and benches/ because cargo
-# refuses a manifest whose [[bench]] files are missing; none of them is compiled here.
-COPY Cargo.toml Cargo.lock build.rs ./
-COPY proto ./proto
+# Dependencies and the workspace's library crates (crates/: the kubelet-plugin crate with
+# its protos) first, against placeholder sources for the `tandem` package, so that a change
+# to src/ alone reuses this layer. benches/ goes in because cargo refuses a manifest whose
+# [[bench]] files are missing; it is not compiled here.
+COPY Cargo.toml Cargo.lock ./
+COPY crates ./crates
 COPY benches ./benches
 RUN mkdir -p src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && cargo build --profile node --locked --no-default-features \
+    && cargo build --profile node --locked --no-default-features --bin tandem \
     && rm -rf src \
-        target/node/tandem target/node/.fingerprint/tandem-* \
-        target/node/deps/tandem-* target/node/deps/libtandem-* \
-        target/node/build/tandem-*
+        target/node/tandem target/node/.fingerprint/tandem-[0-9a-f]* \
+        target/node/deps/tandem-[0-9a-f]* target/node/deps/libtandem-[0-9a-f]*
 
 # The placeholder fingerprints are gone above, so cargo rebuilds this crate from the real
 # sources whatever their timestamps.
 COPY src ./src
 # Without the default `demo` feature: no fixtures, no apiserver fake, no `demo` subcommand.
 # The `node` profile (Cargo.toml): release with whole-program LTO and one codegen unit.
-RUN cargo build --profile node --locked --no-default-features \
+RUN cargo build --profile node --locked --no-default-features --bin tandem \
     && install -m 0755 target/node/tandem /tandem
 
 # glibc + libgcc and nothing else: the binary links rustls, not OpenSSL.

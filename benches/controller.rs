@@ -14,9 +14,10 @@ use tandem::apiserver_fake::FakeApiServer;
 use tandem::controller::{Controller, ControllerConfig};
 use tandem::fixture::{scratch_dir, synthetic, write_machine};
 use tandem::names;
-use tandem::slices::{NodeIdentity, Publisher, SliceOptions, build_slices};
+use tandem::slices::{NodeIdentity, SliceOptions, build_slices};
 use tandem::sysfs::discover;
 use tandem::topology::Inventory;
+use tandem_kubelet_plugin::Publisher;
 use tokio_util::sync::CancellationToken;
 
 const DRIVER: &str = names::DEFAULT_DRIVER_NAME;

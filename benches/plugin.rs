@@ -15,13 +15,13 @@ use tandem::apiserver_fake::FakeApiServer;
 use tandem::cli::demo::{ClaimRequest, create_allocated_claim};
 use tandem::fixture::{self, MachineDescription};
 use tandem::names;
-use tandem::plugin::client::unix_channel;
-use tandem::plugin::proto::dra_v1::{
+use tandem::sysfs::discover;
+use tandem::topology::pair_node;
+use tandem_kubelet_plugin::client::unix_channel;
+use tandem_kubelet_plugin::proto::dra_v1::{
     Claim, NodePrepareResourcesRequest, NodeUnprepareResourcesRequest,
     dra_plugin_client::DraPluginClient,
 };
-use tandem::sysfs::discover;
-use tandem::topology::pair_node;
 use tonic::transport::Channel;
 
 const NAMESPACE: &str = "bench";

@@ -5,9 +5,10 @@
 use std::time::{Duration, Instant};
 use tandem::apiserver_fake::FakeApiServer;
 use tandem::fixture::{builtin, synthetic, write_machine};
-use tandem::slices::{NodeIdentity, Publisher, SliceOptions, build_slices};
+use tandem::slices::{NodeIdentity, SliceOptions, build_slices};
 use tandem::sysfs::discover;
 use tandem::topology::Inventory;
+use tandem_kubelet_plugin::Publisher;
 
 /// A 30 s rescan period gives 120 publishes an hour.
 const PUBLISHES_PER_HOUR: usize = 120;

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::plugin::sockets::{self, SocketError};
+use tandem_kubelet_plugin::sockets::{self, SocketError};
 
 /// Content type of a Prometheus/OpenMetrics text exposition.
 pub const OPENMETRICS_CONTENT_TYPE: &str =

@@ -73,14 +73,12 @@ pub const REASON_ALIGNMENT_DEGRADED: &str = "AlignmentDegraded";
 pub const REASON_RAIL_MISMATCH: &str = "RailMismatch";
 
 /// Kubelet plugin sockets (design.md): `<registry dir>/<driver>-reg.sock` and
-/// `<plugins dir>/<driver>/dra.sock`; rolling updates put the pod UID into both names.
-pub const DEFAULT_KUBELET_REGISTRY_DIR: &str = "/var/lib/kubelet/plugins_registry";
-pub const DEFAULT_KUBELET_PLUGINS_DIR: &str = "/var/lib/kubelet/plugins";
-pub const REGISTRATION_SOCKET_SUFFIX: &str = "-reg.sock";
-pub const DRA_SOCKET_STEM: &str = "dra";
-/// File in the plugin directory whose flock serializes prepare/unprepare across the old and
-/// the new pod during a rolling update.
-pub const SERIALIZE_LOCK_FILE: &str = "serialize.lock";
+/// `<plugins dir>/<driver>/dra.sock`; rolling updates put the pod UID into both names. They are
+/// the kubelet's conventions, so the kubelet-plugin crate spells them.
+pub use tandem_kubelet_plugin::sockets::{
+    DEFAULT_KUBELET_PLUGINS_DIR, DEFAULT_KUBELET_REGISTRY_DIR, DRA_SOCKET_STEM,
+    REGISTRATION_SOCKET_SUFFIX, SERIALIZE_LOCK_FILE,
+};
 
 /// CDI class of the per-claim specs. The vendor is the driver name, so the default kind is
 /// `tandem.dev/claim` and a second driver instance with another name never touches our specs.

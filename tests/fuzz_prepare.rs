@@ -19,14 +19,14 @@ use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use serde_json::{Value, json};
 use tandem::names;
-use tandem::plugin::proto::dra_v1::{
-    Claim, NodePrepareResourcesRequest, NodeUnprepareResourcesRequest,
-};
 use tandem::prepare::cdi::{
     CdiDevice, CdiSpec, ContainerEdits, DeviceNode, Hook, Mount, NetDevice,
 };
 use tandem::prepare::checkpoint::{self, LoadOutcome};
 use tandem::prepare::config::resolve;
+use tandem_kubelet_plugin::proto::dra_v1::{
+    Claim, NodePrepareResourcesRequest, NodeUnprepareResourcesRequest,
+};
 
 const NODE: &str = "node-fuzz";
 const NAMESPACE: &str = "fuzz";

@@ -26,12 +26,12 @@ use tandem::apiserver_fake::{FakeApiServer, InjectedFailure};
 use tandem::cli::demo::{ClaimRequest, create_allocated_claim};
 use tandem::fixture;
 use tandem::names;
-use tandem::plugin::proto::dra_v1::{
+use tandem::prepare::checkpoint::{self, ClaimState};
+use tandem::prepare::{PrepareConfig, Preparer};
+use tandem_kubelet_plugin::claim::{ClaimRef, our_allocation};
+use tandem_kubelet_plugin::proto::dra_v1::{
     Claim, NodePrepareResourcesRequest, NodePrepareResourcesResponse, NodeUnprepareResourcesRequest,
 };
-use tandem::prepare::checkpoint::{self, ClaimState};
-use tandem::prepare::claim::{ClaimRef, our_allocation};
-use tandem::prepare::{PrepareConfig, Preparer};
 use tokio::sync::watch;
 use tree_walk::entries_under;
 

@@ -1384,8 +1384,8 @@ fn host_cleanup_removes_exactly_what_the_node_plugin_leaves_on_a_node() {
     let prepare = tandem::prepare::PrepareConfig::new(driver, "node");
     let registry = Path::new(names::DEFAULT_KUBELET_REGISTRY_DIR);
     let plugins = Path::new(names::DEFAULT_KUBELET_PLUGINS_DIR);
-    let shared = tandem::plugin::sockets::SocketPaths::new(driver, registry, plugins, None);
-    let per_pod = tandem::plugin::sockets::SocketPaths::new(
+    let shared = tandem_kubelet_plugin::sockets::SocketPaths::new(driver, registry, plugins, None);
+    let per_pod = tandem_kubelet_plugin::sockets::SocketPaths::new(
         driver,
         registry,
         plugins,
@@ -1766,7 +1766,7 @@ fn api_uses() -> Vec<ApiUse> {
         // fetch_claim: GET of the claim the kubelet asks to prepare, in its namespace.
         api_use!(
             NodePlugin,
-            "prepare/claim.rs",
+            "crates/kubelet-plugin/src/claim.rs",
             ResourceClaim,
             Scope::Cluster,
             ["get"],
@@ -1776,7 +1776,7 @@ fn api_uses() -> Vec<ApiUse> {
         // delete with a UID precondition.
         api_use!(
             NodePlugin,
-            "slices/publish.rs",
+            "crates/kubelet-plugin/src/publish.rs",
             ResourceSlice,
             Scope::Cluster,
             ["get", "list", "watch", "create", "update", "delete"],
@@ -1805,7 +1805,7 @@ fn api_uses() -> Vec<ApiUse> {
         // node_identity: the Node's UID for the slices' owner reference.
         api_use!(
             NodePlugin,
-            "slices/publish.rs",
+            "crates/kubelet-plugin/src/publish.rs",
             Node,
             Scope::Cluster,
             ["get"],
@@ -1904,17 +1904,34 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// (file relative to src/, type name) for every `Api<T>`, `Api::<T>` and reflector `Store<T>`
 /// in production code; one-letter names are generic parameters.
+/// The library crates whose apiserver calls run in the node agent or the controller; their
+/// files are named from the repository root, those of `src/` from `src/`.
+const LIBRARY_CRATES: &[&str] = &["crates/kubelet-plugin/src"];
+
+/// Where a file of the api_uses() table is.
+fn source_path(file: &str) -> PathBuf {
+    if file.starts_with("crates/") {
+        repo_root().join(file)
+    } else {
+        repo_root().join("src").join(file)
+    }
+}
+
 fn scanned_api_types() -> BTreeMap<String, BTreeSet<String>> {
     let src = repo_root().join("src");
     let mut files = Vec::new();
     rust_files(&src, &mut files);
+    for library in LIBRARY_CRATES {
+        rust_files(&repo_root().join(library), &mut files);
+    }
     let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for path in files {
-        let relative = path
-            .strip_prefix(&src)
-            .unwrap()
-            .to_string_lossy()
-            .replace('\\', "/");
+        let relative = match path.strip_prefix(&src) {
+            Ok(in_src) => in_src,
+            Err(_) => path.strip_prefix(repo_root()).unwrap(),
+        }
+        .to_string_lossy()
+        .replace('\\', "/");
         if FAKE_APISERVER_ONLY
             .iter()
             .any(|skip| relative.starts_with(skip))
@@ -1992,7 +2009,7 @@ fn api_use_table_matches_the_source() {
          for each new call site, with the RBAC it needs in deploy/base"
     );
     for file in listed.keys() {
-        let text = std::fs::read_to_string(repo_root().join("src").join(file)).unwrap();
+        let text = std::fs::read_to_string(source_path(file)).unwrap();
         let code = production_code(&text);
         let verbs: BTreeSet<String> = uses
             .iter()
@@ -2082,7 +2099,7 @@ fn implied_grants() -> Vec<ImpliedGrant> {
 #[test]
 fn implied_grants_follow_the_calls_that_need_them() {
     for grant in implied_grants() {
-        let text = std::fs::read_to_string(repo_root().join("src").join(grant.file)).unwrap();
+        let text = std::fs::read_to_string(source_path(grant.file)).unwrap();
         let code = production_code(&text);
         for evidence in grant.evidence {
             assert!(

@@ -18,9 +18,9 @@ use claims::create_gpu_nic_claims;
 use plugin_harness::{Answered, Operation, PluginLayout, call_one};
 use seeded_rng::SeededRng;
 use tandem::apiserver_fake::FakeApiServer;
-use tandem::plugin::proto::dra_v1::Claim;
 use tandem::prepare::checkpoint::{self, ClaimState};
 use tandem::sysfs::discover;
+use tandem_kubelet_plugin::proto::dra_v1::Claim;
 use tokio::process::Child;
 use tokio::sync::Mutex;
 

@@ -12,18 +12,18 @@ use tandem::apiserver_fake::FakeApiServer;
 use tandem::cli::demo::{ClaimRequest, create_allocated_claim};
 use tandem::fixture;
 use tandem::names;
-use tandem::plugin::client::unix_channel;
-use tandem::plugin::proto::dra_health_v1alpha1::{
-    HealthStatus, NodeWatchResourcesRequest, dra_resource_health_client::DraResourceHealthClient,
-};
-use tandem::plugin::proto::pluginregistration::{
-    InfoRequest, registration_client::RegistrationClient,
-};
-use tandem::plugin::proto::{dra_v1, dra_v1beta1};
-use tandem::plugin::{PluginConfig, RunningPlugin};
 use tandem::prepare::{PrepareConfig, Preparer, checkpoint};
 use tandem::sysfs::discover;
 use tandem::topology::Inventory;
+use tandem_kubelet_plugin::client::unix_channel;
+use tandem_kubelet_plugin::proto::dra_health_v1alpha1::{
+    HealthStatus, NodeWatchResourcesRequest, dra_resource_health_client::DraResourceHealthClient,
+};
+use tandem_kubelet_plugin::proto::pluginregistration::{
+    InfoRequest, registration_client::RegistrationClient,
+};
+use tandem_kubelet_plugin::proto::{dra_v1, dra_v1beta1};
+use tandem_kubelet_plugin::{PluginConfig, RunningPlugin};
 use tempfile::TempDir;
 use tokio::sync::watch;
 
@@ -48,7 +48,7 @@ impl Node {
         let inventory = Arc::new(discover(&roots).unwrap());
         let (inventory_tx, _) = watch::channel(inventory.clone());
         let apiserver = FakeApiServer::start().await.unwrap();
-        let mut config = PluginConfig::new(NODE);
+        let mut config = PluginConfig::new(tandem::names::DEFAULT_DRIVER_NAME, NODE);
         config.registry_dir = dir.path().join("plugins_registry");
         config.plugins_dir = dir.path().join("plugins");
         config.pod_uid = pod_uid.map(String::from);
@@ -477,7 +477,8 @@ async fn shutdown_removes_our_sockets_after_in_flight_calls() {
     let mut node = Node::start("dgx-h100", Some("0d3c4b5a-6f70-4182-93a4-b5c6d7e8f901")).await;
     let paths = node.plugin().paths().clone();
     let claim = node.claim("last-call", &[0], &[0]).await;
-    let lock = tandem::plugin::sockets::SerializeLock::new(paths.serialize_lock.clone().unwrap());
+    let lock =
+        tandem_kubelet_plugin::sockets::SerializeLock::new(paths.serialize_lock.clone().unwrap());
     let held = lock.acquire().await.unwrap();
     let mut dra = node.v1().await;
     let uid = claim.uid.clone();
@@ -567,7 +568,7 @@ async fn rolling_update_uses_per_pod_names_and_the_serialize_lock() {
     // A second pod of the rolling update holds the lock: our prepare must wait for it.
     let lock_path = node.dir.path().join("plugins/tandem.dev/serialize.lock");
     let claim = node.claim("rolling", &[0], &[0]).await;
-    let holder = tandem::plugin::sockets::SerializeLock::new(lock_path.clone());
+    let holder = tandem_kubelet_plugin::sockets::SerializeLock::new(lock_path.clone());
     let held = holder.acquire().await.unwrap();
     let mut dra = node.v1().await;
     let call = tokio::spawn(async move {
@@ -666,7 +667,7 @@ async fn health_stream_reports_every_device_and_follows_inventory_changes() {
     }
 
     let healthy_in =
-        |report: &tandem::plugin::proto::dra_health_v1alpha1::NodeWatchResourcesResponse,
+        |report: &tandem_kubelet_plugin::proto::dra_health_v1alpha1::NodeWatchResourcesResponse,
          name: &str| {
             report.devices.iter().any(|d| {
                 d.device.as_ref().unwrap().device_name == name
@@ -674,7 +675,7 @@ async fn health_stream_reports_every_device_and_follows_inventory_changes() {
             })
         };
     let healthy_count =
-        |report: &tandem::plugin::proto::dra_health_v1alpha1::NodeWatchResourcesResponse| {
+        |report: &tandem_kubelet_plugin::proto::dra_health_v1alpha1::NodeWatchResourcesResponse| {
             report
                 .devices
                 .iter()

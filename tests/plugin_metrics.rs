@@ -16,13 +16,13 @@ mod plugin_process;
 use plugin_process::register_as_kubelet;
 use tandem::fixture;
 use tandem::metrics_http;
-use tandem::plugin::client::unix_channel;
 use tandem::plugin::metrics::{Endpoint, Liveness, PluginMetrics};
-use tandem::plugin::proto::dra_v1;
-use tandem::plugin::{ClaimPreparer, PluginConfig, RunningPlugin, server};
 use tandem::prepare::{ClaimRef, PreparedDevice};
 use tandem::sysfs::discover;
 use tandem::topology::Inventory;
+use tandem_kubelet_plugin::client::unix_channel;
+use tandem_kubelet_plugin::proto::dra_v1;
+use tandem_kubelet_plugin::{Driver, Method, PluginConfig, RunningPlugin};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -32,19 +32,33 @@ use tokio_util::sync::CancellationToken;
 /// devices vanished does: with an error naming the claim.
 struct StandInPreparer;
 
-impl ClaimPreparer for StandInPreparer {
+/// The stand-in's error: its text.
+#[derive(Debug)]
+struct DeviceGone(String);
+
+impl std::fmt::Display for DeviceGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DeviceGone {}
+
+impl Driver for StandInPreparer {
+    type Error = DeviceGone;
+
     async fn prepare(
         &self,
         claims: &[ClaimRef],
-    ) -> BTreeMap<String, Result<Vec<PreparedDevice>, String>> {
+    ) -> BTreeMap<String, Result<Vec<PreparedDevice>, DeviceGone>> {
         claims
             .iter()
             .map(|c| {
                 let result = if c.name.starts_with("broken-") {
-                    Err(format!(
+                    Err(DeviceGone(format!(
                         "claim {}/{} {}: device gone",
                         c.namespace, c.name, c.uid
-                    ))
+                    )))
                 } else {
                     Ok(Vec::new())
                 };
@@ -53,7 +67,7 @@ impl ClaimPreparer for StandInPreparer {
             .collect()
     }
 
-    async fn unprepare(&self, claims: &[ClaimRef]) -> BTreeMap<String, Result<(), String>> {
+    async fn unprepare(&self, claims: &[ClaimRef]) -> BTreeMap<String, Result<(), DeviceGone>> {
         claims.iter().map(|c| (c.uid.clone(), Ok(()))).collect()
     }
 }
@@ -72,7 +86,7 @@ async fn start_node() -> Node {
     let roots = fixture::write_machine(&description, &dir.path().join("machine")).unwrap();
     let inventory: Arc<Inventory> = Arc::new(discover(&roots).unwrap());
     let (_inventory_tx, inventory_rx) = watch::channel(inventory.clone());
-    let mut config = PluginConfig::new("node-a");
+    let mut config = PluginConfig::new(tandem::names::DEFAULT_DRIVER_NAME, "node-a");
     config.registry_dir = dir.path().join("plugins_registry");
     config.plugins_dir = dir.path().join("plugins");
     config.registration_check_interval = Duration::from_millis(50);
@@ -83,11 +97,11 @@ async fn start_node() -> Node {
         .await
         .unwrap();
     let http = listener.local_addr().unwrap();
-    let plugin = server::start_with_metrics(
+    let plugin = tandem::plugin::start_with_metrics(
         &config,
         Arc::new(StandInPreparer),
         inventory_rx,
-        Some(metrics.clone()),
+        metrics.clone(),
     )
     .await
     .unwrap();
@@ -210,11 +224,7 @@ async fn prepare_and_unprepare_move_the_counters_that_prometheus_scrapes() {
         "{text}"
     );
     assert_eq!(sample(&text, "tandem_plugin_prepared_claims"), Some(0.0));
-    assert_eq!(
-        node.metrics
-            .requests(tandem::plugin::metrics::Method::Unprepare, true),
-        1
-    );
+    assert_eq!(node.metrics.requests(Method::Unprepare, true), 1);
 
     node.endpoint_stop.cancel();
     node.plugin.shutdown().await.unwrap();

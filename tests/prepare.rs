@@ -12,6 +12,7 @@ use tandem::apiserver_fake::FakeApiServer;
 use tandem::prepare::checkpoint::{self, ClaimState, LoadOutcome};
 use tandem::prepare::{ClaimRef, PrepareConfig, PrepareError, PreparedDevice, Preparer};
 use tandem::topology::Inventory;
+use tandem_kubelet_plugin::ClaimError;
 use tempfile::TempDir;
 use tokio::sync::watch;
 
@@ -442,7 +443,10 @@ async fn unprepare_of_an_unknown_claim_succeeds() {
     };
     let results = h.preparer.unprepare(std::slice::from_ref(&escaping)).await;
     let e = results[&escaping.uid].as_ref().unwrap_err();
-    assert!(matches!(e, PrepareError::InvalidClaimUid { .. }), "{e}");
+    assert!(
+        matches!(e, PrepareError::Claim(ClaimError::InvalidClaimUid { .. })),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -454,7 +458,10 @@ async fn a_replaced_claim_is_refused() {
         ..claim
     };
     let e = h.prepare_one(&stale).await.unwrap_err();
-    assert!(matches!(e, PrepareError::UidMismatch { .. }), "{e}");
+    assert!(
+        matches!(e, PrepareError::Claim(ClaimError::UidMismatch { .. })),
+        "{e}"
+    );
     assert!(
         e.to_string()
             .contains("ml/train (0f0f0f0f-dead-4bee-8000-000000000000)"),
@@ -468,7 +475,10 @@ async fn unallocated_and_missing_claims_are_refused() {
     let h = Harness::new().await;
     let claim = h.claim("pending", None, json!([])).await;
     let e = h.prepare_one(&claim).await.unwrap_err();
-    assert!(matches!(e, PrepareError::NotAllocated { .. }), "{e}");
+    assert!(
+        matches!(e, PrepareError::Claim(ClaimError::NotAllocated { .. })),
+        "{e}"
+    );
     assert!(
         e.to_string()
             .contains(&format!("ml/pending ({})", claim.uid)),
@@ -480,7 +490,10 @@ async fn unallocated_and_missing_claims_are_refused() {
         ..claim
     };
     let e = h.prepare_one(&missing).await.unwrap_err();
-    assert!(matches!(e, PrepareError::ClaimNotFound { .. }), "{e}");
+    assert!(
+        matches!(e, PrepareError::Claim(ClaimError::ClaimNotFound { .. })),
+        "{e}"
+    );
 }
 
 #[tokio::test]

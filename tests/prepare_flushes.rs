@@ -16,15 +16,15 @@ mod claims;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem::apiserver_fake::FakeApiServer;
-use tandem::plugin::dra_service::DraHandler;
 use tandem::prepare::checkpoint::{self, ClaimState};
 use tandem::prepare::{ClaimRef, PrepareConfig, Preparer, flush_count};
+use tandem_kubelet_plugin::dra_service::DraHandler;
 use tokio::sync::watch;
 
 const NODE: &str = "node-flush";
 const NAMESPACE: &str = "flush";
 
-fn refs(claims: &[tandem::plugin::proto::dra_v1::Claim]) -> Vec<ClaimRef> {
+fn refs(claims: &[tandem_kubelet_plugin::proto::dra_v1::Claim]) -> Vec<ClaimRef> {
     claims
         .iter()
         .map(|c| ClaimRef {

@@ -11,9 +11,10 @@ use tandem::apiserver_fake::{FakeApiServer, InjectedFailure};
 use tandem::fixture::{
     DeviceKind, MachineDescription, builtin, builtin_names, synthetic, write_machine,
 };
-use tandem::slices::{NodeIdentity, Publisher, SliceOptions, build_slices};
+use tandem::slices::{NodeIdentity, SliceOptions, build_slices};
 use tandem::sysfs::discover;
 use tandem::topology::Inventory;
+use tandem_kubelet_plugin::Publisher;
 use tokio_util::sync::CancellationToken;
 
 #[path = "support/netns.rs"]

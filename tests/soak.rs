@@ -23,12 +23,12 @@ use claims::create_gpu_nic_claims;
 use plugin_harness::{Answered, Operation, PluginLayout, call_one};
 use seeded_rng::SeededRng;
 use tandem::apiserver_fake::FakeApiServer;
-use tandem::plugin::client::unix_channel;
-use tandem::plugin::proto::dra_v1::{
-    NodeUnprepareResourcesRequest, dra_plugin_client::DraPluginClient,
-};
 use tandem::prepare::checkpoint::{self, ClaimState};
 use tandem::sysfs::discover;
+use tandem_kubelet_plugin::client::unix_channel;
+use tandem_kubelet_plugin::proto::dra_v1::{
+    NodeUnprepareResourcesRequest, dra_plugin_client::DraPluginClient,
+};
 use tokio::process::Child;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;

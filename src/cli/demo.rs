@@ -17,18 +17,17 @@ use crate::apiserver_fake::FakeApiServer;
 use crate::fixture;
 use crate::names;
 use crate::netattach::record::InterfaceRequest;
-use crate::plugin::client::unix_channel;
-use crate::plugin::config::PluginConfig;
-use crate::plugin::proto::dra_v1::{self, dra_plugin_client::DraPluginClient};
-use crate::plugin::proto::pluginregistration::{
-    InfoRequest, RegistrationStatus, registration_client::RegistrationClient,
-};
-use crate::plugin::server;
 use crate::prepare::topology_file::ClaimTopology;
 use crate::prepare::{PrepareConfig, Preparer, checkpoint};
 use crate::slices::{NodeIdentity, SliceOptions, build_slices};
 use crate::sysfs::discover;
 use crate::topology::{Inventory, PciAddress, pair_groups};
+use tandem_kubelet_plugin::client::unix_channel;
+use tandem_kubelet_plugin::config::PluginConfig;
+use tandem_kubelet_plugin::proto::dra_v1::{self, dra_plugin_client::DraPluginClient};
+use tandem_kubelet_plugin::proto::pluginregistration::{
+    InfoRequest, RegistrationStatus, registration_client::RegistrationClient,
+};
 
 const DEMO_NODE: &str = "demo-node";
 const DEMO_NAMESPACE: &str = "demo";
@@ -383,10 +382,10 @@ async fn demo(fixture_name: &str) -> anyhow::Result<()> {
         .recover()
         .await
         .context("recovering the (empty) checkpoint")?;
-    let mut plugin_config = PluginConfig::new(DEMO_NODE);
+    let mut plugin_config = PluginConfig::new(names::DEFAULT_DRIVER_NAME, DEMO_NODE);
     plugin_config.registry_dir = work.path().join("plugins_registry");
     plugin_config.plugins_dir = work.path().join("plugins");
-    let running = server::start(&plugin_config, Arc::new(preparer), inventory_rx)
+    let running = crate::plugin::start(&plugin_config, Arc::new(preparer), inventory_rx)
         .await
         .context("starting the plugin servers")?;
     let paths = running.paths().clone();

@@ -14,16 +14,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::machine::MachineArgs;
 use crate::names;
-use crate::plugin::config::PluginConfig;
 use crate::plugin::metrics::{Endpoint, Liveness, PluginMetrics};
 use crate::plugin::netattach_reconcile::ReconcileTarget;
-use crate::plugin::registration::RegistrationWatch;
-use crate::plugin::server;
 use crate::prepare::{NetdevAttach, PrepareConfig, Preparer};
 use crate::slices::{self, network};
-use crate::slices::{NetworkFacts, NodeIdentity, Publisher, SliceOptions, node_identity};
+use crate::slices::{NetworkFacts, NodeIdentity, SliceOptions};
 use crate::sysfs::{MachineRoots, discover};
 use crate::topology::{Inventory, InventoryWatch};
+use tandem_kubelet_plugin::config::PluginConfig;
+use tandem_kubelet_plugin::publish::{Publisher, node_uid};
+use tandem_kubelet_plugin::registration::RegistrationWatch;
 
 #[derive(Args, Debug)]
 pub struct PluginArgs {
@@ -224,18 +224,17 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
         .context("recovering claims from the checkpoint")?;
     tracing::info!(?recovery, "checkpoint recovered");
 
-    let mut config = PluginConfig::new(args.node_name.clone());
-    config.driver_name = args.driver_name.clone();
+    let mut config = PluginConfig::new(args.driver_name.clone(), args.node_name.clone());
     config.registry_dir = args.kubelet_registry_dir.clone();
     config.plugins_dir = args.kubelet_plugins_dir.clone();
     config.pod_uid = args.pod_uid.clone().filter(|uid| !uid.is_empty());
     config.health_report_interval = args.rescan_period;
     let preparer = Arc::new(preparer);
-    let running = server::start_with_metrics(
+    let running = crate::plugin::start_with_metrics(
         &config,
         preparer.clone(),
         inventory_rx.clone(),
-        Some(metrics.clone()),
+        metrics.clone(),
     )
     .await
     .context("starting the kubelet plugin servers")?;
@@ -305,7 +304,7 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
                 .paths()
                 .serialize_lock
                 .clone()
-                .map(crate::plugin::sockets::SerializeLock::new),
+                .map(tandem_kubelet_plugin::sockets::SerializeLock::new),
         },
         shutdown.clone(),
     ));
@@ -395,8 +394,11 @@ async fn publish_slices(
     shutdown: CancellationToken,
 ) {
     let node = target.node.clone();
-    let identity = match node_identity(target.client.clone(), &node).await {
-        Ok(identity) => identity,
+    let identity = match node_uid(target.client.clone(), &node).await {
+        Ok(uid) => NodeIdentity {
+            name: node.clone(),
+            uid,
+        },
         // Slices without an owner still work; only their garbage collection with the Node
         // object is lost, and the kubelet wipes them when the plugin goes away anyway.
         Err(error) => {

@@ -19,25 +19,11 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use super::sockets;
 use crate::metrics_http::{Reply, Responder};
 use crate::topology::{DeviceRef, Inventory, device_issues};
-
-/// The kubelet calls that are counted.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Method {
-    Prepare,
-    Unprepare,
-}
-
-impl Method {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Method::Prepare => "prepare",
-            Method::Unprepare => "unprepare",
-        }
-    }
-}
+use tandem_kubelet_plugin::driver::{CallObserver, Method};
+use tandem_kubelet_plugin::registration::RegistrationWatch;
+use tandem_kubelet_plugin::sockets;
 
 fn outcome(ok: bool) -> &'static str {
     if ok { "ok" } else { "error" }
@@ -342,7 +328,7 @@ impl PluginMetrics {
     /// Mirrors `registration` into [`Self::set_registered`] until shutdown.
     pub async fn follow_registration(
         self: Arc<Self>,
-        mut registration: super::registration::RegistrationWatch,
+        mut registration: RegistrationWatch,
         shutdown: CancellationToken,
     ) {
         loop {
@@ -389,7 +375,7 @@ pub struct Liveness {
 
 impl Liveness {
     /// Watches the sockets and servers of `plugin`.
-    pub fn of(plugin: &super::server::RunningPlugin) -> Self {
+    pub fn of(plugin: &tandem_kubelet_plugin::RunningPlugin) -> Self {
         Self {
             sockets: vec![
                 plugin.paths().registration.clone(),
@@ -433,6 +419,12 @@ impl Responder for Endpoint {
             }
             _ => None,
         }
+    }
+}
+
+impl CallObserver for PluginMetrics {
+    fn call_finished(&self, method: Method, elapsed: Duration, outcomes: &[(&str, bool)]) {
+        self.record_call(method, elapsed, outcomes.iter().copied());
     }
 }
 

@@ -1,18 +1,49 @@
-//! The kubelet-facing node agent: plugin registration, the DRA gRPC services (v1 and
-//! v1beta1 over one handler), the device health stream, and the Unix sockets they live on.
+//! Tandem on the kubelet's sockets: the kubelet-plugin crate serves [`Preparer`] as its
+//! driver, the inventory as its health feed, and [`PluginMetrics`] counts the calls. Also the
+//! reconcile of netattach claim statuses, which follows prepared claims.
 
-pub mod authority;
-pub mod client;
-pub mod config;
-pub mod dra_service;
+pub mod driver;
 pub mod health;
 pub mod metrics;
 pub mod netattach_reconcile;
-pub mod proto;
-pub mod registration;
-pub mod server;
-pub mod sockets;
 
-pub use config::PluginConfig;
-pub use dra_service::ClaimPreparer;
-pub use server::{RunningPlugin, ServeError, start};
+use std::sync::Arc;
+
+use tandem_kubelet_plugin::{Driver, PluginConfig, RunningPlugin, ServeError};
+use tokio_util::sync::CancellationToken;
+
+pub use health::inventory_health_feed;
+pub use metrics::PluginMetrics;
+
+#[cfg(doc)]
+use crate::prepare::Preparer;
+use crate::topology::InventoryWatch;
+
+/// Serves `driver` (a [`Preparer`], or a stand-in in tests) on the kubelet's sockets with
+/// `inventory`'s device health.
+pub async fn start<D: Driver>(
+    config: &PluginConfig,
+    driver: Arc<D>,
+    inventory: InventoryWatch,
+) -> Result<RunningPlugin, ServeError> {
+    tandem_kubelet_plugin::start(config, driver, inventory_health_feed(inventory)).await
+}
+
+/// [`start`], counting calls in `metrics` and mirroring the kubelet's registration into it.
+pub async fn start_with_metrics<D: Driver>(
+    config: &PluginConfig,
+    driver: Arc<D>,
+    inventory: InventoryWatch,
+    metrics: Arc<PluginMetrics>,
+) -> Result<RunningPlugin, ServeError> {
+    let running = tandem_kubelet_plugin::start_observed(
+        config,
+        driver,
+        inventory_health_feed(inventory),
+        Some(metrics.clone()),
+    )
+    .await?;
+    let shutdown: CancellationToken = running.shutdown_token();
+    tokio::spawn(metrics.follow_registration(running.registration(), shutdown));
+    Ok(running)
+}

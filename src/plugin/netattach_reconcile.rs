@@ -4,11 +4,11 @@
 
 use crate::netattach::status::{DeviceStatus, apply_claim_status, device_statuses};
 use crate::plugin::metrics::PluginMetrics;
-use crate::plugin::sockets::SerializeLock;
 use crate::prepare::{ClaimRef, NetattachReport, Preparer};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tandem_kubelet_plugin::sockets::SerializeLock;
 use tokio_util::sync::CancellationToken;
 
 /// Where statuses go and how often the loop runs.

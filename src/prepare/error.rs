@@ -3,49 +3,13 @@
 
 use super::config::ConfigError;
 use std::path::PathBuf;
+use tandem_kubelet_plugin::claim::ClaimError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
-    #[error("claim {claim}: invalid claim UID: {reason}")]
-    InvalidClaimUid { claim: String, reason: String },
-
-    #[error("claim {claim}: ResourceClaim not found in the apiserver")]
-    ClaimNotFound { claim: String },
-
-    #[error("claim {claim}: fetching the ResourceClaim: {source}")]
-    ApiServer {
-        claim: String,
-        #[source]
-        source: kube::Error,
-    },
-
-    #[error("claim {claim}: the apiserver did not answer the claim fetch within {seconds} s")]
-    ApiServerTimeout { claim: String, seconds: u64 },
-
-    #[error(
-        "claim {claim}: the apiserver holds UID {found:?} under this name: the claim was replaced"
-    )]
-    UidMismatch { claim: String, found: String },
-
-    #[error("claim {claim}: not allocated (status.allocation is empty)")]
-    NotAllocated { claim: String },
-
-    #[error("claim {claim}: device {device:?}: {reason}")]
-    InvalidDeviceName {
-        claim: String,
-        device: String,
-        reason: String,
-    },
-
-    #[error(
-        "claim {claim}: device {device}: allocated from pool {pool:?}, but this node's pool is {node:?}"
-    )]
-    WrongPool {
-        claim: String,
-        device: String,
-        pool: String,
-        node: String,
-    },
+    /// Fetching the claim or reading its allocation failed.
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
 
     #[error("claim {claim}: device {device}: not in this node's inventory")]
     DeviceNotFound { claim: String, device: String },

@@ -5,7 +5,6 @@
 
 pub mod cdi;
 pub mod checkpoint;
-pub mod claim;
 pub mod config;
 pub mod driver_root;
 pub mod env;
@@ -16,10 +15,10 @@ mod preparer;
 pub mod topology_file;
 pub mod vendor_cdi;
 
-pub use claim::ClaimRef;
 pub use error::PrepareError;
 pub use fsutil::flush_count;
 pub use preparer::{ClaimAttachments, NetattachReport, Preparer, RecoveryReport};
+pub use tandem_kubelet_plugin::{ClaimRef, PreparedDevice};
 
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
@@ -33,19 +32,6 @@ pub const CLAIMS_SUBDIR: &str = "claims";
 /// the attach hook.
 pub fn claim_state_dir(state_dir: &std::path::Path, claim_uid: &str) -> PathBuf {
     state_dir.join(CLAIMS_SUBDIR).join(claim_uid)
-}
-
-/// One prepared device as the kubelet's `Device` message carries it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PreparedDevice {
-    /// Main request names (`req`, never `req/sub`); empty would mean "all requests".
-    pub request_names: Vec<String>,
-    pub pool_name: String,
-    pub device_name: String,
-    pub cdi_device_ids: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub share_id: Option<String>,
 }
 
 /// A prepared device as the checkpoint keeps it: what the kubelet got, plus what decides

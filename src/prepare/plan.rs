@@ -3,7 +3,6 @@
 //! CDI spec, environment and topology file. The preparer only writes what this returns.
 
 use super::cdi::{self, CdiDevice, CdiSpec, ContainerEdits, DeviceNode, Hook, Mount, NetDevice};
-use super::claim::{AllocatedDevice, ClaimRef, OurAllocation};
 use super::config::{self, EnvFlavour, NicAttach};
 use super::driver_root::DriverRoot;
 use super::env::claim_env;
@@ -19,6 +18,7 @@ use crate::topology::{
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path};
+use tandem_kubelet_plugin::claim::{AllocatedDevice, ClaimRef, OurAllocation};
 
 /// Shared device nodes (HostInfo) each accelerator kind needs beside its own nodes.
 const NVIDIA_SHARED_NODES: &[&str] = &["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools"];

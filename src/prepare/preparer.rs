@@ -5,7 +5,6 @@
 
 use super::cdi::{self, CdiSpec};
 use super::checkpoint::{self, Checkpoint, ClaimEntry, ClaimState, LoadOutcome, PendingRelease};
-use super::claim::{self, ClaimRef};
 use super::error::PrepareError;
 use super::fsutil;
 use super::plan::{self, ClaimPlan, DeviceHolders, PlanContext};
@@ -20,6 +19,7 @@ use std::collections::HashMap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use tandem_kubelet_plugin::claim::{self, ClaimRef};
 
 /// The runtime (any user) reads CDI specs and the mounted topology file.
 const PUBLIC_FILE_MODE: u32 = 0o644;
@@ -191,7 +191,11 @@ impl Preparer {
                 if current {
                     None
                 } else {
-                    Some(claim::fetch_claim(&client, c).await)
+                    Some(
+                        claim::fetch_claim(&client, c)
+                            .await
+                            .map_err(PrepareError::from),
+                    )
                 }
             }
         });
@@ -281,7 +285,7 @@ fn distinct_valid_claims<T>(
         match claim::validate_claim_uid(c) {
             Ok(()) => unique.push(c.clone()),
             Err(e) => {
-                rejected.insert(c.uid.clone(), Err(e));
+                rejected.insert(c.uid.clone(), Err(e.into()));
             }
         }
     }
@@ -525,6 +529,7 @@ impl Inner {
                             &self.config.driver_name,
                             &self.config.node_name,
                         )
+                        .map_err(PrepareError::from)
                     })
                     .and_then(|allocation| {
                         let topology_path = self.claim_dir(&uid).join(TOPOLOGY_FILE_NAME);

@@ -1,9 +1,9 @@
-//! ResourceSlices for this node: building them from the Inventory (pure), publishing them with
-//! the fewest apiserver writes and repairing them when someone else edits or deletes them.
+//! ResourceSlices for this node: building them from the Inventory (pure), and rebuilding them
+//! when the machine changes. Publishing them with the fewest apiserver writes is the
+//! kubelet-plugin crate's `Publisher`.
 
 pub mod build;
 pub mod network;
-pub mod publish;
 pub mod rescan;
 
 pub use build::{
@@ -11,7 +11,6 @@ pub use build::{
     build_devices_leaving_out, build_devices_with_network, build_slices, build_slices_from_devices,
     management_nics,
 };
-pub use publish::{PublishError, PublishReport, Publisher, node_identity};
 pub use rescan::{
     AttachedNics, GoneTracker, keep_attached_nics, run_rescans, run_slice_builder,
     spawn_link_watcher,

@@ -34,7 +34,7 @@ import grpc
 from grpc_tools import protoc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROTO_ROOT = os.path.join(HERE, "..", "..", "proto")
+PROTO_ROOT = os.path.join(HERE, "..", "..", "crates", "kubelet-plugin", "proto")
 PROTOS = {
     "registration": "pluginregistration/v1/api.proto",
     "dra_v1": "dra/v1/api.proto",

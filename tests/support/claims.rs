@@ -4,8 +4,8 @@
 
 use tandem::cli::demo::{ClaimRequest, create_allocated_claim};
 use tandem::names;
-use tandem::plugin::proto::dra_v1::Claim;
 use tandem::topology::Inventory;
+use tandem_kubelet_plugin::proto::dra_v1::Claim;
 
 /// Claim `name` on GPU `index` of `inventory` and its `index`th RDMA NIC, allocated from
 /// `pool` (the node name, or another node's to test refusals).

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use tandem::apiserver_fake::FakeApiServer;
 use tandem::fixture;
 use tandem::names;
-use tandem::plugin::client::unix_channel;
-use tandem::plugin::proto::dra_v1::dra_plugin_client::DraPluginClient;
-use tandem::plugin::{PluginConfig, RunningPlugin};
 use tandem::prepare::{PrepareConfig, Preparer};
 use tandem::sysfs::discover;
 use tandem::topology::Inventory;
+use tandem_kubelet_plugin::client::unix_channel;
+use tandem_kubelet_plugin::proto::dra_v1::dra_plugin_client::DraPluginClient;
+use tandem_kubelet_plugin::{PluginConfig, RunningPlugin};
 use tempfile::TempDir;
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -70,7 +70,7 @@ impl InProcessNode {
         let preparer =
             Arc::new(Preparer::new(prepare_config, client, inventory_tx.subscribe()).unwrap());
         preparer.recover().await.unwrap();
-        let mut config = PluginConfig::new(node);
+        let mut config = PluginConfig::new(tandem::names::DEFAULT_DRIVER_NAME, node);
         config.registry_dir = dir.path().join("plugins_registry");
         config.plugins_dir = dir.path().join("plugins");
         let plugin = tandem::plugin::start(&config, preparer.clone(), inventory_tx.subscribe())

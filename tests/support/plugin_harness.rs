@@ -11,12 +11,12 @@ mod plugin_process;
 use plugin_process::plugin_command;
 use tandem::apiserver_fake::FakeApiServer;
 use tandem::fixture;
-use tandem::plugin::client::unix_channel;
-use tandem::plugin::proto::dra_v1::{
+use tandem::sysfs::MachineRoots;
+use tandem_kubelet_plugin::client::unix_channel;
+use tandem_kubelet_plugin::proto::dra_v1::{
     Claim, NodePrepareResourcesRequest, NodeUnprepareResourcesRequest,
     dra_plugin_client::DraPluginClient,
 };
-use tandem::sysfs::MachineRoots;
 use tempfile::TempDir;
 use tokio::process::Child;
 use tonic::transport::Channel;

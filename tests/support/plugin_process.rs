@@ -58,8 +58,8 @@ pub fn plugin_command(
     reason = "only the tests that watch published slices register"
 )]
 pub async fn register_as_kubelet(path: &Path) {
-    use tandem::plugin::client::unix_channel;
-    use tandem::plugin::proto::pluginregistration::{
+    use tandem_kubelet_plugin::client::unix_channel;
+    use tandem_kubelet_plugin::proto::pluginregistration::{
         InfoRequest, RegistrationStatus, registration_client::RegistrationClient,
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

@@ -2,11 +2,65 @@
 //! its allocation. Names from the kubelet and the apiserver are validated here, before any of
 //! them becomes part of a path.
 
-use super::error::PrepareError;
 use k8s_openapi::api::resource::v1::{DeviceAllocationConfiguration, ResourceClaim};
 use kube::Api;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+
+/// Why a claim could not be fetched or its allocation read. Each names the claim as
+/// `namespace/name (uid)`.
+#[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)] // the fields are the claim, the device and the reason named in the text
+pub enum ClaimError {
+    /// The kubelet sent a UID that is not a Kubernetes UID.
+    #[error("claim {claim}: invalid claim UID: {reason}")]
+    InvalidClaimUid { claim: String, reason: String },
+
+    /// No ResourceClaim under that name.
+    #[error("claim {claim}: ResourceClaim not found in the apiserver")]
+    ClaimNotFound { claim: String },
+
+    /// The apiserver answered the GET with an error.
+    #[error("claim {claim}: fetching the ResourceClaim: {source}")]
+    ApiServer {
+        claim: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// The apiserver did not answer in time.
+    #[error("claim {claim}: the apiserver did not answer the claim fetch within {seconds} s")]
+    ApiServerTimeout { claim: String, seconds: u64 },
+
+    /// The name now belongs to another claim.
+    #[error(
+        "claim {claim}: the apiserver holds UID {found:?} under this name: the claim was replaced"
+    )]
+    UidMismatch { claim: String, found: String },
+
+    /// The claim has no allocation.
+    #[error("claim {claim}: not allocated (status.allocation is empty)")]
+    NotAllocated { claim: String },
+
+    /// An allocated device name that is not a DNS label.
+    #[error("claim {claim}: device {device:?}: {reason}")]
+    InvalidDeviceName {
+        claim: String,
+        device: String,
+        reason: String,
+    },
+
+    /// A device of this driver allocated from another node's pool.
+    #[error(
+        "claim {claim}: device {device}: allocated from pool {pool:?}, but this node's pool is {node:?}"
+    )]
+    WrongPool {
+        claim: String,
+        device: String,
+        pool: String,
+        node: String,
+    },
+}
 
 /// A claim as the kubelet sends it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -74,7 +128,7 @@ pub fn is_dns_label(s: &str) -> bool {
 
 /// Checks a claim UID before it names a file: Kubernetes UIDs are UUIDs, so letters, digits and
 /// dashes are all we accept; that also keeps `<uid>-<device>` a valid CDI device name.
-pub fn validate_claim_uid(claim: &ClaimRef) -> Result<(), PrepareError> {
+pub fn validate_claim_uid(claim: &ClaimRef) -> Result<(), ClaimError> {
     let uid = &claim.uid;
     let reason = if uid.is_empty() {
         Some("empty".to_string())
@@ -88,7 +142,7 @@ pub fn validate_claim_uid(claim: &ClaimRef) -> Result<(), PrepareError> {
         None
     };
     match reason {
-        Some(reason) => Err(PrepareError::InvalidClaimUid {
+        Some(reason) => Err(ClaimError::InvalidClaimUid {
             claim: claim.to_string(),
             reason,
         }),
@@ -104,10 +158,10 @@ pub const CLAIM_FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 pub async fn fetch_claim(
     client: &kube::Client,
     claim: &ClaimRef,
-) -> Result<ResourceClaim, PrepareError> {
+) -> Result<ResourceClaim, ClaimError> {
     let api: Api<ResourceClaim> = Api::namespaced(client.clone(), &claim.namespace);
     let Ok(answer) = tokio::time::timeout(CLAIM_FETCH_TIMEOUT, api.get(&claim.name)).await else {
-        return Err(PrepareError::ApiServerTimeout {
+        return Err(ClaimError::ApiServerTimeout {
             claim: claim.to_string(),
             seconds: CLAIM_FETCH_TIMEOUT.as_secs(),
         });
@@ -115,12 +169,12 @@ pub async fn fetch_claim(
     let fetched = match answer {
         Ok(fetched) => fetched,
         Err(kube::Error::Api(status)) if status.is_not_found() => {
-            return Err(PrepareError::ClaimNotFound {
+            return Err(ClaimError::ClaimNotFound {
                 claim: claim.to_string(),
             });
         }
         Err(source) => {
-            return Err(PrepareError::ApiServer {
+            return Err(ClaimError::ApiServer {
                 claim: claim.to_string(),
                 source,
             });
@@ -128,7 +182,7 @@ pub async fn fetch_claim(
     };
     let found = fetched.metadata.uid.clone().unwrap_or_default();
     if found != claim.uid {
-        return Err(PrepareError::UidMismatch {
+        return Err(ClaimError::UidMismatch {
             claim: claim.to_string(),
             found,
         });
@@ -143,12 +197,12 @@ pub fn our_allocation(
     fetched: &ResourceClaim,
     driver_name: &str,
     node_name: &str,
-) -> Result<OurAllocation, PrepareError> {
+) -> Result<OurAllocation, ClaimError> {
     let allocation = fetched
         .status
         .as_ref()
         .and_then(|s| s.allocation.as_ref())
-        .ok_or_else(|| PrepareError::NotAllocated {
+        .ok_or_else(|| ClaimError::NotAllocated {
             claim: claim.to_string(),
         })?;
     let Some(devices) = allocation.devices.as_ref() else {
@@ -160,14 +214,14 @@ pub fn our_allocation(
             continue;
         }
         if !is_dns_label(&result.device) {
-            return Err(PrepareError::InvalidDeviceName {
+            return Err(ClaimError::InvalidDeviceName {
                 claim: claim.to_string(),
                 device: result.device.clone(),
                 reason: "not a DNS label (lowercase letters, digits, '-'; at most 63)".into(),
             });
         }
         if result.pool != node_name {
-            return Err(PrepareError::WrongPool {
+            return Err(ClaimError::WrongPool {
                 claim: claim.to_string(),
                 device: result.device.clone(),
                 pool: result.pool.clone(),
@@ -305,11 +359,11 @@ mod tests {
     fn bad_names_pools_and_missing_allocation_are_errors_naming_the_claim() {
         let e =
             our_allocation(&claim_ref(), &ResourceClaim::default(), "tandem.dev", "n").unwrap_err();
-        assert!(matches!(e, PrepareError::NotAllocated { .. }), "{e}");
+        assert!(matches!(e, ClaimError::NotAllocated { .. }), "{e}");
         for device in ["../etc", "a/b", ".", ".."] {
             let claim = allocated(vec![result("r", "tandem.dev", "n", device)]);
             let e = our_allocation(&claim_ref(), &claim, "tandem.dev", "n").unwrap_err();
-            assert!(matches!(e, PrepareError::InvalidDeviceName { .. }), "{e}");
+            assert!(matches!(e, ClaimError::InvalidDeviceName { .. }), "{e}");
             assert!(e.to_string().contains("ml/train (0b1c-42)"), "{e}");
         }
         let claim = allocated(vec![result(

@@ -10,7 +10,17 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 use tokio::net::UnixListener;
 
-use crate::names;
+/// Where the kubelet's plugin watcher looks for registration sockets.
+pub const DEFAULT_KUBELET_REGISTRY_DIR: &str = "/var/lib/kubelet/plugins_registry";
+/// The kubelet's directory of per-driver plugin directories (`<dir>/<driver>/dra.sock`).
+pub const DEFAULT_KUBELET_PLUGINS_DIR: &str = "/var/lib/kubelet/plugins";
+/// `<registry dir>/<driver>-reg.sock` (`<driver>-<pod uid>-reg.sock` in rolling-update mode).
+pub const REGISTRATION_SOCKET_SUFFIX: &str = "-reg.sock";
+/// `<plugins dir>/<driver>/dra.sock` (`dra-<pod uid>.sock` in rolling-update mode).
+pub const DRA_SOCKET_STEM: &str = "dra";
+/// File in the plugin directory whose flock serializes prepare/unprepare across the old and
+/// the new pod during a rolling update.
+pub const SERIALIZE_LOCK_FILE: &str = "serialize.lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
@@ -56,18 +66,18 @@ impl SocketPaths {
         let plugin_dir = plugins_dir.join(driver_name);
         let (registration_name, dra_name) = match pod_uid {
             Some(uid) => (
-                format!("{driver_name}-{uid}{}", names::REGISTRATION_SOCKET_SUFFIX),
-                format!("{}-{uid}.sock", names::DRA_SOCKET_STEM),
+                format!("{driver_name}-{uid}{}", REGISTRATION_SOCKET_SUFFIX),
+                format!("{}-{uid}.sock", DRA_SOCKET_STEM),
             ),
             None => (
-                format!("{driver_name}{}", names::REGISTRATION_SOCKET_SUFFIX),
-                format!("{}.sock", names::DRA_SOCKET_STEM),
+                format!("{driver_name}{}", REGISTRATION_SOCKET_SUFFIX),
+                format!("{}.sock", DRA_SOCKET_STEM),
             ),
         };
         Self {
             registration: registry_dir.join(registration_name),
             dra: plugin_dir.join(dra_name),
-            serialize_lock: pod_uid.map(|_| plugin_dir.join(names::SERIALIZE_LOCK_FILE)),
+            serialize_lock: pod_uid.map(|_| plugin_dir.join(SERIALIZE_LOCK_FILE)),
             plugin_dir,
         }
     }

@@ -2,7 +2,6 @@
 //! ours, write only what differs, bump the pool generation only when the slice set changes,
 //! delete leftovers last, retry conflicts; and a watch loop that repairs edits made by others.
 
-use super::build::NodeIdentity;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::resource::v1::{ResourceSlice, ResourceSliceSpec};
@@ -62,17 +61,14 @@ impl PublishReport {
     }
 }
 
-/// The Node's name and UID, for owner references.
-pub async fn node_identity(client: kube::Client, node: &str) -> Result<NodeIdentity, PublishError> {
+/// The Node's UID, for the slices' owner reference (garbage collection with the Node).
+pub async fn node_uid(client: kube::Client, node: &str) -> Result<String, PublishError> {
     let nodes: Api<Node> = Api::all(client);
     let found = nodes.get(node).await.map_err(|source| PublishError::Node {
         node: node.to_string(),
         source,
     })?;
-    Ok(NodeIdentity {
-        name: node.to_string(),
-        uid: found.metadata.uid.unwrap_or_default(),
-    })
+    Ok(found.metadata.uid.unwrap_or_default())
 }
 
 fn api_code(error: &kube::Error) -> Option<u16> {

@@ -15,17 +15,16 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use super::authority::KubeletStream;
-use super::config::PluginConfig;
-use super::dra_service::{ClaimPreparer, DraHandler, DraV1, DraV1beta1};
-use super::health::HealthService;
-use super::metrics::PluginMetrics;
-use super::proto::dra_health_v1alpha1::dra_resource_health_server::DraResourceHealthServer;
-use super::proto::pluginregistration::registration_server::RegistrationServer;
-use super::proto::{dra_v1, dra_v1beta1};
-use super::registration::{RegistrationService, RegistrationWatch};
-use super::sockets::{self, SerializeLock, SocketError, SocketPaths};
-use crate::topology::InventoryWatch;
+use crate::authority::KubeletStream;
+use crate::config::PluginConfig;
+use crate::dra_service::{DraHandler, DraV1, DraV1beta1};
+use crate::driver::{CallObserver, Driver};
+use crate::health::{DeviceHealthFeed, HealthService};
+use crate::proto::dra_health_v1alpha1::dra_resource_health_server::DraResourceHealthServer;
+use crate::proto::pluginregistration::registration_server::RegistrationServer;
+use crate::proto::{dra_v1, dra_v1beta1};
+use crate::registration::{RegistrationService, RegistrationWatch};
+use crate::sockets::{self, SerializeLock, SocketError, SocketPaths};
 
 /// A registration server that the kubelet keeps a connection to must not hold up a socket
 /// recreation or the shutdown for long.
@@ -89,20 +88,20 @@ impl RunningPlugin {
 /// Binds both sockets (so errors surface here and the sockets exist when this returns) and
 /// serves until the returned handle is shut down. The DRA socket is bound before the
 /// registration socket: the kubelet dials the DRA endpoint as soon as it sees registration.
-pub async fn start<P: ClaimPreparer>(
+pub async fn start<D: Driver, S: Send + Sync + 'static>(
     config: &PluginConfig,
-    preparer: Arc<P>,
-    inventory: InventoryWatch,
+    driver: Arc<D>,
+    health: DeviceHealthFeed<S>,
 ) -> Result<RunningPlugin, ServeError> {
-    start_with_metrics(config, preparer, inventory, None).await
+    start_observed(config, driver, health, None).await
 }
 
-/// [`start`], counting every prepare and unprepare in `metrics`.
-pub async fn start_with_metrics<P: ClaimPreparer>(
+/// [`start`], telling `observer` about every prepare and unprepare (for metrics).
+pub async fn start_observed<D: Driver, S: Send + Sync + 'static>(
     config: &PluginConfig,
-    preparer: Arc<P>,
-    inventory: InventoryWatch,
-    metrics: Option<Arc<PluginMetrics>>,
+    driver: Arc<D>,
+    health: DeviceHealthFeed<S>,
+    observer: Option<Arc<dyn CallObserver>>,
 ) -> Result<RunningPlugin, ServeError> {
     let mut paths = config.socket_paths();
     paths.registration = absolute(&paths.registration)?;
@@ -120,17 +119,14 @@ pub async fn start_with_metrics<P: ClaimPreparer>(
     };
 
     let shutdown = CancellationToken::new();
-    let mut handler = DraHandler::new(
-        preparer,
-        paths.serialize_lock.clone().map(SerializeLock::new),
-    );
-    if let Some(metrics) = &metrics {
-        handler = handler.with_metrics(metrics.clone());
+    let mut handler = DraHandler::new(driver, paths.serialize_lock.clone().map(SerializeLock::new));
+    if let Some(observer) = observer {
+        handler = handler.with_observer(observer);
     }
     let handler = Arc::new(handler);
     let health = HealthService::new(
         config.node_name.clone(),
-        inventory,
+        health,
         config.health_report_interval,
         shutdown.clone(),
     );
@@ -148,13 +144,6 @@ pub async fn start_with_metrics<P: ClaimPreparer>(
         );
     let registration = RegistrationService::new(config.driver_name.clone(), paths.dra.clone());
     let registration_watch = registration.watch();
-    if let Some(metrics) = &metrics {
-        tokio::spawn(
-            metrics
-                .clone()
-                .follow_registration(registration.watch(), shutdown.clone()),
-        );
-    }
     tokio::spawn(warn_while_unregistered(
         registration.clone(),
         config.registry_dir.clone(),

@@ -4,8 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::sockets::SocketPaths;
-use crate::names;
+use super::sockets::{DEFAULT_KUBELET_PLUGINS_DIR, DEFAULT_KUBELET_REGISTRY_DIR, SocketPaths};
 
 #[derive(Clone, Debug)]
 pub struct PluginConfig {
@@ -27,13 +26,14 @@ pub struct PluginConfig {
 }
 
 impl PluginConfig {
-    /// The kubelet's default directories and timings for `node_name`.
-    pub fn new(node_name: impl Into<String>) -> Self {
+    /// The kubelet's default directories and timings for driver `driver_name` (a DNS
+    /// subdomain, e.g. `gpu.example.com`) on node `node_name`.
+    pub fn new(driver_name: impl Into<String>, node_name: impl Into<String>) -> Self {
         Self {
-            driver_name: names::DEFAULT_DRIVER_NAME.to_string(),
+            driver_name: driver_name.into(),
             node_name: node_name.into(),
-            registry_dir: PathBuf::from(names::DEFAULT_KUBELET_REGISTRY_DIR),
-            plugins_dir: PathBuf::from(names::DEFAULT_KUBELET_PLUGINS_DIR),
+            registry_dir: PathBuf::from(DEFAULT_KUBELET_REGISTRY_DIR),
+            plugins_dir: PathBuf::from(DEFAULT_KUBELET_PLUGINS_DIR),
             pod_uid: None,
             registration_check_interval: Duration::from_secs(5),
             health_report_interval: Duration::from_secs(30),
