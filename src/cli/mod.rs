@@ -15,6 +15,7 @@ pub mod machine;
 pub mod plugin;
 pub mod probe;
 pub mod topo;
+pub mod topo_report;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -2,13 +2,13 @@
 //! NICs, affinity matrix and pairs, as text or as the JSON named in design.md.
 
 use super::machine::MachineArgs;
+use super::topo_report::TopoReport;
 #[cfg(feature = "demo")]
 use crate::fixture;
 use crate::prepare::vendor_cdi::{self, VendorSpecs};
 use crate::sysfs::MachineRoots;
 use crate::sysfs::discover;
 use crate::topology::Inventory;
-use crate::topology::report::TopoReport;
 #[cfg(feature = "demo")]
 use anyhow::Context;
 use anyhow::bail;

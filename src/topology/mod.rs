@@ -7,7 +7,6 @@ pub mod groups;
 pub mod health;
 pub mod inventory;
 pub mod pairing;
-pub mod report;
 
 pub use address::PciAddress;
 pub use affinity::{Affinity, affinity, nearest_switch};

@@ -2,11 +2,11 @@
 //! style of `nvidia-smi topo -m`, and the chosen pairs and groups. Built from the Inventory
 //! alone; `-o json` prints the same report as the JSON named in design.md.
 
-use super::affinity::{Affinity, affinity, nearest_switch};
-use super::groups::pair_groups;
-use super::inventory::{Accelerator, Inventory, Nic, NicRole};
-use super::pairing::{Pairing, pair_node};
 use crate::names::{accelerator_device_name, nic_device_name};
+use crate::topology::affinity::{Affinity, affinity, nearest_switch};
+use crate::topology::groups::pair_groups;
+use crate::topology::inventory::{Accelerator, Inventory, Nic, NicRole, PciFunction};
+use crate::topology::pairing::{Pairing, pair_node};
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -302,7 +302,7 @@ fn numa_text(n: Option<u32>) -> String {
     n.map(|n| n.to_string()).unwrap_or_else(|| "?".to_string())
 }
 
-fn vendor_text(pci: &super::inventory::PciFunction) -> String {
+fn vendor_text(pci: &PciFunction) -> String {
     pci.vendor_name
         .clone()
         .unwrap_or_else(|| format!("0x{:04x}", pci.vendor_id))
