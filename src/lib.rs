@@ -10,7 +10,7 @@ pub mod controller;
 /// `tandem demo`, `tandem fixture` and `tandem topo --fixture`; never in a node's binary.
 #[cfg(feature = "demo")]
 pub mod fixture;
-pub mod hash;
+pub use tandem_core::hash;
 pub mod metrics_http;
 pub mod names;
 pub mod netattach;

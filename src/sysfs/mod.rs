@@ -4,14 +4,13 @@
 
 pub mod accelerators;
 pub mod chardev;
-pub mod cpulist;
 pub mod nics;
 pub mod numa;
 pub mod pci;
 pub mod reader;
-pub mod roots;
-
-pub use roots::MachineRoots;
+/// CPU lists as the kernel prints them (the core parses them; the fixture writer prints them).
+pub use tandem_core::cpulist;
+pub use tandem_core::machine_roots::MachineRoots;
 
 use crate::topology::{DiscoveryProblem, Inventory, LostDevice, PciAddress};
 use pci::Role;

@@ -15,8 +15,5 @@ pub use health::{HealthIssue, device_issues};
 pub use inventory::*;
 pub use pairing::{Pair, Pairing, pair_devices, pair_node};
 
-/// The latest inventory, as rescans publish it. Readers clone the Arc and never block a rescan.
-pub type InventoryWatch = tokio::sync::watch::Receiver<std::sync::Arc<Inventory>>;
-
 #[cfg(test)]
 mod tests;
