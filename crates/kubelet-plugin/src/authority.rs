@@ -39,20 +39,50 @@ const MAX_HEADER_BLOCK: usize = 1 << 20;
 /// Why a connection was ended before `h2` saw the offending bytes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
+    /// A HEADERS or CONTINUATION frame over the frame size `h2` allows.
     #[error("HEADERS frame of {len} bytes is over the {MAX_FRAME_LEN}-byte frame limit")]
-    FrameTooLarge { len: usize },
+    FrameTooLarge {
+        /// The frame's payload length.
+        len: usize,
+    },
+    /// A header block over the size this layer buffers.
     #[error("header block on stream {stream} is over {MAX_HEADER_BLOCK} bytes")]
-    BlockTooLarge { stream: u32 },
+    BlockTooLarge {
+        /// The stream the block belongs to.
+        stream: u32,
+    },
+    /// Another frame arrived in the middle of a header block (RFC 9113 forbids it).
     #[error(
         "frame of type {frame_type:#x} on stream {got} while the header block of stream {open} awaits CONTINUATION"
     )]
-    InterruptedBlock { open: u32, got: u32, frame_type: u8 },
+    InterruptedBlock {
+        /// The stream whose header block is open.
+        open: u32,
+        /// The stream of the frame that arrived.
+        got: u32,
+        /// The type of the frame that arrived.
+        frame_type: u8,
+    },
+    /// A CONTINUATION frame with no header block to continue.
     #[error("CONTINUATION on stream {stream} without an open header block")]
-    StrayContinuation { stream: u32 },
+    StrayContinuation {
+        /// The frame's stream.
+        stream: u32,
+    },
+    /// A HEADERS frame whose padding or priority fields do not fit in it.
     #[error("HEADERS on stream {stream} with padding or priority longer than the frame")]
-    BadPadding { stream: u32 },
+    BadPadding {
+        /// The frame's stream.
+        stream: u32,
+    },
+    /// The header block is not valid HPACK.
     #[error("HPACK decoding of the header block on stream {stream} failed: {reason}")]
-    Hpack { stream: u32, reason: String },
+    Hpack {
+        /// The block's stream.
+        stream: u32,
+        /// The decoder's error.
+        reason: String,
+    },
 }
 
 /// Client-to-server byte rewriting, fed in whatever pieces the socket delivers.
@@ -91,6 +121,7 @@ impl Default for InboundRewriter {
 }
 
 impl InboundRewriter {
+    /// A rewriter for a new connection, expecting the client preface first.
     pub fn new() -> Self {
         let mut decoder = Decoder::new();
         decoder.set_max_allowed_table_size(HEADER_TABLE_SIZE);
@@ -378,13 +409,20 @@ fn write_header_frames(block: &OpenBlock, encoded: &[u8], out: &mut Vec<u8>) {
 /// What the server sent that a handler never saw: a stream reset or a GOAWAY with an error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerSignal {
+    /// RST_STREAM: the server ended one stream.
     Reset {
+        /// The stream.
         stream: u32,
+        /// The HTTP/2 error code ([`error_code_name`] names it).
         code: u32,
     },
+    /// GOAWAY: the server is closing the connection.
     GoAway {
+        /// The last stream the server processed or may process.
         last_stream: u32,
+        /// The HTTP/2 error code ([`error_code_name`] names it).
         code: u32,
+        /// The frame's debug data (its first 200 bytes), lossily as UTF-8.
         debug: String,
     },
 }
@@ -400,6 +438,8 @@ pub struct OutboundObserver {
 const GOAWAY_KEPT: usize = 8 + 200;
 
 impl OutboundObserver {
+    /// Follows `input`, the next bytes the server sent, appending the resets and GOAWAYs
+    /// completed in it to `signals`. The bytes themselves are not changed.
     pub fn push(&mut self, mut input: &[u8], signals: &mut Vec<ServerSignal>) {
         while !input.is_empty() {
             if self.skip > 0 {
@@ -488,6 +528,7 @@ pub struct KubeletStream<S> {
 }
 
 impl<S> KubeletStream<S> {
+    /// Wraps `inner`, a freshly accepted connection; `socket` names it in the logs.
     pub fn new(inner: S, socket: &'static str) -> Self {
         Self {
             inner,

@@ -10,43 +10,68 @@ use std::fmt;
 /// Why a claim could not be fetched or its allocation read. Each names the claim as
 /// `namespace/name (uid)`.
 #[derive(Debug, thiserror::Error)]
-#[allow(missing_docs)] // the fields are the claim, the device and the reason named in the text
 pub enum ClaimError {
     /// The kubelet sent a UID that is not a Kubernetes UID.
     #[error("claim {claim}: invalid claim UID: {reason}")]
-    InvalidClaimUid { claim: String, reason: String },
+    InvalidClaimUid {
+        /// The claim, `namespace/name (uid)`.
+        claim: String,
+        /// What is wrong with the UID.
+        reason: String,
+    },
 
     /// No ResourceClaim under that name.
     #[error("claim {claim}: ResourceClaim not found in the apiserver")]
-    ClaimNotFound { claim: String },
+    ClaimNotFound {
+        /// The claim, `namespace/name (uid)`.
+        claim: String,
+    },
 
     /// The apiserver answered the GET with an error.
     #[error("claim {claim}: fetching the ResourceClaim: {source}")]
     ApiServer {
+        /// The claim, `namespace/name (uid)`.
         claim: String,
+        /// The apiserver's or the client's error.
         #[source]
         source: kube::Error,
     },
 
     /// The apiserver did not answer in time.
     #[error("claim {claim}: the apiserver did not answer the claim fetch within {seconds} s")]
-    ApiServerTimeout { claim: String, seconds: u64 },
+    ApiServerTimeout {
+        /// The claim, `namespace/name (uid)`.
+        claim: String,
+        /// How long the fetch waited ([`CLAIM_FETCH_TIMEOUT`]).
+        seconds: u64,
+    },
 
     /// The name now belongs to another claim.
     #[error(
         "claim {claim}: the apiserver holds UID {found:?} under this name: the claim was replaced"
     )]
-    UidMismatch { claim: String, found: String },
+    UidMismatch {
+        /// The claim, `namespace/name (uid)`, as the kubelet named it.
+        claim: String,
+        /// The UID of the claim the apiserver holds under that name.
+        found: String,
+    },
 
     /// The claim has no allocation.
     #[error("claim {claim}: not allocated (status.allocation is empty)")]
-    NotAllocated { claim: String },
+    NotAllocated {
+        /// The claim, `namespace/name (uid)`.
+        claim: String,
+    },
 
     /// An allocated device name that is not a DNS label.
     #[error("claim {claim}: device {device:?}: {reason}")]
     InvalidDeviceName {
+        /// The claim, `namespace/name (uid)`.
         claim: String,
+        /// The device name as allocated.
         device: String,
+        /// What is wrong with it.
         reason: String,
     },
 
@@ -55,9 +80,13 @@ pub enum ClaimError {
         "claim {claim}: device {device}: allocated from pool {pool:?}, but this node's pool is {node:?}"
     )]
     WrongPool {
+        /// The claim, `namespace/name (uid)`.
         claim: String,
+        /// The allocated device.
         device: String,
+        /// The pool it was allocated from.
         pool: String,
+        /// This node, whose name is our pool.
         node: String,
     },
 }
@@ -65,8 +94,11 @@ pub enum ClaimError {
 /// A claim as the kubelet sends it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ClaimRef {
+    /// The claim's namespace.
     pub namespace: String,
+    /// The claim's name.
     pub name: String,
+    /// The claim's UID; the key of every answer. Unchecked: see [`validate_claim_uid`].
     pub uid: String,
 }
 
@@ -81,9 +113,13 @@ impl fmt::Display for ClaimRef {
 pub struct AllocatedDevice {
     /// Request names as in the allocation results (`main` or `main/sub`).
     pub requests: Vec<String>,
+    /// The device's pool (this node's name).
     pub pool: String,
+    /// The device's name in its ResourceSlice.
     pub device: String,
+    /// The allocation's share ID, when the device is shared (DRA consumable capacity).
     pub share_id: Option<String>,
+    /// Allocated with admin access (monitoring, say), alongside other claims.
     pub admin_access: bool,
 }
 
@@ -109,7 +145,10 @@ impl AllocatedDevice {
 /// Our driver's part of an allocation.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct OurAllocation {
+    /// Our devices, one entry per device.
     pub devices: Vec<AllocatedDevice>,
+    /// The allocation's device configuration, as the apiserver holds it (all drivers'
+    /// entries: each names the requests it applies to).
     pub config: Vec<DeviceAllocationConfiguration>,
 }
 

@@ -7,10 +7,13 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// Nothing answered on the socket: it is missing, not a socket, or no gRPC server listens.
 #[derive(Debug, thiserror::Error)]
 #[error("connecting to {path}: {source}")]
 pub struct ConnectError {
+    /// The socket dialled.
     pub path: PathBuf,
+    /// What the connection attempt failed with.
     #[source]
     pub source: tonic::transport::Error,
 }

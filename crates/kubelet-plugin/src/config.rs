@@ -6,13 +6,21 @@ use std::time::Duration;
 
 use super::sockets::{DEFAULT_KUBELET_PLUGINS_DIR, DEFAULT_KUBELET_REGISTRY_DIR, SocketPaths};
 
+/// Everything [`start`](crate::start) needs besides the driver: start from
+/// [`PluginConfig::new`] and change what differs.
 #[derive(Clone, Debug)]
 pub struct PluginConfig {
+    /// The driver name (a DNS subdomain): the kubelet matches it to the `driver` of allocated
+    /// devices, and it names the sockets.
     pub driver_name: String,
     /// Also the pool name of our ResourceSlices, so health reports name devices the way the
     /// kubelet knows them.
     pub node_name: String,
+    /// The directory the kubelet's plugin watcher watches for registration sockets
+    /// (`<kubelet root>/plugins_registry`).
     pub registry_dir: PathBuf,
+    /// The parent of the plugin's own directory, which holds the DRA socket
+    /// (`<kubelet root>/plugins`).
     pub plugins_dir: PathBuf,
     /// Set in rolling-update mode: per-pod socket names and a filesystem lock.
     pub pod_uid: Option<String>,
@@ -41,6 +49,8 @@ impl PluginConfig {
         }
     }
 
+    /// Where the sockets (and, in rolling-update mode, the lock file) go, as given: relative
+    /// directories stay relative here.
     pub fn socket_paths(&self) -> SocketPaths {
         SocketPaths::new(
             &self.driver_name,

@@ -180,7 +180,10 @@ fn split_valid(claims: Vec<ClaimRef>) -> (Vec<ClaimRef>, BTreeMap<String, String
 macro_rules! dra_plugin_service {
     ($(#[$doc:meta])* $service:ident, $api:ident, |$device:ident| $to_wire:expr) => {
         $(#[$doc])*
-        pub struct $service<D>(pub Arc<DraHandler<D>>);
+        pub struct $service<D>(
+            /// The handler shared with the other API version.
+            pub Arc<DraHandler<D>>,
+        );
 
         #[tonic::async_trait]
         impl<D: Driver> $api::dra_plugin_server::DraPlugin for $service<D> {

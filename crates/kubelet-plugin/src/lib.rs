@@ -50,7 +50,19 @@
 //! # }
 //! ```
 //!
-//! `examples/fake_driver.rs` is a complete driver with one fake device.
+//! `examples/fake_driver.rs` is a complete driver with one fake device: it prepares claims
+//! with a CDI device ID per claim, remembers them so a kubelet retry gets the same answer,
+//! reports the device healthy, and shuts down gracefully on Ctrl-C or SIGTERM. Run it against
+//! directories of your own (the defaults under `/var/lib/kubelet` need root):
+//!
+//! ```text
+//! cargo run -p tandem-kubelet-plugin --example fake_driver -- --node-name node-a \
+//!     --kubelet-registry-dir /tmp/fake/plugins_registry --kubelet-plugins-dir /tmp/fake/plugins
+//! ```
+//!
+//! `tests/example_driver.rs` runs it on real sockets and talks to it as the kubelet does.
+
+#![deny(missing_docs)]
 
 pub mod authority;
 pub mod claim;

@@ -18,28 +18,46 @@ use tokio_util::sync::CancellationToken;
 const WRITE_ATTEMPTS: u32 = 6;
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
+/// Why a publish, or the lookup of the Node, failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
+    /// Listing our ResourceSlices failed.
     #[error("listing ResourceSlices of driver {driver} on node {node}: {source}")]
     List {
+        /// The driver.
         driver: String,
+        /// The node.
         node: String,
+        /// The apiserver's or the client's error.
         #[source]
         source: kube::Error,
     },
+    /// Creating, updating or deleting a slice failed with an error not worth retrying.
     #[error("writing ResourceSlice {name}: {source}")]
     Write {
+        /// The slice.
         name: String,
+        /// The apiserver's or the client's error.
         #[source]
         source: kube::Error,
     },
+    /// Someone else kept writing the slice; the publish gave up for now.
     #[error("ResourceSlice {name}: still conflicting after {attempts} attempts")]
-    Conflicts { name: String, attempts: u32 },
+    Conflicts {
+        /// The slice.
+        name: String,
+        /// How often the write was tried.
+        attempts: u32,
+    },
+    /// A desired slice cannot be written without a name.
     #[error("a desired ResourceSlice has no metadata.name")]
     Unnamed,
+    /// Getting the Node (for the slices' owner reference) failed.
     #[error("looking up Node {node}: {source}")]
     Node {
+        /// The node.
         node: String,
+        /// The apiserver's or the client's error.
         #[source]
         source: kube::Error,
     },
@@ -48,14 +66,18 @@ pub enum PublishError {
 /// What one publish did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PublishReport {
+    /// Slices created.
     pub created: usize,
+    /// Slices replaced because they differed from the desired ones.
     pub updated: usize,
+    /// Leftover slices deleted.
     pub deleted: usize,
     /// The pool generation the slices now carry.
     pub generation: i64,
 }
 
 impl PublishReport {
+    /// Apiserver writes of this publish; zero when everything already matched.
     pub fn writes(&self) -> usize {
         self.created + self.updated + self.deleted
     }
@@ -143,6 +165,7 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Publishes the slices of driver `driver` on node `node` (whose name is the pool).
     pub fn new(client: kube::Client, driver: &str, node: &str) -> Self {
         Self {
             api: Api::all(client),

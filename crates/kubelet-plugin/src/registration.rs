@@ -32,6 +32,7 @@ pub enum KubeletRegistration {
 }
 
 impl KubeletRegistration {
+    /// True once the kubelet accepted this instance (and has not lost it since).
     pub fn is_registered(&self) -> bool {
         *self == KubeletRegistration::Registered
     }
@@ -40,6 +41,7 @@ impl KubeletRegistration {
 /// Follows [`KubeletRegistration`] changes.
 pub type RegistrationWatch = watch::Receiver<KubeletRegistration>;
 
+/// The registration service on our registration socket; clones share the state.
 #[derive(Clone, Debug)]
 pub struct RegistrationService {
     driver_name: String,
@@ -50,6 +52,8 @@ pub struct RegistrationService {
 }
 
 impl RegistrationService {
+    /// Registers driver `driver_name` with its DRA socket at `dra_endpoint`, which must be
+    /// absolute: the kubelet dials exactly this path.
     pub fn new(driver_name: String, dra_endpoint: PathBuf) -> Self {
         Self {
             driver_name,
@@ -92,6 +96,8 @@ impl RegistrationService {
             .collect()
     }
 
+    /// What GetInfo answers: type `DRAPlugin`, the driver name, the DRA socket and
+    /// [`Self::supported_versions`].
     pub fn info(&self) -> PluginInfo {
         PluginInfo {
             r#type: PLUGIN_TYPE_DRA.to_string(),

@@ -30,17 +30,29 @@ use crate::sockets::{self, SerializeLock, SocketError, SocketPaths};
 /// recreation or the shutdown for long.
 const REGISTRATION_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Why the plugin could not start, or why its servers stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// Binding a socket failed.
     #[error(transparent)]
     Socket(#[from] SocketError),
+    /// A socket path could not be made absolute (the current directory is gone).
     #[error("making {path} absolute: {source}")]
-    Absolute { path: PathBuf, source: io::Error },
+    Absolute {
+        /// The relative path.
+        path: PathBuf,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// The DRA gRPC server failed.
     #[error("gRPC server on {path}: {source}")]
     Transport {
+        /// The DRA socket.
         path: PathBuf,
+        /// The server's error.
         source: tonic::transport::Error,
     },
+    /// The server task panicked or was cancelled.
     #[error("plugin server task failed: {0}")]
     Task(String),
 }

@@ -22,24 +22,71 @@ pub const DRA_SOCKET_STEM: &str = "dra";
 /// the new pod during a rolling update.
 pub const SERIALIZE_LOCK_FILE: &str = "serialize.lock";
 
+/// Why a socket could not be bound or the rolling-update lock taken. Each names its path.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
+    /// The socket's or lock's parent directory could not be created.
     #[error("creating directory {path}: {source}")]
-    CreateDir { path: PathBuf, source: io::Error },
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why it could not be created.
+        source: io::Error,
+    },
+    /// A file left at the socket path could not be removed.
     #[error("removing stale socket {path}: {source}")]
-    RemoveStale { path: PathBuf, source: io::Error },
+    RemoveStale {
+        /// The socket path.
+        path: PathBuf,
+        /// Why the file could not be removed (or examined).
+        source: io::Error,
+    },
+    /// A directory sits where the socket should be; it is not ours to remove.
     #[error("{path} exists and is a directory, not a socket")]
-    IsDirectory { path: PathBuf },
+    IsDirectory {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// `bind` failed (a path too long for a Unix socket, permissions, ...).
     #[error("binding Unix socket {path}: {source}")]
-    Bind { path: PathBuf, source: io::Error },
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// Why `bind` failed.
+        source: io::Error,
+    },
+    /// The socket could not be restricted to its owner.
     #[error("setting mode 0600 on {path}: {source}")]
-    Chmod { path: PathBuf, source: io::Error },
+    Chmod {
+        /// The socket path.
+        path: PathBuf,
+        /// Why `chmod` failed.
+        source: io::Error,
+    },
+    /// The lock file could not be opened or created.
     #[error("opening lock file {path}: {source}")]
-    OpenLock { path: PathBuf, source: io::Error },
+    OpenLock {
+        /// The lock file.
+        path: PathBuf,
+        /// Why it could not be opened.
+        source: io::Error,
+    },
+    /// `flock` failed.
     #[error("locking {path}: {source}")]
-    Lock { path: PathBuf, source: nix::Error },
+    Lock {
+        /// The lock file.
+        path: PathBuf,
+        /// Why `flock` failed.
+        source: nix::Error,
+    },
+    /// The blocking task waiting for the lock panicked or was cancelled.
     #[error("lock task for {path} did not finish: {message}")]
-    LockTask { path: PathBuf, message: String },
+    LockTask {
+        /// The lock file.
+        path: PathBuf,
+        /// The task's join error.
+        message: String,
+    },
 }
 
 /// Where the kubelet finds this instance: the registration socket it watches for, the DRA
@@ -57,6 +104,8 @@ pub struct SocketPaths {
 }
 
 impl SocketPaths {
+    /// The paths the kubelet expects for `driver_name`; `pod_uid` selects rolling-update mode,
+    /// in which the old and the new pod each have their own sockets.
     pub fn new(
         driver_name: &str,
         registry_dir: &Path,
@@ -156,10 +205,12 @@ pub struct SerializeGuard {
 }
 
 impl SerializeLock {
+    /// The lock on the file at `path` (created on first use); nothing is locked yet.
     pub fn new(path: PathBuf) -> Self {
         Self { path }
     }
 
+    /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
     }
