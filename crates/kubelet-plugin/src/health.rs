@@ -192,15 +192,24 @@ impl<S: Send + Sync + 'static> DraResourceHealth for HealthService<S> {
                 if tx.send(Ok(report)).await.is_err() {
                     return;
                 }
-                tokio::select! {
-                    changed = updates.changed(), if rescans => {
-                        rescans = changed.is_ok();
+                // The next report goes out on a change or when the interval is up.
+                let next_repeat = tokio::time::sleep(interval);
+                tokio::pin!(next_repeat);
+                loop {
+                    tokio::select! {
+                        changed = updates.changed(), if rescans => {
+                            if changed.is_ok() {
+                                break;
+                            }
+                            // The sender is gone: nothing new to report before the interval.
+                            rescans = false;
+                        }
+                        () = &mut next_repeat => break,
+                        () = tx.closed() => return,
+                        // Graceful server shutdown waits for open streams; this one would
+                        // never end on its own.
+                        () = shutdown.cancelled() => return,
                     }
-                    () = tokio::time::sleep(interval) => {}
-                    () = tx.closed() => return,
-                    // Graceful server shutdown waits for open streams; this one would
-                    // never end on its own.
-                    () = shutdown.cancelled() => return,
                 }
             }
         });

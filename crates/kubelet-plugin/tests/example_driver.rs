@@ -289,8 +289,10 @@ async fn the_health_stream_reports_the_fake_device_healthy() {
         .await
         .unwrap()
         .into_inner();
-    // The first report comes right away, and the stream keeps repeating the list.
-    for _ in 0..2 {
+    // The first report comes right away, and the stream keeps repeating the list once per
+    // report interval (1 s here), not sooner: a fixed feed has no changes to report.
+    for round in 0..2 {
+        let started = std::time::Instant::now();
         let report = tokio::time::timeout(PATIENCE, stream.message())
             .await
             .expect("no health report")
@@ -305,6 +307,13 @@ async fn the_health_stream_reports_the_fake_device_healthy() {
         assert_eq!(device.message, "");
         assert_eq!(device.health_check_timeout_seconds, 3);
         assert!(device.last_updated_time > 0);
+        if round == 1 {
+            assert!(
+                started.elapsed() >= Duration::from_millis(500),
+                "a repeated report came {:?} after the first, before the 1 s interval",
+                started.elapsed()
+            );
+        }
     }
 
     // Shutdown ends the open stream instead of waiting for it.
