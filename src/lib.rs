@@ -6,11 +6,11 @@
 pub mod apiserver_fake;
 pub mod cli;
 pub mod controller;
+pub use tandem_core::hash;
 /// Built-in fixture machines (sysfs/procfs/devfs trees shaped like real ones): tests, benches,
 /// `tandem demo`, `tandem fixture` and `tandem topo --fixture`; never in a node's binary.
-#[cfg(feature = "demo")]
-pub mod fixture;
-pub use tandem_core::hash;
+#[cfg(any(test, feature = "demo"))]
+pub use tandem_testkit::fixture;
 pub mod metrics_http;
 pub mod names;
 pub mod netattach;

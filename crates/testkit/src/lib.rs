@@ -1,0 +1,7 @@
+//! Tandem's test doubles, in a crate of their own so that the node agent's binary cannot link
+//! them: the tests, the benches and `tandem demo` (the `tandem` package's default `demo`
+//! feature) use them; the node image is built without.
+
+/// Built-in fixture machines (sysfs/procfs/devfs trees shaped like real ones): tests, benches,
+/// `tandem demo`, `tandem fixture` and `tandem topo --fixture`.
+pub mod fixture;
