@@ -10,6 +10,9 @@ pub mod controller;
 /// `tandem demo`, `tandem fixture` and `tandem topo --fixture`; never in a node's binary.
 #[cfg(feature = "demo")]
 pub mod fixture;
+/// Crash-safe file writes and removals (atomic replace, counted flushes), shared by claim
+/// preparation and the netattach record.
+pub(crate) mod fsutil;
 pub mod hash;
 pub mod metrics_http;
 pub mod names;

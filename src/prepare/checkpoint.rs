@@ -13,9 +13,9 @@
 //! of the old boot answer no prepare until the kubelet prepares them again from the apiserver.
 
 use super::cdi::CdiSpec;
-use super::fsutil;
 use super::topology_file::ClaimTopology;
 use super::{PreparedDevice, RecordedDevice};
+use crate::fsutil;
 use crate::netattach::record::AttachedInterface;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -6,11 +6,11 @@
 use super::cdi::{self, CdiSpec};
 use super::checkpoint::{self, Checkpoint, ClaimEntry, ClaimState, LoadOutcome, PendingRelease};
 use super::error::PrepareError;
-use super::fsutil;
 use super::plan::{self, ClaimPlan, DeviceHolders, PlanContext};
 use super::topology_file::ClaimTopology;
 use super::vendor_cdi::{self, VendorMatches, VendorSpecs};
 use super::{CLAIMS_SUBDIR, PrepareConfig, PreparedDevice};
+use crate::fsutil;
 use crate::netattach::record::{self, AttachedInterface, NetAttachRecord, RecordError};
 use crate::netattach::{DEFAULT_NETLINK_TIMEOUT, Netns};
 use crate::topology::InventoryWatch;
