@@ -116,9 +116,9 @@ impl Inner {
         claim: &ClaimRef,
     ) -> Result<Vec<AttachedInterface>, PrepareError> {
         let claim_dir = self.claim_dir(&claim.uid);
-        let record_error = |e: RecordError| PrepareError::StateIo {
+        let record_error = |source: RecordError| PrepareError::NetattachRecord {
             path: claim_dir.join(record::RECORD_FILE),
-            source: std::io::Error::other(e.to_string()),
+            source,
         };
         match record::release_claim_dir(
             &claim_dir,
