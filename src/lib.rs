@@ -11,6 +11,9 @@ pub use tandem_core::hash;
 /// `tandem demo`, `tandem fixture` and `tandem topo --fixture`; never in a node's binary.
 #[cfg(any(test, feature = "demo"))]
 pub use tandem_testkit::fixture;
+/// Crash-safe file writes and removals (atomic replace, counted flushes), shared by claim
+/// preparation and the netattach record.
+pub(crate) mod fsutil;
 pub mod metrics_http;
 pub mod names;
 pub mod netattach;

@@ -91,9 +91,8 @@ pub fn install(source: &Path, to: &Path) -> anyhow::Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .with_context(|| format!("--to {} has no parent directory", to.display()))?;
-    crate::prepare::fsutil::ensure_dir(dir, 0o755)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    crate::prepare::fsutil::write_atomic(to, &bytes, 0o755)
+    crate::fsutil::ensure_dir(dir, 0o755).with_context(|| format!("creating {}", dir.display()))?;
+    crate::fsutil::write_atomic(to, &bytes, 0o755)
         .with_context(|| format!("installing the hook binary at {}", to.display()))?;
     tracing::info!(path = %to.display(), bytes = bytes.len(), "hook binary installed");
     Ok(())

@@ -5,13 +5,24 @@
 use super::netlink::{Netns, interface_in_netns, move_and_configure, release, snapshot};
 use super::rdma::{RdmaMove, move_rdma_device};
 use super::{Guards, InterfaceSnapshot, NetAttachError, validate_ifname};
-use crate::prepare::fsutil;
+use crate::fsutil;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// The subdirectory of the state directory that holds one directory per prepared claim
+/// (topology file, netattach record). Defined here, below preparation, because the attach
+/// hook and the netattach reconcile find records by it too.
+pub const CLAIMS_SUBDIR: &str = "claims";
+
+/// `<state_dir>/claims/<uid>`: the claim's own state directory, shared by preparation and
+/// the attach hook.
+pub fn claim_state_dir(state_dir: &Path, claim_uid: &str) -> PathBuf {
+    state_dir.join(CLAIMS_SUBDIR).join(claim_uid)
+}
 
 /// File name of the record inside the claim's state directory.
 pub const RECORD_FILE: &str = "netattach.json";
@@ -121,7 +132,7 @@ impl NetAttachRecord {
 /// attached): their netdevs may be in pods, out of the host's sysfs and address dump.
 /// Unreadable records are skipped; callers ask again on their next pass.
 pub fn recorded_interfaces(state_dir: &Path) -> Vec<AttachedInterface> {
-    let claims = state_dir.join(crate::prepare::CLAIMS_SUBDIR);
+    let claims = state_dir.join(CLAIMS_SUBDIR);
     fs::read_dir(&claims)
         .into_iter()
         .flatten()

@@ -3,12 +3,12 @@
 //! record and written with server-side apply under the driver's field manager.
 
 use super::record::{AttachPhase, AttachedInterface};
-use crate::prepare::ClaimRef;
 use crate::topology::PciAddress;
 use k8s_openapi::api::resource::v1::{AllocatedDeviceStatus, NetworkDeviceData, ResourceClaim};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
+use tandem_kubelet_plugin::ClaimRef;
 
 /// The condition type the kubelet and users read; dranet uses the same one.
 pub const READY_CONDITION: &str = "Ready";

@@ -81,6 +81,15 @@ pub enum PrepareError {
         source: std::io::Error,
     },
 
+    /// A claim's netattach record (what the attach hook moved into its pod) could not be
+    /// read or written, so its interfaces cannot be released yet.
+    #[error("{path}: {source}")]
+    NetattachRecord {
+        path: PathBuf,
+        #[source]
+        source: crate::netattach::record::RecordError,
+    },
+
     #[error("invalid prepare configuration: {field}: {reason}")]
     InvalidConfig { field: &'static str, reason: String },
 }

@@ -9,30 +9,20 @@ pub mod config;
 pub mod driver_root;
 pub mod env;
 mod error;
-pub(crate) mod fsutil;
 pub mod plan;
 mod preparer;
 pub mod topology_file;
 pub mod vendor_cdi;
 
+pub use crate::fsutil::flush_count;
+pub use crate::netattach::record::{CLAIMS_SUBDIR, claim_state_dir};
 pub use error::PrepareError;
-pub use fsutil::flush_count;
 pub use preparer::{ClaimAttachments, NetattachReport, Preparer, RecoveryReport};
 pub use tandem_kubelet_plugin::{ClaimRef, PreparedDevice};
 
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::path::PathBuf;
-
-/// The subdirectory of the state directory that holds one directory per prepared claim
-/// (topology file, netattach record).
-pub const CLAIMS_SUBDIR: &str = "claims";
-
-/// `<state_dir>/claims/<uid>`: the claim's own state directory, shared by preparation and
-/// the attach hook.
-pub fn claim_state_dir(state_dir: &std::path::Path, claim_uid: &str) -> PathBuf {
-    state_dir.join(CLAIMS_SUBDIR).join(claim_uid)
-}
 
 /// A prepared device as the checkpoint keeps it: what the kubelet got, plus what decides
 /// whether another claim may hold the same device.

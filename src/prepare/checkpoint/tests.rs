@@ -1,0 +1,156 @@
+//! Unit tests of the checkpoint: format, migration, loading and the group-commit store.
+
+use super::*;
+
+fn entry(state: ClaimState) -> ClaimEntry {
+    ClaimEntry {
+        namespace: "ml".into(),
+        name: "train".into(),
+        state,
+        boot_id: "boot-1".into(),
+        devices: vec![RecordedDevice {
+            device: PreparedDevice {
+                request_names: vec!["gpus".into()],
+                pool_name: "node-a".into(),
+                device_name: "gpu-0000-1b-00-0".into(),
+                cdi_device_ids: vec!["tandem.dev/claim=u1-gpu-0000-1b-00-0".into()],
+                share_id: None,
+            },
+            admin_access: false,
+        }],
+        cdi_spec_path: Some("/var/run/cdi/tandem.dev-claim_u1.json".into()),
+        cdi_spec: None,
+        topology: None,
+        files: vec![],
+    }
+}
+
+fn sample() -> Checkpoint {
+    Checkpoint {
+        boot_id: "boot-1".into(),
+        claims: [("u1".to_string(), entry(ClaimState::PrepareCompleted))].into(),
+        pending_releases: BTreeMap::new(),
+    }
+}
+
+#[test]
+fn save_then_load_round_trips_with_mode_0600() {
+    let dir = tempfile::tempdir().unwrap();
+    save(dir.path(), &sample()).unwrap();
+    let (loaded, outcome) = load(dir.path()).unwrap();
+    assert_eq!(loaded, sample());
+    assert_eq!(
+        outcome,
+        LoadOutcome::Loaded {
+            migrated_from: None
+        }
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(checkpoint_path(dir.path()))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let raw: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(checkpoint_path(dir.path())).unwrap()).unwrap();
+    assert_eq!(raw["version"], 1);
+    assert_eq!(raw["bootId"], "boot-1");
+    assert_eq!(raw["claims"]["u1"]["state"], "PrepareCompleted");
+    assert!(raw["checksum"].as_str().unwrap().starts_with("fnv1a64:"));
+}
+
+#[test]
+fn missing_file_is_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let (loaded, outcome) = load(dir.path()).unwrap();
+    assert!(loaded.claims.is_empty());
+    assert_eq!(outcome, LoadOutcome::Fresh);
+}
+
+#[test]
+fn edited_content_fails_the_checksum_and_is_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    save(dir.path(), &sample()).unwrap();
+    let path = checkpoint_path(dir.path());
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("gpu-0000-1b-00-0", "gpu-0000-1c-00-0")).unwrap();
+    let (loaded, outcome) = load(dir.path()).unwrap();
+    assert!(loaded.claims.is_empty());
+    let LoadOutcome::SetAside {
+        set_aside_to,
+        reason,
+    } = outcome
+    else {
+        panic!("expected set aside, got {outcome:?}");
+    };
+    assert!(reason.contains("checksum"), "{reason}");
+    assert!(
+        set_aside_to
+            .to_string_lossy()
+            .contains("checkpoint.json.corrupt-")
+    );
+    assert!(set_aside_to.exists());
+    assert!(!path.exists());
+}
+
+#[test]
+fn garbage_and_newer_versions_are_set_aside_not_fatal() {
+    for content in [
+        "{\"version\":1,",
+        "\u{0}\u{1}binary",
+        r#"{"version":7,"claims":{}}"#,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(checkpoint_path(dir.path()), content).unwrap();
+        let (loaded, outcome) = load(dir.path()).unwrap();
+        assert!(loaded.claims.is_empty());
+        assert!(
+            matches!(outcome, LoadOutcome::SetAside { .. }),
+            "{content}: {outcome:?}"
+        );
+    }
+}
+
+#[test]
+fn version_0_is_read_and_upgraded_never_discarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let v0 = r#"{"claims":[
+        {"uid":"u1","namespace":"ml","name":"train","prepared":true,
+         "devices":[{"requestNames":["gpus"],"poolName":"node-a","deviceName":"gpu-0000-1b-00-0",
+                     "cdiDeviceIds":["tandem.dev/claim=u1-gpu-0000-1b-00-0"]}],
+         "cdiSpecPath":"/var/run/cdi/tandem.dev-claim_u1.json"},
+        {"uid":"u2","namespace":"ml","name":"half","prepared":false,"devices":[],"cdiSpecPath":null}
+    ]}"#;
+    std::fs::write(checkpoint_path(dir.path()), v0).unwrap();
+    let (loaded, outcome) = load(dir.path()).unwrap();
+    assert_eq!(
+        outcome,
+        LoadOutcome::Loaded {
+            migrated_from: Some(0)
+        }
+    );
+    let u1 = &loaded.claims["u1"];
+    assert_eq!(u1.state, ClaimState::PrepareCompleted);
+    assert_eq!(u1.boot_id, "");
+    assert_eq!(u1.devices[0].device.device_name, "gpu-0000-1b-00-0");
+    assert_eq!(loaded.claims["u2"].state, ClaimState::PrepareStarted);
+    // Saving writes the current format, which loads without migration.
+    save(dir.path(), &loaded).unwrap();
+    let (again, outcome) = load(dir.path()).unwrap();
+    assert_eq!(
+        outcome,
+        LoadOutcome::Loaded {
+            migrated_from: None
+        }
+    );
+    assert_eq!(again, loaded);
+}
+
+#[test]
+fn boot_id_is_read_under_the_proc_root() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(read_boot_id(dir.path()), "");
+    std::fs::create_dir_all(dir.path().join("sys/kernel/random")).unwrap();
+    std::fs::write(dir.path().join("sys/kernel/random/boot_id"), "abc-123\n").unwrap();
+    assert_eq!(read_boot_id(dir.path()), "abc-123");
+}
