@@ -43,6 +43,16 @@ if [[ -z "${binary}" ]]; then
     echo "ci-image: the product binary still has the demo subcommand" >&2
     exit 1
   fi
+  # The test doubles live in the tandem-testkit crate: neither the dependency graph nor the
+  # binary's symbols may hold it.
+  if cargo tree --locked -p tandem --no-default-features -e normal --prefix none | grep -q '^tandem-testkit '; then
+    echo "ci-image: the product build depends on tandem-testkit (the test doubles)" >&2
+    exit 1
+  fi
+  if nm "${binary}" | grep -q 'tandem_testkit'; then
+    echo "ci-image: the product binary has tandem_testkit symbols" >&2
+    exit 1
+  fi
 fi
 args=(--out "${out}" --archive docker
   --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)")
