@@ -2,8 +2,8 @@
 //! closest to each of them.
 
 /// The apiserver stand-in of the tests, the benches and `tandem demo`; never in a node's binary.
-#[cfg(feature = "demo")]
-pub mod apiserver_fake;
+#[cfg(any(test, feature = "demo"))]
+pub use tandem_testkit::apiserver_fake;
 pub mod cli;
 pub mod controller;
 pub use tandem_core::hash;
