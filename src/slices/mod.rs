@@ -2,7 +2,10 @@
 //! when the machine changes. Publishing them with the fewest apiserver writes is the
 //! kubelet-plugin crate's `Publisher`.
 
-pub mod build;
+/// Slice building lives in the pure core.
+pub use tandem_core::slices as build;
+#[cfg(test)]
+mod build_tests;
 pub mod network;
 pub mod rescan;
 

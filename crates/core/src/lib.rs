@@ -7,4 +7,6 @@ pub mod cpulist;
 pub mod hash;
 pub mod machine_roots;
 pub mod names;
+pub mod rails;
+pub mod slices;
 pub mod topology;

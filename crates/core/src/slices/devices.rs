@@ -5,8 +5,8 @@ use super::management::{
     LeftOutNic, ManagementReason, NetworkFacts, management_nics, management_reason,
 };
 use super::{MAX_ATTRIBUTE_STRING, SliceOptions};
-use crate::controller::rails::rail_for_subnet;
 use crate::names;
+use crate::rails::rail_for_subnet;
 use crate::topology::{
     Accelerator, DeviceRef, HealthIssue, Inventory, Nic, PciAddress, PciFunction, device_issues,
     nearest_switch, pair_groups, pair_node,

@@ -2,8 +2,8 @@
 //! default route) that the slices leave out so no pod can take the node's own link away.
 
 use super::SliceOptions;
-use crate::controller::rails::Subnet;
 use crate::names;
+use crate::rails::Subnet;
 use crate::topology::{Inventory, Nic};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -27,6 +27,30 @@ pub struct NetworkFacts {
 }
 
 impl NetworkFacts {
+    /// Facts that know only interface addresses (`ifName` → `address/prefix` as the kernel
+    /// holds them) and, when given, the rail ConfigMap's data: no default routes, nothing
+    /// stacked on any interface.
+    pub fn from_addresses(addresses: &[(&str, &[&str])], rails: Option<&[(&str, &str)]>) -> Self {
+        NetworkFacts {
+            default_routes: BTreeSet::new(),
+            upper_interfaces: BTreeMap::new(),
+            addresses: addresses
+                .iter()
+                .map(|(name, list)| {
+                    (
+                        name.to_string(),
+                        list.iter().map(|a| a.to_string()).collect(),
+                    )
+                })
+                .collect(),
+            rails: rails.map(|r| {
+                r.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            }),
+        }
+    }
+
     /// The subnet `tandem.dev/subnet` names for `if_name`: the prefix of its first IPv4
     /// address, else of its first global IPv6 address. The prefix length is the kernel's own
     /// (a GKE NIC holding a /32 publishes the /32), so every node of a fabric agrees on it.
