@@ -4,18 +4,23 @@
 
 mod kinds;
 mod managed;
+mod request;
 mod selectors;
 mod status;
 mod store;
+#[cfg(test)]
+mod tests;
 mod validation;
+mod watches;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use kinds::{KINDS, find_kind};
+use kinds::KINDS;
+use request::{Query, parse_target};
 use selectors::{FieldSelector, LabelSelector};
 use serde_json::{Value, json};
 use status::ApiError;
@@ -24,11 +29,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use store::{ObjectRef, PatchType, Store, StoredEvent, WriteContext};
+use store::{ObjectRef, PatchType, Store, WriteContext};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
+use watches::{WatchRequest, watch_response};
 
 const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 /// Requests remembered for `requests()`; a long `tandem demo` must not grow without bound.
@@ -238,111 +244,6 @@ fn json_response(code: u16, value: &Value) -> Response<ResponseBody> {
     response
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match std::str::from_utf8(&bytes[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-struct Query(Vec<(String, String)>);
-
-impl Query {
-    fn parse(raw: &str) -> Self {
-        Query(
-            raw.split('&')
-                .filter(|p| !p.is_empty())
-                .map(|p| match p.split_once('=') {
-                    Some((k, v)) => (percent_decode(k), percent_decode(v)),
-                    None => (percent_decode(p), String::new()),
-                })
-                .collect(),
-        )
-    }
-
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn flag(&self, key: &str) -> bool {
-        matches!(self.get(key), Some("true" | "1"))
-    }
-}
-
-/// What a URL names: a kind, maybe a namespace, a name and the status subresource.
-struct Target {
-    kind: usize,
-    namespace: Option<String>,
-    name: Option<String>,
-    status: bool,
-}
-
-fn parse_target(path: &str) -> Result<Target, ApiError> {
-    let segments: Vec<String> = path
-        .trim_matches('/')
-        .split('/')
-        .map(percent_decode)
-        .collect();
-    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-    let (group, version, rest) = match segments.as_slice() {
-        ["api", version, rest @ ..] => ("", *version, rest),
-        ["apis", group, version, rest @ ..] => (*group, *version, rest),
-        _ => return Err(ApiError::no_such_resource()),
-    };
-    let (namespace, rest) = match rest {
-        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
-        _ => (None, rest),
-    };
-    let (plural, name, sub) = match rest {
-        [plural] => (*plural, None, None),
-        [plural, name] => (*plural, Some(name.to_string()), None),
-        [plural, name, sub] => (*plural, Some(name.to_string()), Some(*sub)),
-        _ => return Err(ApiError::no_such_resource()),
-    };
-    let kind = find_kind(group, version, plural).ok_or_else(ApiError::no_such_resource)?;
-    let info = &KINDS[kind];
-    if namespace.is_some() && !info.namespaced {
-        return Err(ApiError::no_such_resource());
-    }
-    if info.namespaced && namespace.is_none() && name.is_some() {
-        return Err(ApiError::no_such_resource());
-    }
-    let status = match sub {
-        None => false,
-        Some("status") if info.status_subresource => true,
-        Some(_) => return Err(ApiError::no_such_resource()),
-    };
-    Ok(Target {
-        kind,
-        namespace,
-        name,
-        status,
-    })
-}
-
 fn take_injected_failure(shared: &Shared, method: &Method, path: &str) -> Option<ApiError> {
     let mut rules = shared.failures.lock().unwrap_or_else(|p| p.into_inner());
     let rule = rules.iter_mut().find(|r| {
@@ -420,18 +321,6 @@ async fn handle(
 enum Reply {
     Json(u16, Value),
     Watch(WatchRequest),
-}
-
-struct WatchRequest {
-    kind: usize,
-    namespace: Option<String>,
-    labels: LabelSelector,
-    fields: FieldSelector,
-    /// Send the matching objects as ADDED first (no resourceVersion, "0", or sendInitialEvents).
-    initial_events: bool,
-    initial_events_end_bookmark: bool,
-    from: u64,
-    timeout: Duration,
 }
 
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
@@ -610,175 +499,4 @@ fn route(
         shared.changes.send_replace(rv);
     }
     Ok(reply)
-}
-
-fn event_line(event_type: &str, object: &Value) -> Bytes {
-    let mut line = json!({"type": event_type, "object": object}).to_string();
-    line.push('\n');
-    Bytes::from(line)
-}
-
-/// The event a selector-filtered watch sees for one write, if any: objects moving into the
-/// selection arrive as ADDED and objects leaving it as DELETED, as the real watch cache does.
-fn filtered_event(watch: &WatchRequest, event: &StoredEvent) -> Option<Bytes> {
-    if event.kind != watch.kind
-        || watch
-            .namespace
-            .as_ref()
-            .is_some_and(|ns| *ns != event.namespace)
-    {
-        return None;
-    }
-    let selected = |o: &Value| watch.labels.matches(o) && watch.fields.matches(o);
-    let now = selected(&event.object);
-    let before = event.previous.as_ref().map(selected);
-    let event_type = match (event.event_type, before, now) {
-        ("MODIFIED", Some(true), true) => "MODIFIED",
-        ("MODIFIED", Some(false), true) => "ADDED",
-        ("MODIFIED", Some(true), false) => "DELETED",
-        (t, None, true) => t,
-        _ => return None,
-    };
-    Some(event_line(event_type, &event.object))
-}
-
-fn watch_response(shared: &Arc<Shared>, watch: WatchRequest) -> Response<ResponseBody> {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(256);
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        let mut changes = shared.changes.subscribe();
-        let info = &KINDS[watch.kind];
-        let (initial, cursor) = {
-            let store = shared.store();
-            let initial: Vec<Bytes> = if watch.initial_events {
-                store
-                    .matching(
-                        watch.kind,
-                        watch.namespace.as_deref(),
-                        &watch.labels,
-                        &watch.fields,
-                    )
-                    .map(|(_, o)| event_line("ADDED", o))
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            if !watch.initial_events && store.is_compacted(watch.from) {
-                // As the real apiserver: the watch opens, then one ERROR event with 410.
-                let expired = ApiError {
-                    code: 410,
-                    reason: "Expired",
-                    message: format!(
-                        "too old resource version: {} ({})",
-                        watch.from,
-                        store.resource_version()
-                    ),
-                    details: None,
-                };
-                (vec![event_line("ERROR", &expired.to_status())], None)
-            } else {
-                let cursor = if watch.initial_events {
-                    store.resource_version()
-                } else {
-                    watch.from
-                };
-                (initial, Some(cursor))
-            }
-        };
-        for line in initial {
-            if tx.send(line).await.is_err() {
-                return;
-            }
-        }
-        let Some(mut cursor) = cursor else {
-            return;
-        };
-        if watch.initial_events_end_bookmark {
-            let bookmark = json!({
-                "apiVersion": info.api_version(),
-                "kind": info.kind,
-                "metadata": {
-                    "resourceVersion": cursor.to_string(),
-                    "annotations": {"k8s.io/initial-events-end": "true"},
-                },
-            });
-            if tx.send(event_line("BOOKMARK", &bookmark)).await.is_err() {
-                return;
-            }
-        }
-        let deadline = tokio::time::sleep(watch.timeout);
-        tokio::pin!(deadline);
-        loop {
-            let lines: Vec<Bytes> = {
-                let store = shared.store();
-                let events = store.events_since(cursor);
-                if let Some(last) = events.last() {
-                    cursor = last.resource_version;
-                }
-                events
-                    .iter()
-                    .filter_map(|e| filtered_event(&watch, e))
-                    .collect()
-            };
-            for line in lines {
-                if tx.send(line).await.is_err() {
-                    return;
-                }
-            }
-            tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return },
-                _ = &mut deadline => return,
-                _ = shared.shutdown.cancelled() => return,
-                _ = tx.closed() => return,
-            }
-        }
-    });
-    let frames =
-        futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))));
-    let mut response = Response::new(BodyExt::boxed(StreamBody::new(frames)));
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_map_to_kinds_scopes_and_subresources() {
-        let t = parse_target("/apis/resource.k8s.io/v1/namespaces/ns1/resourceclaims/c1/status")
-            .unwrap();
-        assert_eq!(KINDS[t.kind].kind, "ResourceClaim");
-        assert_eq!(
-            (t.namespace.as_deref(), t.name.as_deref(), t.status),
-            (Some("ns1"), Some("c1"), true)
-        );
-        let t = parse_target("/apis/resource.k8s.io/v1/resourceslices").unwrap();
-        assert_eq!((KINDS[t.kind].kind, t.name), ("ResourceSlice", None));
-        assert!(parse_target("/apis/resource.k8s.io/v1/namespaces/x/resourceslices").is_err());
-        assert!(parse_target("/apis/resource.k8s.io/v1/resourceslices/a/status").is_err());
-        assert!(
-            parse_target("/api/v1/configmaps/x").is_err(),
-            "namespaced item needs a namespace"
-        );
-        let t = parse_target("/api/v1/namespaces/default/configmaps").unwrap();
-        assert_eq!(KINDS[t.kind].kind, "ConfigMap");
-    }
-
-    #[test]
-    fn query_strings_decode_like_form_urlencoding() {
-        let q = Query::parse(
-            "&watch=true&fieldSelector=spec.driver%3Dtandem.dev%2Cspec.nodeName%3Dn1&labelSelector=a+in+(x)",
-        );
-        assert!(q.flag("watch"));
-        assert_eq!(
-            q.get("fieldSelector"),
-            Some("spec.driver=tandem.dev,spec.nodeName=n1")
-        );
-        assert_eq!(q.get("labelSelector"), Some("a in (x)"));
-        assert_eq!(percent_decode("100%"), "100%");
-    }
 }
