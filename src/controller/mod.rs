@@ -405,10 +405,16 @@ async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, Co
     let name = node.metadata.name.clone().unwrap_or_default();
     let deadline = tokio::time::Instant::now() + FRESHNESS_WAIT;
     let alignment = loop {
-        let late = tokio::time::Instant::now() >= deadline;
-        match ctx.index.node(&name, late) {
+        match ctx.index.node(&name, false) {
             Ok(alignment) => break alignment,
-            Err(()) => tokio::time::sleep(FRESHNESS_POLL).await,
+            Err(()) if tokio::time::Instant::now() >= deadline => {
+                tracing::debug!(node = %name, wait = ?FRESHNESS_WAIT, "slice cache still behind this node's triggers; going ahead with it");
+                break ctx.index.node(&name, true).unwrap_or_default();
+            }
+            Err(()) => {
+                tracing::trace!(node = %name, "slice cache behind this node's triggers; waiting");
+                tokio::time::sleep(FRESHNESS_POLL).await;
+            }
         }
     };
     let result = ctx
