@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use tandem::controller::index::SliceRef;
 use tandem::names;
 
 const OVERLAYS: &[&str] = &[
@@ -1827,6 +1828,16 @@ fn api_uses() -> Vec<ApiUse> {
             Controller,
             "controller/mod.rs",
             ResourceSlice,
+            Scope::Cluster,
+            ["list", "watch"],
+            None
+        ),
+        // The Node controller's trigger watch of the same slices, parsed as SliceRef (name,
+        // resourceVersion and node only).
+        api_use!(
+            Controller,
+            "controller/mod.rs",
+            SliceRef,
             Scope::Cluster,
             ["list", "watch"],
             None

@@ -11,9 +11,49 @@
 use super::alignment::{FleetView, NodeAlignment, fleet_view};
 use crate::names;
 use k8s_openapi::api::resource::v1::ResourceSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::watcher;
+use serde::Deserialize;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// A ResourceSlice as the Node controller's trigger watch reads it: metadata and node name.
+/// The devices are skipped while parsing, so that second watch of every slice costs little
+/// time and memory.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct SliceRef {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: SliceRefSpec,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceRefSpec {
+    pub node_name: Option<String>,
+}
+
+impl k8s_openapi::Resource for SliceRef {
+    const API_VERSION: &'static str = <ResourceSlice as k8s_openapi::Resource>::API_VERSION;
+    const GROUP: &'static str = <ResourceSlice as k8s_openapi::Resource>::GROUP;
+    const KIND: &'static str = <ResourceSlice as k8s_openapi::Resource>::KIND;
+    const VERSION: &'static str = <ResourceSlice as k8s_openapi::Resource>::VERSION;
+    const URL_PATH_SEGMENT: &'static str =
+        <ResourceSlice as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+    type Scope = k8s_openapi::ClusterResourceScope;
+}
+
+impl k8s_openapi::Metadata for SliceRef {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
 
 /// Tombstones (deleted slices' last resourceVersions) kept for expectations to match; past
 /// this many the oldest are not worth tracking: they are dropped all at once, and a reconcile
@@ -181,14 +221,15 @@ impl SliceIndex {
     }
 
     /// Records that a trigger saw `slice` at its resourceVersion; the node it names, if any.
-    pub fn expect(&self, slice: &ResourceSlice) -> Option<String> {
-        let node = slice.spec.node_name.clone()?;
-        let name = slice.metadata.name.clone()?;
+    pub fn expect(&self, slice: SliceRef) -> Option<String> {
+        let node = slice.spec.node_name?;
+        let name = slice.metadata.name?;
+        let version = slice.metadata.resource_version.unwrap_or_default();
         self.state()
             .expected
             .entry(node.clone())
             .or_default()
-            .insert(name, version(slice));
+            .insert(name, version);
         Some(node)
     }
 
@@ -255,7 +296,11 @@ pub fn trim_slice(slice: &mut ResourceSlice) {
 mod tests {
     use super::*;
     use k8s_openapi::api::resource::v1::{ResourcePool, ResourceSliceSpec};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    /// What the trigger watch reads of `slice`, parsed from its JSON as from the wire.
+    fn seen(slice: &ResourceSlice) -> SliceRef {
+        serde_json::from_value(serde_json::to_value(slice).unwrap()).unwrap()
+    }
 
     fn slice(name: &str, node: &str, version: &str) -> ResourceSlice {
         ResourceSlice {
@@ -290,19 +335,22 @@ mod tests {
         assert_eq!(index.node("b", false), Ok(None));
 
         // A trigger saw version 2 before the cache did.
-        assert_eq!(index.expect(&slice("a-1", "a", "2")).as_deref(), Some("a"));
+        assert_eq!(
+            index.expect(seen(&slice("a-1", "a", "2"))).as_deref(),
+            Some("a")
+        );
         assert_eq!(index.node("a", false), Err(()));
         index.apply(watcher::Event::Apply(slice("a-1", "a", "2")));
         assert!(index.node("a", false).is_ok());
 
         // A deletion the trigger saw first, then the cache.
-        index.expect(&slice("a-1", "a", "3"));
+        index.expect(seen(&slice("a-1", "a", "3")));
         assert_eq!(index.node("a", false), Err(()));
         index.apply(watcher::Event::Delete(slice("a-1", "a", "3")));
         assert_eq!(index.node("a", false), Ok(None));
 
         // An expectation the cache never meets (a relist skipped it) gives way when asked.
-        index.expect(&slice("a-2", "a", "9"));
+        index.expect(seen(&slice("a-2", "a", "9")));
         assert_eq!(index.node("a", false), Err(()));
         assert_eq!(index.node("a", true), Ok(None));
         assert_eq!(index.node("a", false), Ok(None));

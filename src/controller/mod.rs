@@ -16,7 +16,7 @@ use crate::names;
 use alignment::FleetView;
 use fleet::{FleetReconciler, NodeLabeller};
 use futures::StreamExt;
-use index::SliceIndex;
+use index::{SliceIndex, SliceRef};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use k8s_openapi::api::resource::v1::{DeviceClass, ResourceSlice};
@@ -107,6 +107,7 @@ const NODE_CONCURRENCY: u16 = 32;
 /// triggers saw before it goes ahead with what the cache has.
 const FRESHNESS_WAIT: Duration = Duration::from_secs(2);
 const FRESHNESS_POLL: Duration = Duration::from_millis(5);
+const SYNC_POLL: Duration = Duration::from_millis(10);
 
 /// One controller replica.
 pub struct Controller {
@@ -214,7 +215,8 @@ impl Controller {
     ///
     /// - Nodes: a `Controller<Node>`, triggered by each Node's own changes and, through
     ///   `watches`, by changes of the slices that name it; a reconcile labels one Node from
-    ///   its slices in the cache.
+    ///   its slices in the cache. The trigger watch parses only what it maps by (`SliceRef`);
+    ///   the cache is a watcher of its own (`SliceIndex`), trimmed.
     /// - The cluster singletons, the DeviceClasses and the rail ConfigMap: they must be
     ///   recreated when absent, and a `Controller` reconciles only objects its cache holds, so
     ///   they are reconciled together as the one object that exists while this replica leads,
@@ -231,13 +233,17 @@ impl Controller {
         let slice_config = watcher::Config::default().fields(&format!("spec.driver={driver}"));
         let mut tasks = JoinSet::new();
         let cache = index.clone();
-        let stream = watcher(slice_api.clone(), slice_config.clone()).default_backoff();
+        let stream = watcher(slice_api, slice_config.clone()).default_backoff();
         tasks.spawn(async move {
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
                 match event {
                     Ok(event) => {
+                        let first_list = !cache.synced();
                         if cache.apply(event) {
+                            if first_list && cache.synced() {
+                                tracing::info!("slice cache synced");
+                            }
                             let _ = changed_tx.unbounded_send(());
                         }
                     }
@@ -245,16 +251,6 @@ impl Controller {
                 }
             }
         });
-        // Nodes are labelled from the cache: a node whose slices are not in yet would lose
-        // its labels.
-        while !index.synced() {
-            tokio::select! {
-                () = leadership.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_millis(10)) => {}
-            }
-        }
-        tracing::info!(identity = %self.config.identity, "slice cache synced; reconciling");
-
         let nodes =
             KubeController::new(Api::<Node>::all(client.clone()), watcher::Config::default())
                 .with_config(
@@ -279,11 +275,15 @@ impl Controller {
         });
         let expecting = index.clone();
         let nodes = nodes
-            .watches(slice_api, slice_config, move |slice: ResourceSlice| {
-                expecting
-                    .expect(&slice)
-                    .map(|node| ObjectRef::<Node>::new(&node))
-            })
+            .watches(
+                Api::<SliceRef>::all(client.clone()),
+                slice_config,
+                move |slice: SliceRef| {
+                    expecting
+                        .expect(slice)
+                        .map(|node| ObjectRef::<Node>::new(&node))
+                },
+            )
             .run(reconcile_node, retry_policy, context.clone())
             .for_each(|result| {
                 log_outcome("node", result);
@@ -403,6 +403,12 @@ impl Context {
 /// versions that triggered this reconcile (or after `FRESHNESS_WAIT`).
 async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     let name = node.metadata.name.clone().unwrap_or_default();
+    // Never from a cache without every slice: a node whose slices are not in would lose its
+    // labels. The controllers start together with the cache's first list, so the lists of
+    // Nodes and slices overlap.
+    while !ctx.index.synced() {
+        tokio::time::sleep(SYNC_POLL).await;
+    }
     let deadline = tokio::time::Instant::now() + FRESHNESS_WAIT;
     let alignment = loop {
         match ctx.index.node(&name, false) {
@@ -445,6 +451,11 @@ async fn reconcile_singletons(
         })
         .map_err(|(class, source)| ControllerError::ClassApply { class, source });
     let classes = ctx.count(ReconcileKind::DeviceClass, applied);
+    if !ctx.index.synced() {
+        // The rails wait for the whole fleet; the first list's end triggers this again.
+        classes?;
+        return Ok(Action::await_change());
+    }
     let view = ctx.fleet_view();
     let node_uid = |node: &str| {
         ctx.nodes
