@@ -211,7 +211,8 @@ impl Controller {
         }
     }
 
-    /// The leader's work, until leadership ends: the slice cache, then two kube `Controller`s.
+    /// The leader's work, until leadership ends: the slice cache and two kube `Controller`s,
+    /// started together (Node reconciles wait for the cache's first list).
     ///
     /// - Nodes: a `Controller<Node>`, triggered by each Node's own changes and, through
     ///   `watches`, by changes of the slices that name it; a reconcile labels one Node from
