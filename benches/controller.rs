@@ -38,6 +38,13 @@ fn rss_mib(pid: u32) -> (f64, f64) {
 /// The child side: only the controller, against the fake at `url`, until killed. A process
 /// of its own, so its memory is not mixed with the fake apiserver's.
 fn controller_child(url: &str) {
+    // RUST_LOG (e.g. `tandem::controller=info`) shows the controller's log on stderr.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async {
         let config = kube::Config::new(url.parse().expect("fake url"));

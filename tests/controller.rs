@@ -423,6 +423,52 @@ async fn node_labels_follow_slices_as_a_nic_goes_down_and_back() {
     replica.stop().await;
 }
 
+#[tokio::test]
+async fn a_change_of_one_nodes_slices_reconciles_that_node_alone() {
+    let server = FakeApiServer::start().await.unwrap();
+    let inventory = dgx();
+    let nics = rdma_nic_count(&inventory);
+    let fleet: Vec<String> = (0..8).map(|i| format!("gpu-{i}")).collect();
+    for node in &fleet {
+        create_node(&server, node).await;
+        publish(&server, node, &slices_for(&inventory, node)).await;
+    }
+    let replica = Replica::start(&server, "replica-a");
+    for node in &fleet {
+        eventually("labels of every node", || async {
+            let labels = labels_of(&server, node).await;
+            (labels.get(names::LABEL_RDMA_NICS) == Some(&nics.to_string())).then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reconciled = replica.metrics.reconciles(ReconcileKind::Node);
+    let patches: Vec<usize> = fleet.iter().map(|n| node_patches(&server, n)).collect();
+
+    let mut down = inventory.clone();
+    let rdma = down.nics.iter_mut().find_map(|n| n.rdma.as_mut()).unwrap();
+    rdma.ports[0].state = Some("DOWN".into());
+    publish(&server, "gpu-3", &slices_for(&down, "gpu-3")).await;
+    eventually("gpu-3 with one NIC less", || async {
+        let labels = labels_of(&server, "gpu-3").await;
+        (labels.get(names::LABEL_RDMA_NICS) == Some(&(nics - 1).to_string())).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The slice events and the echo of our own label write: a few reconciles of gpu-3, not a
+    // pass over the fleet.
+    let more = replica.metrics.reconciles(ReconcileKind::Node) - reconciled;
+    assert!(
+        (1..fleet.len() as u64).contains(&more),
+        "{more} node reconciles"
+    );
+    for (node, before) in fleet.iter().zip(patches) {
+        let expected = before + usize::from(node == "gpu-3");
+        assert_eq!(node_patches(&server, node), expected, "{node}");
+    }
+    replica.stop().await;
+}
+
 /// PATCHes of Node `node` so far (the label and annotation writes).
 fn node_patches(server: &FakeApiServer, node: &str) -> usize {
     let prefix = format!("PATCH /api/v1/nodes/{node}?");

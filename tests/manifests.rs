@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use tandem::controller::index::SliceRef;
 use tandem::names;
 
 const OVERLAYS: &[&str] = &[
@@ -1811,8 +1812,10 @@ fn api_uses() -> Vec<ApiUse> {
             ["get"],
             None
         ),
-        // lead(): reflector watches of classes, this driver's slices, nodes and the rail
-        // ConfigMap (field selector metadata.name=tandem-rails).
+        // lead(): the slice cache's watcher and the kube Controllers' watches: Nodes, the
+        // leader Lease (field selector metadata.name=tandem-controller), and as triggers the
+        // classes, this driver's slices and the rail ConfigMap (field selector
+        // metadata.name=tandem-rails).
         api_use!(
             Controller,
             "controller/mod.rs",
@@ -1825,6 +1828,16 @@ fn api_uses() -> Vec<ApiUse> {
             Controller,
             "controller/mod.rs",
             ResourceSlice,
+            Scope::Cluster,
+            ["list", "watch"],
+            None
+        ),
+        // The Node controller's trigger watch of the same slices, parsed as SliceRef (name,
+        // resourceVersion and node only).
+        api_use!(
+            Controller,
+            "controller/mod.rs",
+            SliceRef,
             Scope::Cluster,
             ["list", "watch"],
             None
@@ -1845,13 +1858,21 @@ fn api_uses() -> Vec<ApiUse> {
             ["list", "watch"],
             Some(names::RAILS_CONFIGMAP)
         ),
-        // apply_class: server-side apply.
+        api_use!(
+            Controller,
+            "controller/mod.rs",
+            Lease,
+            controller_ns(),
+            ["list", "watch"],
+            Some(names::CONTROLLER_LEASE_NAME)
+        ),
+        // ensure_classes: a read of each class, and a server-side apply where it differs.
         api_use!(
             Controller,
             "controller/classes.rs",
             DeviceClass,
             Scope::Cluster,
-            ["patch"],
+            ["get", "patch"],
             None
         ),
         // FleetReconciler: Node label merge patches; the rail ConfigMap; NodeEvents in the

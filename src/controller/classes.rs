@@ -72,6 +72,27 @@ pub async fn apply_class(api: &Api<DeviceClass>, desired: &DeviceClass) -> Resul
     Ok(())
 }
 
+/// Reads each of our classes and applies those that are missing or differ; the names of the
+/// classes applied, or the class that failed and why.
+pub async fn ensure_classes(
+    api: &Api<DeviceClass>,
+    driver: &str,
+) -> Result<Vec<String>, (String, kube::Error)> {
+    let mut applied = Vec::new();
+    for desired in desired_classes(driver) {
+        let name = desired.metadata.name.clone().unwrap_or_default();
+        let current = api.get_opt(&name).await.map_err(|e| (name.clone(), e))?;
+        if current.is_some_and(|c| class_matches(&c, &desired)) {
+            continue;
+        }
+        apply_class(api, &desired)
+            .await
+            .map_err(|e| (name.clone(), e))?;
+        applied.push(name);
+    }
+    Ok(applied)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,6 @@
-//! The leader's writes for the fleet view: Node labels and annotation from the alignment view,
-//! `AlignmentDegraded` and `RailMismatch` Events, and the rail ConfigMap. Each reconcile reads
-//! only the reflector caches and writes only what differs.
+//! The leader's writes for the fleet view: Node labels and annotation from the alignment view
+//! (one Node per reconcile), `AlignmentDegraded` and `RailMismatch` Events, and the rail
+//! ConfigMap. Each reconcile writes only what differs.
 
 use super::ControllerError;
 use super::alignment::{FleetView, NodeAlignment};
@@ -11,6 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
 /// Namespace of Events about cluster-scoped objects such as Nodes.
 const NODE_EVENT_NAMESPACE: &str = "default";
@@ -170,108 +171,119 @@ impl NodeEvents {
     }
 }
 
-/// The leader's memory between reconciles: writes the caches have not caught up with yet, the
-/// rail ConfigMap as last read or written, and the rail misfits already reported.
-pub struct FleetReconciler {
+/// Writes one Node's labels and annotation at a time (the Node controller's reconcile), with
+/// an Event where alignment got worse.
+pub struct NodeLabeller {
     nodes: Api<Node>,
+    events: NodeEvents,
+    /// Node → its resourceVersion before our patch, and the patch: while the Node as the
+    /// controller's cache has it still shows that version and we would send the same patch,
+    /// it is in flight already (a slice event can trigger a reconcile before the Node watch
+    /// delivers our own write).
+    pending: Mutex<HashMap<String, (String, Value)>>,
+}
+
+impl NodeLabeller {
+    pub fn new(client: kube::Client, identity: &str) -> Self {
+        Self {
+            nodes: Api::all(client.clone()),
+            events: NodeEvents::new(client, identity),
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Value)>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Brings `node`'s labels and annotation in line with `alignment` (None: the node has none
+    /// of our slices). True when it patched.
+    pub async fn reconcile_node(
+        &self,
+        node: &Node,
+        alignment: Option<&NodeAlignment>,
+    ) -> Result<bool, ControllerError> {
+        let Some(name) = node.metadata.name.as_deref() else {
+            return Ok(false);
+        };
+        let version = node.metadata.resource_version.clone().unwrap_or_default();
+        let Some(patch) = node_patch(node, alignment) else {
+            self.pending().remove(name);
+            return Ok(false);
+        };
+        let in_flight = (version.clone(), patch.clone());
+        if self.pending().get(name) == Some(&in_flight) {
+            return Ok(false);
+        }
+        let mut first_error = None;
+        if let (Some(now), Some(before)) = (alignment, recorded_alignment(node))
+            && let Some(message) = now.degradation_since(&before)
+            && let Err(e) = self
+                .events
+                .record(
+                    name,
+                    node.metadata.uid.as_deref(),
+                    names::REASON_ALIGNMENT_DEGRADED,
+                    &message,
+                )
+                .await
+        {
+            first_error = Some(e);
+        }
+        let params = PatchParams {
+            field_manager: Some(names::CONTROLLER_FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        let patched = match self.nodes.patch(name, &params, &Patch::Merge(&patch)).await {
+            Ok(_) => {
+                self.pending().insert(name.to_string(), in_flight);
+                tracing::info!(node = name, labels = %patch, "node alignment labels updated");
+                true
+            }
+            // The Node went away between the cache and the patch: nothing to label.
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                self.pending().remove(name);
+                false
+            }
+            Err(source) => {
+                return Err(ControllerError::NodePatch {
+                    node: name.to_string(),
+                    source,
+                });
+            }
+        };
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(patched),
+        }
+    }
+}
+
+/// The leader's memory between rail reconciles: the rail ConfigMap as last read or written,
+/// and the rail misfits already reported.
+pub struct FleetReconciler {
     configmaps: Api<ConfigMap>,
     events: NodeEvents,
     namespace: String,
-    /// Node → its resourceVersion before our patch, and the patch: while the cache still
-    /// shows that version and we would send the same patch, it is in flight already (a slice
-    /// event can start a pass before the Node watch delivers our own write).
-    pending_nodes: HashMap<String, (String, Value)>,
     /// The rail ConfigMap's data as last seen; kept when the ConfigMap is deleted so the
     /// rails come back with the same numbers.
     rail_data: BTreeMap<String, String>,
     /// resourceVersion of the rail ConfigMap as last seen; None while it does not exist.
     rail_version: Option<String>,
-    rail_loaded: bool,
     reported_misfits: HashMap<String, String>,
 }
 
 impl FleetReconciler {
     pub fn new(client: kube::Client, namespace: &str, identity: &str) -> Self {
         Self {
-            nodes: Api::all(client.clone()),
             configmaps: Api::namespaced(client.clone(), namespace),
             events: NodeEvents::new(client, identity),
             namespace: namespace.to_string(),
-            pending_nodes: HashMap::new(),
             rail_data: BTreeMap::new(),
             rail_version: None,
-            rail_loaded: false,
             reported_misfits: HashMap::new(),
-        }
-    }
-
-    /// Brings every Node's labels in line with `view`; emits an Event where alignment got worse.
-    pub async fn reconcile_nodes(
-        &mut self,
-        view: &FleetView,
-        nodes: &[std::sync::Arc<Node>],
-    ) -> Result<usize, ControllerError> {
-        let mut patched = 0;
-        let mut first_error = None;
-        for node in nodes {
-            let Some(name) = node.metadata.name.as_deref() else {
-                continue;
-            };
-            let version = node.metadata.resource_version.clone().unwrap_or_default();
-            let alignment = view.nodes.get(name);
-            let Some(patch) = node_patch(node, alignment) else {
-                self.pending_nodes.remove(name);
-                continue;
-            };
-            if self.pending_nodes.get(name) == Some(&(version.clone(), patch.clone())) {
-                continue;
-            }
-            if let (Some(now), Some(before)) = (alignment, recorded_alignment(node))
-                && let Some(message) = now.degradation_since(&before)
-                && let Err(e) = self
-                    .events
-                    .record(
-                        name,
-                        node.metadata.uid.as_deref(),
-                        names::REASON_ALIGNMENT_DEGRADED,
-                        &message,
-                    )
-                    .await
-            {
-                first_error.get_or_insert(e);
-            }
-            let params = PatchParams {
-                field_manager: Some(names::CONTROLLER_FIELD_MANAGER.into()),
-                ..Default::default()
-            };
-            match self.nodes.patch(name, &params, &Patch::Merge(&patch)).await {
-                Ok(_) => {
-                    patched += 1;
-                    self.pending_nodes
-                        .insert(name.to_string(), (version, patch.clone()));
-                    tracing::info!(node = name, labels = %patch, "node alignment labels updated");
-                }
-                // The Node went away between the cache and the patch: nothing to label.
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(source) => {
-                    first_error.get_or_insert(ControllerError::NodePatch {
-                        node: name.to_string(),
-                        source,
-                    });
-                }
-            }
-        }
-        if self.pending_nodes.len() > nodes.len() {
-            let present: std::collections::HashSet<&str> = nodes
-                .iter()
-                .filter_map(|n| n.metadata.name.as_deref())
-                .collect();
-            self.pending_nodes
-                .retain(|name, _| present.contains(name.as_str()));
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(patched),
         }
     }
 
@@ -290,7 +302,6 @@ impl FleetReconciler {
             .await
             .map_err(|e| self.rails_error(e))?;
         self.adopt_rails(current.as_ref());
-        self.rail_loaded = true;
         Ok(())
     }
 
@@ -305,18 +316,14 @@ impl FleetReconciler {
     }
 
     /// Gives every subnet of the fitting nodes a rail, storing new ones in the ConfigMap, and
-    /// reports nodes that do not fit. `cached` is the ConfigMap as the watch cache has it.
+    /// reports nodes that do not fit (`node_uid` names their Node's UID for the Event).
     pub async fn reconcile_rails(
         &mut self,
         view: &FleetView,
-        cached: Option<&ConfigMap>,
-        node_uids: &HashMap<String, String>,
+        node_uid: &(dyn Fn(&str) -> Option<String> + Sync),
     ) -> Result<(usize, Vec<RailMisfit>), ControllerError> {
-        let cached_version = cached.and_then(|c| c.metadata.resource_version.clone());
-        // The cache may lag our own write or show someone else's; only a read says which.
-        if !self.rail_loaded || cached_version != self.rail_version {
-            self.load_rails().await?;
-        }
+        // A read each pass: the ConfigMap may have been deleted, edited or written by us.
+        self.load_rails().await?;
         let mut plan = plan_rails(&rails_from_configmap(&self.rail_data), &view.nics);
         for _ in 0..RAIL_WRITE_ATTEMPTS {
             plan = plan_rails(&rails_from_configmap(&self.rail_data), &view.nics);
@@ -365,14 +372,14 @@ impl FleetReconciler {
                 Err(e) => return Err(self.rails_error(e)),
             }
         }
-        self.report_misfits(&plan.misfits, node_uids).await?;
+        self.report_misfits(&plan.misfits, node_uid).await?;
         Ok((plan.rails.len(), plan.misfits))
     }
 
     async fn report_misfits(
         &mut self,
         misfits: &[RailMisfit],
-        node_uids: &HashMap<String, String>,
+        node_uid: &(dyn Fn(&str) -> Option<String> + Sync),
     ) -> Result<(), ControllerError> {
         self.reported_misfits
             .retain(|node, _| misfits.iter().any(|m| m.node == *node));
@@ -383,7 +390,7 @@ impl FleetReconciler {
             self.events
                 .record(
                     &misfit.node,
-                    node_uids.get(&misfit.node).map(String::as_str),
+                    node_uid(&misfit.node).as_deref(),
                     names::REASON_RAIL_MISMATCH,
                     &misfit.message,
                 )

@@ -1,33 +1,38 @@
 //! The cluster controller: keeps the DeviceClasses, publishes the fleet alignment view as
 //! Node labels and assigns rails to NIC subnets. Replicas elect one leader through a Lease; only
 //! the leader watches and writes. It reads our ResourceSlices and Nodes, never node sysfs.
+//! The leader reconciles through kube's `Controller` (see `Controller::lead`): one over Nodes,
+//! one over the leader Lease for the cluster-wide singletons.
 
 pub mod alignment;
 pub mod classes;
 pub mod fleet;
+pub mod index;
 pub mod lease;
 pub mod metrics;
 pub mod rails;
 
 use crate::names;
-use alignment::fleet_view;
-use fleet::FleetReconciler;
+use alignment::FleetView;
+use fleet::{FleetReconciler, NodeLabeller};
 use futures::StreamExt;
+use index::{SliceIndex, SliceRef};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use k8s_openapi::api::resource::v1::{DeviceClass, ResourceSlice};
 use kube::api::Api;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::controller::{
+    Action, Config as RunConfig, Controller as KubeController, Error as RunError,
+};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use lease::LeaseConfig;
 use metrics::{Metrics, ReconcileKind};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
-use std::hash::Hash;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -75,8 +80,8 @@ pub struct ControllerConfig {
     /// This replica's name in the Lease.
     pub identity: String,
     pub lease_duration: Duration,
-    /// Quiet time after a change before reconciling, so a burst of watch events (a node
-    /// rewriting its pool) is handled in one pass.
+    /// Quiet time after a trigger before reconciling its object (kube's controller
+    /// debounce), so a burst of watch events (a node rewriting its pool) is one reconcile.
     pub debounce: Duration,
 }
 
@@ -92,106 +97,17 @@ impl ControllerConfig {
     }
 }
 
-const CLASSES: u8 = 1;
-const FLEET: u8 = 2;
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
+const MIN_RETRY_DELAY: Duration = Duration::from_millis(200);
 const LEASE_RETRY_MIN: Duration = Duration::from_millis(500);
 const LEASE_RETRY_MAX: Duration = Duration::from_secs(10);
-
-/// Which parts have to be reconciled; watch tasks mark, the reconcile loop takes.
-#[derive(Default)]
-struct Dirty {
-    parts: AtomicU8,
-    wake: Notify,
-}
-
-impl Dirty {
-    fn mark(&self, parts: u8) {
-        self.parts.fetch_or(parts, Ordering::SeqCst);
-        self.wake.notify_one();
-    }
-
-    fn take(&self) -> u8 {
-        self.parts.swap(0, Ordering::SeqCst)
-    }
-}
-
-/// Mirrors `api` into a store, each object cut down by `trim` first; every change marks
-/// `parts` dirty.
-fn watch_into<K>(
-    tasks: &mut JoinSet<()>,
-    api: Api<K>,
-    config: watcher::Config,
-    trim: fn(&mut K),
-    dirty: Arc<Dirty>,
-    parts: u8,
-) -> Store<K>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + Hash + Clone,
-{
-    let (reader, writer) = reflector::store();
-    let kind = K::kind(&K::DynamicType::default()).to_string();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(trim)
-        .reflect(writer);
-    tasks.spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
-                    tracing::trace!(kind, "watch event");
-                    dirty.mark(parts);
-                }
-                Ok(watcher::Event::InitDone) => {
-                    tracing::debug!(kind, "watch (re)listed");
-                    dirty.mark(parts);
-                }
-                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
-                Err(e) => tracing::warn!(kind, error = %e, "watch failed; retrying"),
-            }
-        }
-    });
-    reader
-}
-
-fn drop_managed_fields<K: kube::Resource>(object: &mut K) {
-    object.meta_mut().managed_fields = None;
-}
-
-/// Only what the fleet view reads stays cached: with thousands of nodes the full slices
-/// (every attribute and capacity of every device) would dominate the controller's memory.
-fn trim_slice(slice: &mut ResourceSlice) {
-    drop_managed_fields(slice);
-    slice.metadata.owner_references = None;
-    let driver = slice.spec.driver.clone();
-    let kept: Vec<String> = [
-        names::ATTR_KIND,
-        names::ATTR_RDMA,
-        names::ATTR_PAIRED_WITH,
-        names::ATTR_PAIR_AFFINITY,
-        names::ATTR_SUBNET,
-    ]
-    .iter()
-    .map(|id| names::driver_qualified(&driver, id))
-    .collect();
-    for device in slice.spec.devices.iter_mut().flatten() {
-        device.capacity = None;
-        device.consumes_counters = None;
-        if let Some(attributes) = device.attributes.as_mut() {
-            attributes.retain(|key, _| kept.contains(key));
-        }
-    }
-}
-
-/// Labels and annotations are all the controller reads of a Node; real Nodes carry large
-/// status (image lists, conditions) that would otherwise be cached for every node.
-fn trim_node(node: &mut Node) {
-    drop_managed_fields(node);
-    node.spec = None;
-    node.status = None;
-}
+/// Node reconciles at once (each at most one label PATCH and an Event).
+const NODE_CONCURRENCY: u16 = 32;
+/// How long a Node reconcile waits for the slice cache to hold the slice versions its
+/// triggers saw before it goes ahead with what the cache has.
+const FRESHNESS_WAIT: Duration = Duration::from_secs(2);
+const FRESHNESS_POLL: Duration = Duration::from_millis(5);
+const SYNC_POLL: Duration = Duration::from_millis(10);
 
 /// One controller replica.
 pub struct Controller {
@@ -295,145 +211,182 @@ impl Controller {
         }
     }
 
-    /// The leader's work: watches, then reconcile passes whenever something changed.
+    /// The leader's work, until leadership ends: the slice cache and two kube `Controller`s,
+    /// started together (Node reconciles wait for the cache's first list).
+    ///
+    /// - Nodes: a `Controller<Node>`, triggered by each Node's own changes and, through
+    ///   `watches`, by changes of the slices that name it; a reconcile labels one Node from
+    ///   its slices in the cache. The trigger watch parses only what it maps by (`SliceRef`);
+    ///   the cache is a watcher of its own (`SliceIndex`), trimmed.
+    /// - The cluster singletons, the DeviceClasses and the rail ConfigMap: they must be
+    ///   recreated when absent, and a `Controller` reconciles only objects its cache holds, so
+    ///   they are reconciled together as the one object that exists while this replica leads,
+    ///   its leader Lease: a `Controller<Lease>` triggered by changes of our classes and of the
+    ///   rail ConfigMap (`watches`), by every change of the slice cache (`reconcile_all_on`),
+    ///   and by the Lease's own renewals, which double as a periodic resync.
     async fn lead(&self, leadership: &CancellationToken) {
-        let dirty = Arc::new(Dirty::default());
+        let client = self.client.clone();
+        let driver = self.config.driver.clone();
+        let namespace = self.config.namespace.clone();
+        let index = Arc::new(SliceIndex::new(&driver));
+        let (changed_tx, changed_rx) = futures::channel::mpsc::unbounded::<()>();
+        let slice_api: Api<ResourceSlice> = Api::all(client.clone());
+        let slice_config = watcher::Config::default().fields(&format!("spec.driver={driver}"));
         let mut tasks = JoinSet::new();
-        let driver = &self.config.driver;
-        let classes: Store<DeviceClass> = watch_into(
-            &mut tasks,
-            Api::all(self.client.clone()),
-            watcher::Config::default(),
-            drop_managed_fields,
-            dirty.clone(),
-            CLASSES,
-        );
-        let slices: Store<ResourceSlice> = watch_into(
-            &mut tasks,
-            Api::all(self.client.clone()),
-            watcher::Config::default().fields(&format!("spec.driver={driver}")),
-            trim_slice,
-            dirty.clone(),
-            FLEET,
-        );
-        let nodes: Store<Node> = watch_into(
-            &mut tasks,
-            Api::all(self.client.clone()),
-            watcher::Config::default(),
-            trim_node,
-            dirty.clone(),
-            FLEET,
-        );
-        let configmaps: Store<ConfigMap> = watch_into(
-            &mut tasks,
-            Api::namespaced(self.client.clone(), &self.config.namespace),
-            watcher::Config::default().fields(&format!("metadata.name={}", names::RAILS_CONFIGMAP)),
-            drop_managed_fields,
-            dirty.clone(),
-            FLEET,
-        );
-        for ready in [
-            classes.wait_until_ready().await,
-            slices.wait_until_ready().await,
-            nodes.wait_until_ready().await,
-            configmaps.wait_until_ready().await,
-        ] {
-            if ready.is_err() {
-                // Only when a watch task died, which it does not do on its own.
-                tracing::error!("a watch ended before its first list; leading without it");
-            }
-        }
-        tracing::info!(identity = %self.config.identity, "caches synced; reconciling");
-        let mut fleet = FleetReconciler::new(
-            self.client.clone(),
-            &self.config.namespace,
-            &self.config.identity,
-        );
-        let class_api: Api<DeviceClass> = Api::all(self.client.clone());
-        dirty.mark(CLASSES | FLEET);
-        let mut delay = Duration::ZERO;
-        loop {
-            tokio::select! {
-                () = leadership.cancelled() => return,
-                () = dirty.wake.notified() => {}
-            }
-            tokio::time::sleep(self.config.debounce.max(delay)).await;
-            let parts = dirty.take();
-            tracing::trace!(parts, "reconcile pass");
-            let mut failed = 0;
-            if parts & CLASSES != 0 {
-                let result = self.reconcile_classes(&class_api, &classes).await;
-                if !self.count(ReconcileKind::DeviceClass, result) {
-                    failed |= CLASSES;
+        let cache = index.clone();
+        let stream = watcher(slice_api, slice_config.clone()).default_backoff();
+        tasks.spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(event) => {
+                        let first_list = !cache.synced();
+                        if cache.apply(event) {
+                            if first_list && cache.synced() {
+                                tracing::info!("slice cache synced");
+                            }
+                            let _ = changed_tx.unbounded_send(());
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "slice watch failed; retrying"),
                 }
             }
-            if parts & FLEET != 0
-                && !self
-                    .reconcile_fleet(&mut fleet, &slices, &nodes, &configmaps)
-                    .await
-            {
-                failed |= FLEET;
-            }
-            if failed == 0 {
-                delay = Duration::ZERO;
-            } else {
-                delay = (delay * 2).clamp(Duration::from_millis(200), MAX_RETRY_DELAY);
-                dirty.mark(failed);
+        });
+        let nodes =
+            KubeController::new(Api::<Node>::all(client.clone()), watcher::Config::default())
+                .with_config(
+                    RunConfig::default()
+                        .debounce(self.config.debounce)
+                        .concurrency(NODE_CONCURRENCY),
+                );
+        let context = Arc::new(Context {
+            driver: driver.clone(),
+            metrics: self.metrics.clone(),
+            index: index.clone(),
+            labeller: NodeLabeller::new(client.clone(), &self.config.identity),
+            classes: Api::all(client.clone()),
+            rails: tokio::sync::Mutex::new(FleetReconciler::new(
+                client.clone(),
+                &namespace,
+                &self.config.identity,
+            )),
+            nodes: nodes.store(),
+            view: Mutex::new(None),
+            failures: Mutex::new(HashMap::new()),
+        });
+        let expecting = index.clone();
+        let nodes = nodes
+            .watches(
+                Api::<SliceRef>::all(client.clone()),
+                slice_config,
+                move |slice: SliceRef| {
+                    expecting
+                        .expect(slice)
+                        .map(|node| ObjectRef::<Node>::new(&node))
+                },
+            )
+            .run(reconcile_node, retry_policy, context.clone())
+            .for_each(|result| {
+                log_outcome("node", result);
+                std::future::ready(())
+            });
+
+        let lease = ObjectRef::<Lease>::new(names::CONTROLLER_LEASE_NAME).within(&namespace);
+        let ours: Vec<String> = classes::desired_classes(&driver)
+            .into_iter()
+            .filter_map(|c| c.metadata.name)
+            .collect();
+        let (class_lease, rails_lease) = (lease.clone(), lease);
+        let singletons = KubeController::new(
+            Api::<Lease>::namespaced(client.clone(), &namespace),
+            watcher::Config::default()
+                .fields(&format!("metadata.name={}", names::CONTROLLER_LEASE_NAME)),
+        )
+        .with_config(RunConfig::default().debounce(self.config.debounce))
+        .watches(
+            Api::<DeviceClass>::all(client.clone()),
+            watcher::Config::default(),
+            move |class: DeviceClass| {
+                let name = class.metadata.name.unwrap_or_default();
+                ours.contains(&name).then(|| class_lease.clone())
+            },
+        )
+        .watches(
+            Api::<ConfigMap>::namespaced(client, &namespace),
+            watcher::Config::default().fields(&format!("metadata.name={}", names::RAILS_CONFIGMAP)),
+            move |_: ConfigMap| Some(rails_lease.clone()),
+        )
+        .reconcile_all_on(changed_rx)
+        .run(reconcile_singletons, retry_policy, context)
+        .for_each(|result| {
+            log_outcome("singletons", result);
+            std::future::ready(())
+        });
+        tokio::select! {
+            () = leadership.cancelled() => {}
+            _ = futures::future::join(nodes, singletons) => {
+                tracing::error!("the controllers ended while leading");
             }
         }
     }
+}
 
-    /// Records a reconcile in the metrics; true when it succeeded.
-    fn count(&self, kind: ReconcileKind, result: Result<(), ControllerError>) -> bool {
-        self.metrics.reconciled(kind);
-        match result {
-            Ok(()) => true,
-            Err(e) => {
-                self.metrics.failed(kind);
-                tracing::warn!(kind = kind.as_str(), error = %e, "reconcile failed; retrying");
-                false
-            }
-        }
+/// What the reconcilers share: the caches, the writers and the retry state.
+struct Context {
+    driver: String,
+    metrics: Arc<Metrics>,
+    index: Arc<SliceIndex>,
+    labeller: NodeLabeller,
+    classes: Api<DeviceClass>,
+    rails: tokio::sync::Mutex<FleetReconciler>,
+    nodes: Store<Node>,
+    /// The fleet view and the slice cache generation it was computed at.
+    view: Mutex<Option<(u64, Arc<FleetView>)>>,
+    /// "Kind/name" → failed reconciles in a row, for the retry backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+fn failure_key<K: kube::Resource<DynamicType = ()>>(object: &K) -> String {
+    format!(
+        "{}/{}",
+        K::kind(&()),
+        object.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+impl Context {
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Class passes run only on class watch events (or retries), and the reflector stores an
-    /// event before it is handed on, so the cache here is never older than our last apply.
-    async fn reconcile_classes(
+    /// Records a reconcile of `kind` in the metrics and passes its result on.
+    fn count(
         &self,
-        api: &Api<DeviceClass>,
-        cache: &Store<DeviceClass>,
+        kind: ReconcileKind,
+        result: Result<(), ControllerError>,
     ) -> Result<(), ControllerError> {
-        for desired in classes::desired_classes(&self.config.driver) {
-            let name = desired.metadata.name.clone().unwrap_or_default();
-            let current = cache.get(&ObjectRef::new(&name));
-            if current
-                .as_deref()
-                .is_some_and(|c| classes::class_matches(c, &desired))
-            {
-                continue;
-            }
-            classes::apply_class(api, &desired)
-                .await
-                .map_err(|source| ControllerError::ClassApply {
-                    class: name.clone(),
-                    source,
-                })?;
-            tracing::info!(class = %name, "DeviceClass applied");
+        self.metrics.reconciled(kind);
+        if result.is_err() {
+            self.metrics.failed(kind);
         }
-        Ok(())
+        result
     }
 
-    /// Labels and rails from the caches; true when both went through.
-    async fn reconcile_fleet(
-        &self,
-        fleet: &mut FleetReconciler,
-        slices: &Store<ResourceSlice>,
-        nodes: &Store<Node>,
-        configmaps: &Store<ConfigMap>,
-    ) -> bool {
-        let slices = slices.state();
-        let view = fleet_view(slices.iter().map(|s| s.as_ref()), &self.config.driver);
-        let nodes = nodes.state();
+    /// The fleet view of the slice cache, computed again only when the cache changed.
+    fn fleet_view(&self) -> Arc<FleetView> {
+        let generation = self.index.generation();
+        let mut memo = self
+            .view
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, view)) = memo.as_ref()
+            && *at == generation
+        {
+            return view.clone();
+        }
+        let (at, view) = self.index.view();
         let mut by_affinity: BTreeMap<String, i64> = BTreeMap::new();
         for alignment in view.nodes.values() {
             *by_affinity
@@ -441,23 +394,121 @@ impl Controller {
                 .or_default() += 1;
         }
         self.metrics.set_nodes_by_best_affinity(&by_affinity);
-        let labelled = fleet.reconcile_nodes(&view, &nodes).await.map(|patched| {
-            if patched > 0 {
-                tracing::debug!(patched, "node labels reconciled");
+        let view = Arc::new(view);
+        *memo = Some((at, view.clone()));
+        view
+    }
+}
+
+/// One Node: its labels and annotation from its slices, once the cache holds the slice
+/// versions that triggered this reconcile (or after `FRESHNESS_WAIT`).
+async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    // Never from a cache without every slice: a node whose slices are not in would lose its
+    // labels. The controllers start together with the cache's first list, so the lists of
+    // Nodes and slices overlap.
+    while !ctx.index.synced() {
+        tokio::time::sleep(SYNC_POLL).await;
+    }
+    let deadline = tokio::time::Instant::now() + FRESHNESS_WAIT;
+    let alignment = loop {
+        match ctx.index.node(&name, false) {
+            Ok(alignment) => break alignment,
+            Err(()) if tokio::time::Instant::now() >= deadline => {
+                tracing::debug!(node = %name, wait = ?FRESHNESS_WAIT, "slice cache still behind this node's triggers; going ahead with it");
+                break ctx.index.node(&name, true).unwrap_or_default();
+            }
+            Err(()) => {
+                tracing::trace!(node = %name, "slice cache behind this node's triggers; waiting");
+                tokio::time::sleep(FRESHNESS_POLL).await;
+            }
+        }
+    };
+    let result = ctx
+        .labeller
+        .reconcile_node(&node, alignment.as_ref())
+        .await
+        .map(|patched| {
+            if patched {
+                tracing::debug!(node = %name, "node labels reconciled");
             }
         });
-        let labels_ok = self.count(ReconcileKind::Node, labelled);
-        let node_uids: HashMap<String, String> = nodes
-            .iter()
-            .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.uid.clone()?)))
-            .collect();
-        let cached =
-            configmaps.get(&ObjectRef::new(names::RAILS_CONFIGMAP).within(&self.config.namespace));
-        let rails = fleet
-            .reconcile_rails(&view, cached.as_deref(), &node_uids)
-            .await
-            .map(|(rails, _)| self.metrics.set_rails(rails));
-        let rails_ok = self.count(ReconcileKind::Rails, rails);
-        labels_ok && rails_ok
+    ctx.count(ReconcileKind::Node, result)?;
+    ctx.failures().remove(&failure_key(node.as_ref()));
+    Ok(Action::await_change())
+}
+
+/// The DeviceClasses and the rails, keyed by the leader Lease.
+async fn reconcile_singletons(
+    lease: Arc<Lease>,
+    ctx: Arc<Context>,
+) -> Result<Action, ControllerError> {
+    let applied = classes::ensure_classes(&ctx.classes, &ctx.driver)
+        .await
+        .map(|applied| {
+            for class in applied {
+                tracing::info!(%class, "DeviceClass applied");
+            }
+        })
+        .map_err(|(class, source)| ControllerError::ClassApply { class, source });
+    let classes = ctx.count(ReconcileKind::DeviceClass, applied);
+    if !ctx.index.synced() {
+        // The rails wait for the whole fleet; the first list's end triggers this again.
+        classes?;
+        return Ok(Action::await_change());
+    }
+    let view = ctx.fleet_view();
+    let node_uid = |node: &str| {
+        ctx.nodes
+            .get(&ObjectRef::new(node))
+            .and_then(|n| n.metadata.uid.clone())
+    };
+    let rails = ctx
+        .rails
+        .lock()
+        .await
+        .reconcile_rails(&view, &node_uid)
+        .await
+        .map(|(rails, _)| ctx.metrics.set_rails(rails));
+    let rails = ctx.count(ReconcileKind::Rails, rails);
+    classes.and(rails)?;
+    ctx.failures().remove(&failure_key(lease.as_ref()));
+    Ok(Action::await_change())
+}
+
+/// Retries a failed reconcile of that object after 200 ms, doubling up to 10 s while it
+/// keeps failing.
+fn retry_policy<K: kube::Resource<DynamicType = ()>>(
+    object: Arc<K>,
+    error: &ControllerError,
+    ctx: Arc<Context>,
+) -> Action {
+    let key = failure_key(object.as_ref());
+    let failures = {
+        let mut failures = ctx.failures();
+        let count = failures.entry(key.clone()).or_default();
+        *count = count.saturating_add(1);
+        *count
+    };
+    let delay = MIN_RETRY_DELAY
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(MAX_RETRY_DELAY);
+    tracing::warn!(object = %key, error = %error, retry_in = ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+fn log_outcome<K: kube::Resource, Q: std::error::Error>(
+    controller: &str,
+    result: Result<(ObjectRef<K>, Action), RunError<ControllerError, Q>>,
+) where
+    K::DynamicType: Debug,
+{
+    match result {
+        Ok(_) | Err(RunError::ReconcilerFailed(..)) => {}
+        // A trigger for an object that is not there (slices of a node without a Node).
+        Err(RunError::ObjectNotFound(object)) => {
+            tracing::trace!(controller, %object, "nothing to reconcile")
+        }
+        Err(e) => tracing::warn!(controller, error = %e, "controller error"),
     }
 }
