@@ -10,14 +10,14 @@ use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use rtnetlink::RouteMessageBuilder;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::address::AddressMessage;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
 
 use super::build::NetworkFacts;
 use crate::names;
 use crate::netattach::MAIN_TABLE;
-use crate::netattach::netlink::all_tables;
+use crate::netattach::netlink::{all_tables, interface_address};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -31,20 +31,10 @@ pub enum NetworkError {
     },
 }
 
-/// `address/prefix` of one RTM_NEWADDR message. IFA_LOCAL is an IPv4 interface's own
-/// address (IFA_ADDRESS is the peer on point-to-point links); IPv6 sends only IFA_ADDRESS.
+/// `address/prefix` of one RTM_NEWADDR message, read as netattach reads an interface's
+/// addresses before moving it.
 fn address_of(message: &AddressMessage) -> Option<String> {
-    let local = message.attributes.iter().find_map(|a| match a {
-        AddressAttribute::Local(ip) => Some(*ip),
-        _ => None,
-    });
-    let address = local.or_else(|| {
-        message.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Address(ip) => Some(*ip),
-            _ => None,
-        })
-    })?;
-    Some(format!("{address}/{}", message.header.prefix_len))
+    interface_address(message).map(|a| format!("{}/{}", a.address, a.prefix_len))
 }
 
 /// Adds the host addresses of interfaces that sit in pods (`interfaces`, from the attach

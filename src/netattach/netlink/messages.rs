@@ -264,7 +264,8 @@ fn route_ip(address: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
-pub(super) fn interface_address(message: &AddressMessage) -> Option<InterfaceAddress> {
+/// The interface's own address and prefix length in one RTM_NEWADDR message.
+pub fn interface_address(message: &AddressMessage) -> Option<InterfaceAddress> {
     // IPv4 reports the interface's own address as IFA_LOCAL (IFA_ADDRESS is the peer on
     // point-to-point links); IPv6 has only IFA_ADDRESS.
     let local = message.attributes.iter().find_map(|a| match a {

@@ -10,7 +10,7 @@ mod messages;
 mod ops;
 mod session;
 
-pub use messages::all_tables;
+pub use messages::{all_tables, interface_address};
 pub use ops::{attach, interface_in_netns, move_and_configure, release, snapshot};
 
 /// An open network namespace plus the label that error messages use for it.
