@@ -25,14 +25,7 @@ const NODE: &str = "node-flush";
 const NAMESPACE: &str = "flush";
 
 fn refs(claims: &[tandem_kubelet_plugin::proto::dra_v1::Claim]) -> Vec<ClaimRef> {
-    claims
-        .iter()
-        .map(|c| ClaimRef {
-            namespace: c.namespace.clone(),
-            name: c.name.clone(),
-            uid: c.uid.clone(),
-        })
-        .collect()
+    claims.iter().cloned().map(ClaimRef::from).collect()
 }
 
 /// Flushes made while `f` runs.

@@ -185,17 +185,23 @@ macro_rules! dra_plugin_service {
             pub Arc<DraHandler<D>>,
         );
 
+        impl From<$api::Claim> for ClaimRef {
+            fn from(claim: $api::Claim) -> Self {
+                ClaimRef {
+                    namespace: claim.namespace,
+                    name: claim.name,
+                    uid: claim.uid,
+                }
+            }
+        }
+
         #[tonic::async_trait]
         impl<D: Driver> $api::dra_plugin_server::DraPlugin for $service<D> {
             async fn node_prepare_resources(
                 &self,
                 request: Request<$api::NodePrepareResourcesRequest>,
             ) -> Result<Response<$api::NodePrepareResourcesResponse>, Status> {
-                let claims = request.into_inner().claims.into_iter().map(|c| ClaimRef {
-                    namespace: c.namespace,
-                    name: c.name,
-                    uid: c.uid,
-                });
+                let claims = request.into_inner().claims.into_iter().map(ClaimRef::from);
                 let claims = self
                     .0
                     .prepare(claims.collect())
@@ -222,11 +228,7 @@ macro_rules! dra_plugin_service {
                 &self,
                 request: Request<$api::NodeUnprepareResourcesRequest>,
             ) -> Result<Response<$api::NodeUnprepareResourcesResponse>, Status> {
-                let claims = request.into_inner().claims.into_iter().map(|c| ClaimRef {
-                    namespace: c.namespace,
-                    name: c.name,
-                    uid: c.uid,
-                });
+                let claims = request.into_inner().claims.into_iter().map(ClaimRef::from);
                 let claims = self
                     .0
                     .unprepare(claims.collect())
