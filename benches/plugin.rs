@@ -242,6 +242,22 @@ fn percentiles(mut v: Vec<Duration>) -> (f64, f64) {
     (at(0.5), at(0.99))
 }
 
+/// CPU time (user + system, all threads) of process `pid` so far, in ms (10 ms ticks).
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat"))
+        .unwrap_or_default();
+    // Fields after the command name, which ends at the last ')': state is field 3, utime 14.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) * 10.0
+}
+
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status"))
         .unwrap_or_default();
@@ -268,6 +284,16 @@ async fn main() {
         return footprint(&apiserver, cycles).await;
     }
     const ROUNDS: usize = 200;
+    // TANDEM_BENCH_ONLY=small: only the 8 one-GPU claims, for profiling that path
+    // (TANDEM_BENCH_ROUNDS of each mode).
+    if std::env::var("TANDEM_BENCH_ONLY").as_deref() == Ok("small") {
+        let rounds = std::env::var("TANDEM_BENCH_ROUNDS").ok();
+        return small_claims(
+            &apiserver,
+            rounds.and_then(|r| r.parse().ok()).unwrap_or(ROUNDS),
+        )
+        .await;
+    }
 
     // Sequential: one claim of the 8 DGX H100 GPUs with their rail HCAs.
     let mut node = start(
@@ -315,10 +341,23 @@ async fn main() {
     let Node { mut child, .. } = node;
     child.kill().await.ok();
 
-    // 8 one-GPU claims (each GPU with its rail NIC) on the DGX H100: one claim per call one
-    // after another, 8 calls at once, and all 8 in one call.
+    small_claims(&apiserver, ROUNDS).await;
+
+    println!();
+    println!("| plugin memory (dgx-h100) | KiB |");
+    println!("|---|---:|");
+    println!("| idle RSS after start | {idle_rss} |");
+    println!("| RSS after {ROUNDS} prepare/unprepare rounds | {rss_after} |");
+    println!("| peak RSS (VmHWM) | {hwm} |");
+
+    flushes(&apiserver).await;
+}
+
+/// 8 one-GPU claims (each GPU with its rail NIC) on the DGX H100: one claim per call one after
+/// another, 8 calls at once, and all 8 in one call; `rounds` of each.
+async fn small_claims(apiserver: &FakeApiServer, rounds: usize) {
     let mut node = start(
-        &apiserver,
+        apiserver,
         "dgx-h100-small",
         &fixture::builtin("dgx-h100").expect("fixture"),
         8,
@@ -327,7 +366,7 @@ async fn main() {
     .await;
     let claims = node.claims.clone();
     let (mut prep, mut unprep) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let claim = &claims[round % claims.len()];
         prep.push(prepare_all(&mut node.client, std::slice::from_ref(claim), 2).await);
         unprep.push(unprepare_all(&mut node.client, std::slice::from_ref(claim)).await);
@@ -336,11 +375,13 @@ async fn main() {
     println!("| 8 one-GPU claims (GPU + rail NIC each) | mode | p50 ms | p99 ms | calls |");
     println!("|---|---|---:|---:|---:|");
     let (p50, p99) = percentiles(prep);
-    println!("| prepare, one claim per call | sequential | {p50:.2} | {p99:.2} | {ROUNDS} |");
+    println!("| prepare, one claim per call | sequential | {p50:.2} | {p99:.2} | {rounds} |");
     let (p50, p99) = percentiles(unprep);
-    println!("| unprepare, one claim per call | sequential | {p50:.2} | {p99:.2} | {ROUNDS} |");
-    let rounds = ROUNDS / 8;
+    println!("| unprepare, one claim per call | sequential | {p50:.2} | {p99:.2} | {rounds} |");
+    let pid = node.child.id().expect("pid");
+    let cpu_before = (cpu_ms(pid), cpu_ms(std::process::id()));
     let (prep, unprep, prep_rounds, unprep_rounds) = parallel_rounds(&node, rounds, 2).await;
+    let cpu_after = (cpu_ms(pid), cpu_ms(std::process::id()));
     let calls = prep.len();
     let (p50, p99) = percentiles(prep);
     println!(
@@ -358,6 +399,15 @@ async fn main() {
     println!(
         "| unprepare, 8 parallel calls: whole round | 8 in parallel | {p50:.2} | {p99:.2} | {rounds} |"
     );
+    // Where the CPU of the parallel rounds went: the plugin, and this process (the kubelet
+    // client and the apiserver fake, which on a real node run elsewhere), per round of a
+    // prepare and an unprepare.
+    let per_round = |before: f64, after: f64| (after - before) / rounds as f64;
+    println!(
+        "| CPU per round of 8 parallel prepares + 8 unprepares: plugin / client + apiserver fake | ms | {:.2} / {:.2} | | {rounds} |",
+        per_round(cpu_before.0, cpu_after.0),
+        per_round(cpu_before.1, cpu_after.1)
+    );
     let (mut prep, mut unprep) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         prep.push(prepare_all(&mut node.client, &claims, 2).await);
@@ -368,15 +418,6 @@ async fn main() {
     let (p50, p99) = percentiles(unprep);
     println!("| unprepare, 8 claims in one call | one call | {p50:.2} | {p99:.2} | {rounds} |");
     node.child.kill().await.ok();
-
-    println!();
-    println!("| plugin memory (dgx-h100) | KiB |");
-    println!("|---|---:|");
-    println!("| idle RSS after start | {idle_rss} |");
-    println!("| RSS after {ROUNDS} prepare/unprepare rounds | {rss_after} |");
-    println!("| peak RSS (VmHWM) | {hwm} |");
-
-    flushes(&apiserver).await;
 }
 
 /// Disk flushes per call, counted in-process (`tandem::prepare::flush_count`) around the same
@@ -501,6 +542,7 @@ async fn footprint(apiserver: &FakeApiServer, cycles: usize) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pid = node.child.id().expect("pid");
     let (idle_rss, _) = rss_kib(pid);
+    let idle_parts = rss_parts(pid);
     let claim = node.claims[0].clone();
     let mut samples = Vec::new();
     for cycle in 1..=cycles {
@@ -518,5 +560,56 @@ async fn footprint(apiserver: &FakeApiServer, cycles: usize) {
         println!("| RSS after {cycle} prepare/unprepare cycles | {rss} |");
     }
     println!("| peak RSS (VmHWM) | {hwm} |");
+    println!();
+    println!("| idle RSS by part (`/proc/<pid>/smaps`) | KiB |");
+    println!("|---|---:|");
+    for (part, kib) in idle_parts {
+        println!("| {part} | {kib} |");
+    }
     node.child.kill().await.ok();
+}
+
+/// The process's resident memory by part, from `/proc/<pid>/smaps`: anonymous pages (heap,
+/// stacks, relocated data), the clean file pages of its own binary and of everything else it
+/// maps (libc, ld.so).
+fn rss_parts(pid: u32) -> Vec<(&'static str, u64)> {
+    let proc = Path::new("/proc").join(pid.to_string());
+    let exe = std::fs::read_link(proc.join("exe")).unwrap_or_default();
+    let smaps = std::fs::read_to_string(proc.join("smaps")).unwrap_or_default();
+    let (mut anon, mut own_file, mut other_file, mut total) = (0, 0, 0, 0);
+    let mut is_own = false;
+    let kib = |line: &str| -> u64 {
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut rss = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header line: its path is the last field, if any.
+            is_own = line
+                .split_whitespace()
+                .nth(5)
+                .is_some_and(|path| Path::new(path) == exe);
+        } else if first == "Rss:" {
+            rss = kib(line);
+            total += rss;
+        } else if first == "Anonymous:" {
+            let a = kib(line);
+            anon += a;
+            if is_own {
+                own_file += rss - a;
+            } else {
+                other_file += rss - a;
+            }
+        }
+    }
+    vec![
+        ("total", total),
+        ("anonymous (heap, stacks, relocated data)", anon),
+        ("clean file pages of the tandem binary", own_file),
+        ("clean file pages of shared libraries", other_file),
+    ]
 }

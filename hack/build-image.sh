@@ -215,8 +215,11 @@ mkdir -p "${WORK}"
 
 # 1. The binary.
 if [[ -z "${BINARY}" ]]; then
-  log "cargo build --profile node --locked --no-default-features --bin tandem"
-  (cd "${REPO_ROOT}" && cargo build --profile node --locked --no-default-features --bin tandem)
+  # The builder stage's RUSTFLAGS (packed relocations), so both builds link the same binary.
+  NODE_RUSTFLAGS=$(sed -n 's/^ENV RUSTFLAGS="\(.*\)"$/\1/p' "${DOCKERFILE}")
+  log "RUSTFLAGS='${NODE_RUSTFLAGS}' cargo build --profile node --locked --no-default-features --bin tandem"
+  (cd "${REPO_ROOT}" && RUSTFLAGS="${NODE_RUSTFLAGS}" \
+    cargo build --profile node --locked --no-default-features --bin tandem)
   BINARY="${REPO_ROOT}/target/node/tandem"
 fi
 [[ -f "${BINARY}" && -x "${BINARY}" ]] || die "binary ${BINARY} missing or not executable"

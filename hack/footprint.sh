@@ -1,31 +1,22 @@
 #!/usr/bin/env bash
-# Node agent footprint (issue 16): builds the release `tandem` as a node runs it (without the
-# test doubles, --no-default-features, once the `demo` feature exists), reports its size and
-# build time, then its idle RSS on the dgx-h100 fixture and RSS after N prepare/unprepare
-# cycles of one 8 GPU + 8 NIC claim over the kubelet socket (default 10000; first argument).
-# Prints Markdown for BENCHMARKS.md.
+# Node agent footprint (issue 16): builds `tandem` as the image ships it (the `node` profile,
+# --no-default-features so no test doubles, and the Dockerfile builder's RUSTFLAGS), reports
+# its size and build time, then its idle RSS on the dgx-h100 fixture (with what it is made
+# of, from smaps) and RSS after N prepare/unprepare cycles of one 8 GPU + 8 NIC claim over the
+# kubelet socket (default 10000; first argument). Prints Markdown for BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cycles="${1:-10000}"
 echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r), $(date -u +%Y-%m-%d), load $(cut -d' ' -f1-3 /proc/loadavg)"
-if grep -qE '^demo *=' Cargo.toml; then
-  flags=(--no-default-features)
-  target=target/footprint
-  what="release, --no-default-features (no test doubles)"
-else
-  flags=()
-  target=target
-  what="release, default features (test doubles still linked: no demo feature yet)"
-fi
-# A target dir of its own (the feature set differs), seeded with the default build's
-# dependencies so only tandem itself is compiled.
-if [ "$target" != target ] && [ ! -d "$target/release" ] && [ -d target/release ]; then
-  mkdir -p "$target" && cp -a target/release "$target/"
-fi
+flags=(--profile node --no-default-features)
+rustflags=$(sed -n 's/^ENV RUSTFLAGS="\(.*\)"$/\1/p' Dockerfile)
+# A target dir of its own: other RUSTFLAGS would rebuild the default target's dependencies.
+target=target/footprint
+what="node profile, --no-default-features (no test doubles), RUSTFLAGS='$rustflags'"
 start=$(date +%s)
-cargo build --quiet --release --bin tandem --target-dir "$target" "${flags[@]}"
+RUSTFLAGS="$rustflags" cargo build --quiet --bin tandem --target-dir "$target" "${flags[@]}"
 built=$(( $(date +%s) - start ))
-binary="$target/release/tandem"
+binary="$target/node/tandem"
 size=$(stat -c %s "$binary")
 echo
 echo "| node agent binary | value |"
