@@ -675,3 +675,56 @@ async fn slice_publisher_survives_connections_dropped_mid_watch() {
     plugin.start_kill().unwrap();
     plugin.wait().await.unwrap();
 }
+
+/// A node with many CPUs: tokio would start one worker per CPU (224 on a DGX H100), each with
+/// its stack and malloc arena. TOKIO_WORKER_THREADS=64 stands in for such a node, since tokio
+/// reads it where it would count CPUs; the plugin still runs `--worker-threads` (default 2)
+/// workers, so its whole thread count stays small.
+#[tokio::test]
+async fn many_cpus_do_not_multiply_the_plugins_threads() {
+    let dir = fixture::scratch_dir().unwrap();
+    let roots = fixture::write_machine(
+        &fixture::builtin("dgx-h100").unwrap(),
+        &dir.path().join("machine"),
+    )
+    .unwrap();
+    let apiserver = FakeApiServer::start().await.unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    apiserver.write_kubeconfig(&kubeconfig).unwrap();
+    let socket = dir.path().join("plugins/tandem.dev/dra.sock");
+    let threads_of = async |extra: &[&str]| {
+        // A killed plugin leaves its socket file: wait for this run's own.
+        let _ = std::fs::remove_file(&socket);
+        let mut plugin = plugin_command(
+            NODE,
+            dir.path(),
+            &dir.path().join("state"),
+            &roots,
+            &kubeconfig,
+        )
+        .args(extra)
+        .env("TOKIO_WORKER_THREADS", "64")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "the plugin did not listen");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pid = plugin.id().unwrap();
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count();
+        plugin.start_kill().unwrap();
+        plugin.wait().await.unwrap();
+        threads
+    };
+    let default = threads_of(&[]).await;
+    assert!(
+        default < 16,
+        "{default} threads: the worker count followed TOKIO_WORKER_THREADS=64"
+    );
+    let asked = threads_of(&["--worker-threads", "40"]).await;
+    assert!(asked > 40, "{asked} threads with --worker-threads 40");
+}

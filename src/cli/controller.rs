@@ -31,6 +31,9 @@ pub struct ControllerArgs {
     /// This replica's name in the Lease (default: $POD_NAME, else the hostname).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Async worker threads; the default does not grow with the node's CPU count.
+    #[arg(long, default_value_t = super::DEFAULT_WORKER_THREADS, value_parser = super::parse_thread_count)]
+    pub worker_threads: usize,
 }
 
 /// `$HOSTNAME` (a pod's name in Kubernetes), else a per-process name.
@@ -43,11 +46,7 @@ fn hostname() -> String {
 
 /// Logging is configured by main (`--log-format`, `RUST_LOG`).
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
+    super::runtime(args.worker_threads)?.block_on(serve(args))
 }
 
 async fn serve(args: ControllerArgs) -> anyhow::Result<()> {

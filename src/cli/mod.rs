@@ -88,6 +88,32 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Worker threads of the node agent's and the controller's runtime unless
+/// `--worker-threads` says otherwise. Their work is a few RPCs and API calls at a time, and
+/// file I/O runs on the blocking pool; tokio's default, one worker per CPU, would start 224
+/// threads on a DGX H100 (2 x 56 cores, SMT), each with its stack and malloc arena: 3 MiB more
+/// idle RSS than with 2, measured with TOKIO_WORKER_THREADS=224 (BENCHMARKS.md).
+pub const DEFAULT_WORKER_THREADS: usize = 2;
+
+/// The multi-threaded runtime of a long-running subcommand, with `worker_threads` workers.
+pub fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// A thread-count flag: a whole number above zero.
+pub fn parse_thread_count(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("the thread count must be above zero".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{text:?} is not a thread count: {e}")),
+    }
+}
+
 /// A duration flag: `30s`, `2m`, `500ms`, `1h30m` (humantime's units), or plain seconds;
 /// never zero, since every duration flag is a period or a timeout.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -109,6 +135,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thread_counts_are_whole_numbers_above_zero() {
+        assert_eq!(parse_thread_count("2"), Ok(2));
+        assert_eq!(parse_thread_count(" 16 "), Ok(16));
+        assert!(parse_thread_count("0").unwrap_err().contains("above zero"));
+        assert!(parse_thread_count("two").unwrap_err().contains("\"two\""));
+        assert!(parse_thread_count("-1").is_err());
+    }
 
     #[test]
     fn durations_parse_with_units_or_as_seconds() {

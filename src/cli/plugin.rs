@@ -91,6 +91,10 @@ pub struct PluginArgs {
     /// socket for `tandem probe`); empty disables the endpoint.
     #[arg(long, default_value = "0.0.0.0:9477")]
     pub metrics_addr: String,
+    /// Async worker threads (file I/O runs on a separate blocking pool); the default does
+    /// not grow with the node's CPU count.
+    #[arg(long, default_value_t = super::DEFAULT_WORKER_THREADS, value_parser = super::parse_thread_count)]
+    pub worker_threads: usize,
     /// Namespace of the cluster controller, whose rail ConfigMap gives NICs their rail.
     #[arg(long, default_value = names::DEFAULT_CONTROLLER_NAMESPACE)]
     pub controller_namespace: String,
@@ -116,11 +120,7 @@ pub struct PluginArgs {
 
 /// Logging is configured by main (`--log-format`, `RUST_LOG`).
 pub fn run(args: PluginArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
+    super::runtime(args.worker_threads)?.block_on(serve(args))
 }
 
 pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
