@@ -7,6 +7,7 @@ pub mod chardev;
 pub mod nics;
 pub mod numa;
 pub mod pci;
+mod pci_names;
 pub mod reader;
 /// CPU lists as the kernel prints them (the core parses them; the fixture writer prints them).
 pub use tandem_core::cpulist;

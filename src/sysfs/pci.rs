@@ -338,12 +338,9 @@ pub fn read_function(
         None => (None, NumaSource::Unknown),
     };
 
-    let pci_device = pci_ids::Device::from_vid_pid(candidate.vendor_id, candidate.device_id);
-    let vendor_name = match pci_device {
-        Some(d) => Some(d.vendor().name().to_string()),
-        None => <pci_ids::Vendor as pci_ids::FromId<u16>>::from_id(candidate.vendor_id)
-            .map(|v| v.name().to_string()),
-    };
+    let vendor_name = super::pci_names::vendor_name(candidate.vendor_id).map(str::to_string);
+    let device_name =
+        super::pci_names::device_name(candidate.vendor_id, candidate.device_id).map(str::to_string);
 
     PciFunction {
         address: candidate.address,
@@ -353,7 +350,7 @@ pub fn read_function(
         subsystem_vendor_id,
         subsystem_device_id,
         vendor_name,
-        device_name: pci_device.map(|d| d.name().to_string()),
+        device_name,
         numa_node,
         numa_source,
         local_cpulist: local_cpulist.map(|(text, _)| text),
