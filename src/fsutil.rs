@@ -80,8 +80,15 @@ pub(crate) fn remove_file_if_present(path: &Path) -> io::Result<bool> {
     }
 }
 
-/// Removes a directory tree; a missing one counts as removed.
+/// Removes a directory tree; a missing one counts as removed. An empty directory (the usual
+/// case: its files were removed one by one) costs one rmdir; only a directory with something
+/// left in it (or not a directory) is walked.
 pub(crate) fn remove_dir_if_present(path: &Path) -> io::Result<bool> {
+    match fs::remove_dir(path) {
+        Ok(()) => return Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(_) => {}
+    }
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -93,6 +100,25 @@ pub(crate) fn remove_dir_if_present(path: &Path) -> io::Result<bool> {
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     let dir = File::open(dir)?;
     counted(|| dir.sync_all())
+}
+
+/// Runs `write`, which writes a file in `dir`. The directories are made at start, so they are
+/// not checked before each write (a mkdir and a stat per file); only when `write` fails and
+/// `dir` turns out to be gone (removed under the running process) is it made again, with
+/// `mode`, and `write` run once more.
+pub(crate) fn in_dir<T>(dir: &Path, mode: u32, write: impl Fn() -> io::Result<T>) -> io::Result<T> {
+    match write() {
+        Err(e) if !dir.is_dir() => {
+            ensure_dir(dir, mode).map_err(|created| {
+                io::Error::new(
+                    created.kind(),
+                    format!("{e}; creating the missing {}: {created}", dir.display()),
+                )
+            })?;
+            write()
+        }
+        result => result,
+    }
 }
 
 /// Creates a directory (and parents) with the given mode when it does not exist yet.
@@ -158,6 +184,53 @@ mod tests {
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_write_recreates_its_missing_directory_once() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("cdi");
+        let path = dir.join("spec.json");
+        let calls = std::cell::Cell::new(0);
+        let write = || {
+            calls.set(calls.get() + 1);
+            replace(&path, b"spec", 0o644)
+        };
+        in_dir(&dir, 0o755, write).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"spec");
+        assert_eq!(
+            calls.get(),
+            2,
+            "failed once, then wrote in the new directory"
+        );
+        let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755);
+        in_dir(&dir, 0o755, write).unwrap();
+        assert_eq!(calls.get(), 3, "an existing directory costs no retry");
+
+        // A directory that cannot be made: the error says both what failed and why.
+        let blocked = root.path().join("file");
+        fs::write(&blocked, b"x").unwrap();
+        let inside = blocked.join("sub");
+        let error = in_dir(&inside, 0o755, || replace(&inside.join("a"), b"", 0o644))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("creating the missing"), "{error}");
+        assert!(error.contains(&*inside.to_string_lossy()), "{error}");
+    }
+
+    #[test]
+    fn directories_are_removed_empty_or_not() {
+        let root = tempfile::tempdir().unwrap();
+        let empty = root.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        assert!(remove_dir_if_present(&empty).unwrap());
+        let full = root.path().join("full");
+        fs::create_dir_all(full.join("nested")).unwrap();
+        fs::write(full.join("nested/record.json"), b"{}").unwrap();
+        assert!(remove_dir_if_present(&full).unwrap());
+        assert!(!full.exists());
+        assert!(!remove_dir_if_present(&full).unwrap());
     }
 
     #[test]

@@ -226,6 +226,27 @@ async fn the_same_claim_twice_in_one_call_is_prepared_once() {
     assert!(node.spec_files().is_empty());
 }
 
+/// An operator (or a tmpfs remount) removes the CDI and state directories under the running
+/// plugin: the next prepare makes them again, with their modes, and commits its claim.
+#[tokio::test]
+async fn cdi_and_state_directories_removed_while_running_are_made_again() {
+    let node = InProcessNode::start(NODE).await;
+    let claim = node.claim("after-rm", 0).await;
+    std::fs::remove_dir_all(&node.cdi_dir).unwrap();
+    std::fs::remove_dir_all(&node.state_dir).unwrap();
+    let answer = node.prepare(vec![claim.clone()]).await;
+    assert_eq!(answer.claims[&claim.uid].error, "");
+    node.assert_prepared(&claim);
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&node.cdi_dir), 0o755);
+    assert_eq!(mode(&node.state_dir), 0o700);
+    assert_eq!(
+        node.unprepare(vec![claim.clone()]).await,
+        vec![String::new()]
+    );
+    assert!(node.spec_files().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_claims_in_one_call_are_all_answered_in_time() {
     let node = InProcessNode::start(NODE).await;

@@ -123,6 +123,8 @@ struct ChecksummedBody<'a> {
     pending_releases: &'a BTreeMap<String, PendingRelease>,
 }
 
+/// The file as `encode` writes it, field for field (the tests hold `encode` to it).
+#[cfg(test)]
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct FileOut<'a> {
@@ -342,19 +344,29 @@ fn set_aside(path: &Path) -> Result<PathBuf, CheckpointError> {
     Ok(target)
 }
 
-/// The checkpoint in the current format, checksummed.
+/// The checkpoint in the current format, checksummed: the body the checksum covers is
+/// serialised once, and the checksum field goes in after `bootId`, where `FileOut` has it.
 fn encode(checkpoint: &Checkpoint) -> Result<Vec<u8>, String> {
-    let file = FileOut {
+    let body = ChecksummedBody {
         version: CURRENT_VERSION,
         boot_id: &checkpoint.boot_id,
-        checksum: checksum(
-            &checkpoint.boot_id,
-            (&checkpoint.claims, &checkpoint.pending_releases),
-        )?,
         claims: &checkpoint.claims,
         pending_releases: &checkpoint.pending_releases,
     };
-    serde_json::to_vec(&file).map_err(|e| e.to_string())
+    let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+    let head = format!(
+        "{{\"version\":{CURRENT_VERSION},\"bootId\":{},",
+        serde_json::to_string(&checkpoint.boot_id).map_err(|e| e.to_string())?
+    );
+    if !body.starts_with(head.as_bytes()) {
+        return Err("the checkpoint body does not start with its version and boot ID".into());
+    }
+    let checksum = format!("\"checksum\":\"fnv1a64:{:016x}\",", fnv1a64(&body));
+    let mut file = Vec::with_capacity(body.len() + checksum.len());
+    file.extend_from_slice(head.as_bytes());
+    file.extend_from_slice(checksum.as_bytes());
+    file.extend_from_slice(&body[head.len()..]);
+    Ok(file)
 }
 
 /// Writes the checkpoint atomically in the current format, with one flush (the temp file's
@@ -380,8 +392,10 @@ fn write_bytes_flushed(state_dir: &Path, bytes: Vec<u8>) -> Result<FileId, Check
         path: path.clone(),
         source,
     };
-    fsutil::ensure_dir(state_dir, STATE_DIR_MODE).map_err(io_error)?;
-    let file = fsutil::replace_flushed(&path, &bytes, STATE_FILE_MODE).map_err(io_error)?;
+    let file = fsutil::in_dir(state_dir, STATE_DIR_MODE, || {
+        fsutil::replace_flushed(&path, &bytes, STATE_FILE_MODE)
+    })
+    .map_err(io_error)?;
     let meta = file.metadata().map_err(io_error)?;
     Ok(FileId::of(&meta))
 }

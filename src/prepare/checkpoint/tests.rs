@@ -154,3 +154,40 @@ fn boot_id_is_read_under_the_proc_root() {
     std::fs::write(dir.path().join("sys/kernel/random/boot_id"), "abc-123\n").unwrap();
     assert_eq!(read_boot_id(dir.path()), "abc-123");
 }
+
+/// `encode` serialises the body once and splices the checksum in: byte for byte what
+/// serialising `FileOut` (with the checksum of the body) writes, boot IDs that need JSON
+/// escapes and pending releases included.
+#[test]
+fn encoding_splices_the_checksum_exactly_where_the_file_layout_has_it() {
+    let mut with_pending = sample();
+    with_pending.boot_id = "boot \"quoted\" \\ \u{e9}".into();
+    with_pending.pending_releases.insert(
+        "u2".into(),
+        PendingRelease {
+            namespace: "ml".into(),
+            name: "old".into(),
+            interfaces: Vec::new(),
+        },
+    );
+    for checkpoint in [sample(), with_pending, Checkpoint::default()] {
+        let expected = FileOut {
+            version: CURRENT_VERSION,
+            boot_id: &checkpoint.boot_id,
+            checksum: checksum(
+                &checkpoint.boot_id,
+                (&checkpoint.claims, &checkpoint.pending_releases),
+            )
+            .unwrap(),
+            claims: &checkpoint.claims,
+            pending_releases: &checkpoint.pending_releases,
+        };
+        assert_eq!(
+            String::from_utf8(encode(&checkpoint).unwrap()).unwrap(),
+            serde_json::to_string(&expected).unwrap()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &checkpoint).unwrap();
+        assert_eq!(load(dir.path()).unwrap().0, checkpoint);
+    }
+}

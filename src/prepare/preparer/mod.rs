@@ -440,7 +440,7 @@ impl Inner {
             source,
         })?;
         let path = dir.join(TOPOLOGY_FILE_NAME);
-        write_json(claim, &path, topology)
+        write_json(claim, &path, topology, |write| write())
     }
 
     pub(super) fn write_spec(
@@ -449,14 +449,11 @@ impl Inner {
         path: &Path,
         spec: &CdiSpec,
     ) -> Result<(), PrepareError> {
-        fsutil::ensure_dir(&self.config.cdi_dir, CDI_DIR_MODE).map_err(|source| {
-            PrepareError::Io {
-                claim: claim.to_string(),
-                path: self.config.cdi_dir.clone(),
-                source,
-            }
-        })?;
-        write_json(claim, path, spec)
+        // The CDI directory (made at start) is made again only if it went missing since.
+        let dir = path.parent().unwrap_or(&self.config.cdi_dir);
+        write_json(claim, path, spec, |write| {
+            fsutil::in_dir(dir, CDI_DIR_MODE, write)
+        })
     }
 
     /// A completed claim whose files vanished (a reboot empties /var/run/cdi; an operator
@@ -489,10 +486,12 @@ fn state_error(e: checkpoint::CheckpointError) -> PrepareError {
     }
 }
 
+/// Writes `value` as JSON to `path`, the write wrapped in `around` (e.g. `fsutil::in_dir`).
 fn write_json<T: serde::Serialize>(
     claim: &ClaimRef,
     path: &Path,
     value: &T,
+    around: impl FnOnce(&dyn Fn() -> std::io::Result<()>) -> std::io::Result<()>,
 ) -> Result<(), PrepareError> {
     let io = |source| PrepareError::Io {
         claim: claim.to_string(),
@@ -503,7 +502,7 @@ fn write_json<T: serde::Serialize>(
         .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
     // No flush: the CDI spec is on tmpfs, and the topology file belongs to an entry that a
     // reboot (new boot ID) makes stale; a killed process loses nothing either way.
-    fsutil::replace(path, &bytes, PUBLIC_FILE_MODE).map_err(io)
+    around(&|| fsutil::replace(path, &bytes, PUBLIC_FILE_MODE)).map_err(io)
 }
 
 fn with_path(path: &Path, e: std::io::Error) -> (PathBuf, std::io::Error) {
