@@ -1404,7 +1404,7 @@ fn host_cleanup_removes_exactly_what_the_node_plugin_leaves_on_a_node() {
     let hook = Path::new("/opt/tandem/bin/tandem");
     let ours: Vec<PathBuf> = vec![
         prepare.state_dir.join("checkpoint.json"),
-        prepare.state_dir.join("claims/u1/topology.json"),
+        prepare.state_dir.join("claims/u1.topology.json"),
         hook.to_path_buf(),
         shared.registration.clone(),
         shared.dra.clone(),

@@ -129,8 +129,7 @@ impl Harness {
         self.config
             .state_dir
             .join("claims")
-            .join(&claim.uid)
-            .join("topology.json")
+            .join(format!("{}.topology.json", claim.uid))
     }
 
     fn read_spec(&self, claim: &ClaimRef) -> Value {
@@ -420,7 +419,9 @@ async fn unprepare_removes_everything_works_without_the_apiserver_and_is_idempot
         let results = h.preparer.unprepare(std::slice::from_ref(&claim)).await;
         assert!(results[&claim.uid].is_ok(), "{results:?}");
         assert!(!h.spec_path(&claim).exists());
-        assert!(!h.topology_path(&claim).parent().unwrap().exists());
+        assert!(!h.topology_path(&claim).exists());
+        let claims_dir = h.config.state_dir.join("claims");
+        assert_eq!(std::fs::read_dir(&claims_dir).unwrap().count(), 0);
         let (cp, _) = checkpoint::load(&h.config.state_dir).unwrap();
         assert!(cp.claims.is_empty());
     }
@@ -872,12 +873,30 @@ async fn recover_deletes_only_our_orphan_specs_and_leftovers() {
         .state_dir
         .join("claims/11111111-2222-4333-8444-555555555555");
     std::fs::create_dir_all(&orphan_dir).unwrap();
+    let claims_dir = h.config.state_dir.join("claims");
+    let orphan_topology = claims_dir.join("11111111-2222-4333-8444-666666666666.topology.json");
+    std::fs::write(&orphan_topology, "{}").unwrap();
+    let owned_topology_temp = claims_dir.join(format!(".{}.topology.json.x1y2z3.tmp", claim.uid));
+    std::fs::write(&owned_topology_temp, "{").unwrap();
 
     let report = h.restarted().recover().await.unwrap();
     assert_eq!(report.orphan_specs_removed, vec![orphan.clone()]);
     assert_eq!(report.temp_files_removed, vec![temp.clone()]);
-    assert_eq!(report.orphan_claim_dirs_removed, vec![orphan_dir.clone()]);
+    let mut removed = report.orphan_claim_state_removed.clone();
+    removed.sort();
+    let mut expected = vec![
+        orphan_dir.clone(),
+        orphan_topology.clone(),
+        owned_topology_temp.clone(),
+    ];
+    expected.sort();
+    assert_eq!(removed, expected);
     assert!(!orphan.exists() && !temp.exists() && !orphan_dir.exists());
+    assert!(!orphan_topology.exists() && !owned_topology_temp.exists());
+    assert!(
+        h.topology_path(&claim).exists(),
+        "an owned topology file stays"
+    );
     assert!(
         foreign.exists(),
         "another vendor's spec is not ours to delete"
@@ -902,6 +921,37 @@ async fn recover_restores_the_files_of_a_claim_still_recorded_as_prepared() {
     assert_eq!(report.restored, vec![claim.uid.clone()]);
     assert_eq!(std::fs::read(h.spec_path(&claim)).unwrap(), original);
     assert!(h.topology_path(&claim).exists());
+}
+
+/// A claim prepared by a version that kept its topology file in a directory of its own
+/// (`claims/<uid>/topology.json`, as its checkpoint entry and CDI spec name it): restored at
+/// that path, and unprepared with the directory.
+#[tokio::test]
+async fn claims_of_the_older_per_claim_directory_layout_are_restored_and_removed() {
+    let h = Harness::new().await;
+    let claim = h.claim("train", Some(TWO_RAILS), json!([])).await;
+    h.prepare_one(&claim).await.unwrap();
+    let old_dir = h.config.state_dir.join("claims").join(&claim.uid);
+    let old_path = old_dir.join("topology.json");
+    std::fs::create_dir(&old_dir).unwrap();
+    std::fs::rename(h.topology_path(&claim), &old_path).unwrap();
+    let (mut cp, _) = checkpoint::load(&h.config.state_dir).unwrap();
+    let entry = cp.claims.get_mut(&claim.uid).unwrap();
+    entry.files = vec![old_path.clone()];
+    checkpoint::save(&h.config.state_dir, &cp).unwrap();
+
+    let preparer = h.restarted();
+    let report = preparer.recover().await.unwrap();
+    assert!(report.orphan_claim_state_removed.is_empty(), "{report:?}");
+    std::fs::remove_file(&old_path).unwrap();
+    let report = h.restarted().recover().await.unwrap();
+    assert_eq!(report.restored, vec![claim.uid.clone()]);
+    assert!(old_path.exists(), "restored where the entry records it");
+    assert!(!h.topology_path(&claim).exists());
+
+    let results = preparer.unprepare(std::slice::from_ref(&claim)).await;
+    assert!(results[&claim.uid].is_ok(), "{results:?}");
+    assert!(!old_dir.exists());
 }
 
 #[tokio::test]

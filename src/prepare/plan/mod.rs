@@ -40,7 +40,7 @@ type PerRequest = BTreeMap<String, config::RequestConfig>;
 pub struct PlanContext<'a> {
     pub driver_name: &'a str,
     pub dev_root_in_container: &'a Path,
-    /// Host path of this claim's topology file (`<state_dir>/claims/<uid>/topology.json`).
+    /// Host path of this claim's topology file (`<state_dir>/claims/<uid>.topology.json`).
     pub topology_host_path: &'a Path,
     pub inventory: &'a Inventory,
     /// How an exclusively attached NIC's netdev reaches the pod; `None` keeps every NIC's

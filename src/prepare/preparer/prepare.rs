@@ -3,7 +3,7 @@
 //! it, and the entries of all written claims are committed in one flush shared with the other
 //! calls in flight. [`Inner::prepare_claims`] runs these steps in order.
 
-use super::{Fetched, Inner, PrepareResults, TOPOLOGY_FILE_NAME, is_current};
+use super::{Fetched, Inner, PrepareResults, is_current};
 use crate::prepare::PreparedDevice;
 use crate::prepare::checkpoint::{Checkpoint, CheckpointError, ClaimEntry, ClaimState};
 use crate::prepare::error::PrepareError;
@@ -248,7 +248,7 @@ impl Inner {
             &self.config.driver_name,
             &self.config.node_name,
         )?;
-        let topology_path = self.claim_dir(&claim.uid).join(TOPOLOGY_FILE_NAME);
+        let topology_path = self.topology_path(&claim.uid);
         let ctx = PlanContext {
             driver_name: &self.config.driver_name,
             dev_root_in_container: &self.config.dev_root_in_container,
@@ -276,7 +276,7 @@ impl Inner {
             cdi_spec_path: Some(self.spec_path(&claim.uid)),
             cdi_spec: plan.spec.clone(),
             topology: Some(plan.topology.clone()),
-            files: vec![self.claim_dir(&claim.uid).join(TOPOLOGY_FILE_NAME)],
+            files: vec![self.topology_path(&claim.uid)],
         }
     }
 

@@ -2,7 +2,7 @@
 //! claims restored, and leftovers (orphan CDI specs and claim directories, temp files of
 //! interrupted writes) deleted. [`Inner::recover_locked`] runs these steps in order.
 
-use super::{Inner, RecoveryReport, TOPOLOGY_FILE_NAME, is_current, state_error};
+use super::{Inner, RecoveryReport, TOPOLOGY_FILE_SUFFIX, is_current, state_error};
 use crate::fsutil;
 use crate::prepare::CLAIMS_SUBDIR;
 use crate::prepare::cdi;
@@ -38,12 +38,12 @@ impl Inner {
         let mut temp_files_removed = Vec::new();
         let orphan_specs_removed = self.remove_orphan_specs(&cp, &mut temp_files_removed)?;
         self.remove_checkpoint_temps(&mut temp_files_removed)?;
-        let orphan_claim_dirs_removed = self.remove_orphan_claim_dirs(&cp)?;
+        let orphan_claim_state_removed = self.remove_orphan_claim_state(&cp)?;
         Ok(RecoveryReport {
             checkpoint: outcome,
             rolled_back,
             orphan_specs_removed,
-            orphan_claim_dirs_removed,
+            orphan_claim_state_removed,
             temp_files_removed,
             restored,
             prepared_claims: cp.claims.len(),
@@ -87,8 +87,7 @@ impl Inner {
         let mut restored = Vec::new();
         for (uid, entry) in &cp.claims {
             let missing = entry.cdi_spec_path.as_ref().is_some_and(|p| !p.exists())
-                || (entry.topology.is_some()
-                    && !self.claim_dir(uid).join(TOPOLOGY_FILE_NAME).exists());
+                || (entry.topology.is_some() && !self.recorded_topology_path(uid, entry).exists());
             if missing && is_current(entry, &self.boot_id) {
                 let claim = ClaimRef {
                     namespace: entry.namespace.clone(),
@@ -149,24 +148,32 @@ impl Inner {
         Ok(())
     }
 
-    /// Deletes the per-claim state directories that no entry owns.
-    fn remove_orphan_claim_dirs(&self, cp: &Checkpoint) -> Result<Vec<PathBuf>, PrepareError> {
-        let mut orphan_claim_dirs_removed = Vec::new();
+    /// Deletes what no entry owns under `claims/`: per-claim directories (hook records, the
+    /// older layout's topology files), topology files, and temp files of interrupted writes.
+    fn remove_orphan_claim_state(&self, cp: &Checkpoint) -> Result<Vec<PathBuf>, PrepareError> {
+        let mut orphan_claim_state_removed = Vec::new();
         for path in list_dir(&self.config.state_dir.join(CLAIMS_SUBDIR))? {
-            let owned = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|uid| cp.claims.contains_key(uid));
-            if !owned && path.is_dir() {
-                fsutil::remove_dir_if_present(&path).map_err(|source| PrepareError::StateIo {
-                    path: path.clone(),
-                    source,
-                })?;
-                tracing::info!(dir = %path.display(), "removed orphan claim directory");
-                orphan_claim_dirs_removed.push(path);
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let uid = name.strip_suffix(TOPOLOGY_FILE_SUFFIX).unwrap_or(name);
+            let temp = name.starts_with('.') && name.ends_with(fsutil::TEMP_SUFFIX);
+            if cp.claims.contains_key(uid) && !temp {
+                continue;
             }
+            let removed = if path.is_dir() {
+                fsutil::remove_dir_if_present(&path)
+            } else {
+                fsutil::remove_file_if_present(&path)
+            };
+            removed.map_err(|source| PrepareError::StateIo {
+                path: path.clone(),
+                source,
+            })?;
+            tracing::info!(path = %path.display(), "removed orphan claim state");
+            orphan_claim_state_removed.push(path);
         }
-        Ok(orphan_claim_dirs_removed)
+        Ok(orphan_claim_state_removed)
     }
 }
 
