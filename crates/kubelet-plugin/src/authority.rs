@@ -10,6 +10,7 @@
 //! This file holds the frame parsing and header-block rewriting (client to server);
 //! authority/outbound.rs watches the replies and authority/stream.rs is the stream wrapper.
 
+mod huffman;
 mod outbound;
 mod stream;
 
@@ -96,6 +97,8 @@ pub struct InboundRewriter {
     passthrough_left: usize,
     block: Option<OpenBlock>,
     decoder: Decoder<'static>,
+    /// Sends the decoder raw strings instead of Huffman-coded ones (see authority/huffman.rs).
+    dehuffman: huffman::Dehuffman,
     requests: u64,
     last_authority: Option<String>,
 }
@@ -133,6 +136,7 @@ impl InboundRewriter {
             passthrough_left: 0,
             block: None,
             decoder,
+            dehuffman: huffman::Dehuffman::new(),
             requests: 0,
             last_authority: None,
         }
@@ -293,8 +297,9 @@ impl InboundRewriter {
     fn finish_block(&mut self, block: OpenBlock, out: &mut Vec<u8>) -> Result<(), WireError> {
         let mut encoded = Vec::with_capacity(block.fragment.len() * 2);
         let mut authority = None;
+        let fragment = self.dehuffman.rewrite(&block.fragment);
         self.decoder
-            .decode_with_cb(&block.fragment, |name, value| {
+            .decode_with_cb(&fragment, |name, value| {
                 let value = if name.as_ref() == b":authority" {
                     authority = Some(String::from_utf8_lossy(&value).into_owned());
                     NORMALISED_AUTHORITY.as_bytes()
