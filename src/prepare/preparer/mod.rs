@@ -461,9 +461,7 @@ impl Inner {
         topology: &ClaimTopology,
     ) -> Result<(), PrepareError> {
         let dir = path.parent().unwrap_or(&self.config.state_dir);
-        write_json(claim, path, topology, |write| {
-            fsutil::in_dir(dir, PRIVATE_DIR_MODE, write)
-        })
+        write_json(claim, path, topology, dir, PRIVATE_DIR_MODE)
     }
 
     pub(super) fn write_spec(
@@ -474,9 +472,7 @@ impl Inner {
     ) -> Result<(), PrepareError> {
         // The CDI directory (made at start) is made again only if it went missing since.
         let dir = path.parent().unwrap_or(&self.config.cdi_dir);
-        write_json(claim, path, spec, |write| {
-            fsutil::in_dir(dir, CDI_DIR_MODE, write)
-        })
+        write_json(claim, path, spec, dir, CDI_DIR_MODE)
     }
 
     /// A completed claim whose files vanished (a reboot empties /var/run/cdi; an operator
@@ -510,12 +506,14 @@ fn state_error(e: checkpoint::CheckpointError) -> PrepareError {
     }
 }
 
-/// Writes `value` as JSON to `path`, the write wrapped in `around` (e.g. `fsutil::in_dir`).
+/// Writes `value` as JSON to `path` in directory `dir`, which is made (with `dir_mode`) if it
+/// went missing.
 fn write_json<T: serde::Serialize>(
     claim: &ClaimRef,
     path: &Path,
     value: &T,
-    around: impl FnOnce(&dyn Fn() -> std::io::Result<()>) -> std::io::Result<()>,
+    dir: &Path,
+    dir_mode: u32,
 ) -> Result<(), PrepareError> {
     let io = |source| PrepareError::Io {
         claim: claim.to_string(),
@@ -526,7 +524,10 @@ fn write_json<T: serde::Serialize>(
         .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
     // No flush: the CDI spec is on tmpfs, and the topology file belongs to an entry that a
     // reboot (new boot ID) makes stale; a killed process loses nothing either way.
-    around(&|| fsutil::replace(path, &bytes, PUBLIC_FILE_MODE)).map_err(io)
+    fsutil::in_dir(dir, dir_mode, || {
+        fsutil::replace(path, &bytes, PUBLIC_FILE_MODE)
+    })
+    .map_err(io)
 }
 
 fn with_path(path: &Path, e: std::io::Error) -> (PathBuf, std::io::Error) {
