@@ -91,7 +91,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// Worker threads of the node agent's and the controller's runtime unless
 /// `--worker-threads` says otherwise. Their work is a few RPCs and API calls at a time, and
 /// file I/O runs on the blocking pool; tokio's default, one worker per CPU, would start 224
-/// threads on a DGX H100 (2 x 56 cores, SMT), each with its stack and malloc arena: 3 MiB more
+/// threads on a DGX H100 (2 x 56 cores, SMT), each with its stack and malloc arena: 2.6 MiB more
 /// idle RSS than with 2, measured with TOKIO_WORKER_THREADS=224 (BENCHMARKS.md).
 pub const DEFAULT_WORKER_THREADS: usize = 2;
 
