@@ -622,6 +622,18 @@ impl Drop for CuttableProxy {
     }
 }
 
+/// A scratch directory holding the dgx-h100 fixture machine, for tests that run the real
+/// `tandem plugin` binary on it.
+fn dgx_machine() -> (tempfile::TempDir, tandem::sysfs::MachineRoots) {
+    let dir = fixture::scratch_dir().unwrap();
+    let roots = fixture::write_machine(
+        &fixture::builtin("dgx-h100").unwrap(),
+        &dir.path().join("machine"),
+    )
+    .unwrap();
+    (dir, roots)
+}
+
 /// The apiserver drops every connection mid-watch, then someone deletes the node's slices: the
 /// plugin's publisher reconnects and puts them back, and the plugin keeps running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -629,12 +641,7 @@ async fn slice_publisher_survives_connections_dropped_mid_watch() {
     use k8s_openapi::api::resource::v1::ResourceSlice;
     use kube::api::{Api, DeleteParams, ListParams};
 
-    let dir = fixture::scratch_dir().unwrap();
-    let roots = fixture::write_machine(
-        &fixture::builtin("dgx-h100").unwrap(),
-        &dir.path().join("machine"),
-    )
-    .unwrap();
+    let (dir, roots) = dgx_machine();
     let apiserver = FakeApiServer::start().await.unwrap();
     let upstream = apiserver.url().trim_start_matches("http://").to_string();
     let proxy = CuttableProxy::start(upstream).await;
@@ -703,12 +710,7 @@ async fn slice_publisher_survives_connections_dropped_mid_watch() {
 /// workers, so its whole thread count stays small.
 #[tokio::test]
 async fn many_cpus_do_not_multiply_the_plugins_threads() {
-    let dir = fixture::scratch_dir().unwrap();
-    let roots = fixture::write_machine(
-        &fixture::builtin("dgx-h100").unwrap(),
-        &dir.path().join("machine"),
-    )
-    .unwrap();
+    let (dir, roots) = dgx_machine();
     let apiserver = FakeApiServer::start().await.unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     apiserver.write_kubeconfig(&kubeconfig).unwrap();

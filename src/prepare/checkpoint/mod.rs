@@ -187,7 +187,12 @@ fn checksum(checkpoint_boot_id: &str, checkpoint: BodyParts<'_>) -> Result<Strin
         pending_releases: checkpoint.1,
     };
     let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
-    Ok(format!("fnv1a64:{:016x}", fnv1a64(&bytes)))
+    Ok(checksum_of(&bytes))
+}
+
+/// The checksum field's value for a serialised `ChecksummedBody`.
+fn checksum_of(body: &[u8]) -> String {
+    format!("fnv1a64:{:016x}", fnv1a64(body))
 }
 
 /// Brings any known format version up to the current one. Returns the checkpoint and the
@@ -361,7 +366,7 @@ fn encode(checkpoint: &Checkpoint) -> Result<Vec<u8>, String> {
     if !body.starts_with(head.as_bytes()) {
         return Err("the checkpoint body does not start with its version and boot ID".into());
     }
-    let checksum = format!("\"checksum\":\"fnv1a64:{:016x}\",", fnv1a64(&body));
+    let checksum = format!("\"checksum\":\"{}\",", checksum_of(&body));
     let mut file = Vec::with_capacity(body.len() + checksum.len());
     file.extend_from_slice(head.as_bytes());
     file.extend_from_slice(checksum.as_bytes());

@@ -1,5 +1,5 @@
 //! Start-up recovery: interrupted preparations are rolled back, vanished files of completed
-//! claims restored, and leftovers (orphan CDI specs and claim directories, temp files of
+//! claims restored, and leftovers (orphan CDI specs and per-claim state, temp files of
 //! interrupted writes) deleted. [`Inner::recover_locked`] runs these steps in order.
 
 use super::{Inner, RecoveryReport, TOPOLOGY_FILE_SUFFIX, is_current, state_error};

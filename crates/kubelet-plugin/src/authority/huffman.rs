@@ -53,23 +53,27 @@ impl Dehuffman {
             let (index, used) = integer(block, prefix_bits)?;
             out.extend_from_slice(&block[..used]);
             block = &block[used..];
-            if literal {
-                if index == 0 {
-                    (block, changed) = self.string(block, out, changed)?;
-                }
-                (block, changed) = self.string(block, out, changed)?;
+            // A literal with a new name (index 0) carries the name, then the value.
+            let strings = match (literal, index) {
+                (false, _) => 0,
+                (true, 0) => 2,
+                (true, _) => 1,
+            };
+            for _ in 0..strings {
+                let huffman;
+                (block, huffman) = self.string(block, out)?;
+                changed |= huffman;
             }
         }
         Ok(changed)
     }
 
     /// Copies the string literal at the start of `block` to `out`, raw; returns what follows,
-    /// and `changed` or whether this string was Huffman-coded.
+    /// and whether the string was Huffman-coded.
     fn string<'a>(
         &mut self,
         block: &'a [u8],
         out: &mut Vec<u8>,
-        changed: bool,
     ) -> Result<(&'a [u8], bool), Unwalkable> {
         let huffman = block.first().ok_or(Unwalkable)? & 0x80 != 0;
         let (len, used) = integer(block, 7)?;
@@ -81,7 +85,7 @@ impl Dehuffman {
         } else {
             out.extend_from_slice(&block[..end]);
         }
-        Ok((&block[end..], changed || huffman))
+        Ok((&block[end..], huffman))
     }
 }
 
