@@ -24,6 +24,15 @@ echo "|---|---:|"
 echo "| build | $what |"
 echo "| size | $size bytes ($(awk -v s="$size" 'BEGIN {printf "%.1f MB", s/1e6}')) |"
 echo "| build time (incremental from what $target held) | ${built} s |"
+# hack/link-hot-first.sh's count, from the order file it left beside the linked binary (of
+# which target/node/tandem is a hard link).
+linked=$(find "$target/node/deps" -maxdepth 1 -samefile "$binary" | head -1)
+order="$linked.hot-order"
+if [[ -n "$linked" && -f "$order" ]]; then
+  echo "| hot functions placed first (hack/hot-functions.txt) | $(head -1 "$order" | sed 's/^# \([0-9]* of [0-9]*\).*/\1/') |"
+else
+  echo "| hot functions placed first (hack/hot-functions.txt) | none: linked without order |"
+fi
 echo
 TANDEM_PLUGIN_BIN="$(pwd)/$binary" TANDEM_BENCH_FOOTPRINT_CYCLES="$cycles" \
   cargo bench --quiet --bench plugin 2>/dev/null

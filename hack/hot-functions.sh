@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Writes hack/hot-functions.txt, the functions hack/link-hot-first.sh puts first in the node
+# binary: those the plugin runs from start to idle on the dgx-h100 fixture, then those that
+# prepare/unprepare cycles add. It builds the binary as hack/footprint.sh does but with its
+# symbols, runs the footprint bench with the plugin under valgrind's callgrind, and asks
+# callgrind for a dump once the plugin is idle and every half second after. Run it after
+# changes that move start-up or prepare work; a stale list only costs resident pages.
+# Needs valgrind (installed with apt-get when missing and root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cycles="${1:-300}"
+if ! command -v valgrind >/dev/null 2>&1; then
+  [[ "$(id -u)" == 0 ]] || { echo "hot-functions: needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind >/dev/null
+fi
+rustflags=$(sed -n 's/^ENV RUSTFLAGS="\(.*\)"$/\1/p' Dockerfile)
+target=target/hot-functions
+RUSTFLAGS="$rustflags" CARGO_PROFILE_NODE_STRIP=false \
+  cargo build --quiet --bin tandem --target-dir "$target" --profile node --no-default-features
+binary="$(pwd)/$target/node/tandem"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cat >"$work/plugin" <<EOF
+#!/bin/sh
+exec valgrind --tool=callgrind --dump-instr=no --demangle=no --compress-strings=no \
+  --compress-pos=no --callgrind-out-file="$work/out.%p" "$binary" "\$@"
+EOF
+chmod +x "$work/plugin"
+TANDEM_PLUGIN_BIN="$work/plugin" TANDEM_BENCH_FOOTPRINT_CYCLES="$cycles" \
+  cargo bench --quiet --bench plugin >"$work/bench.out" 2>&1 &
+bench=$!
+pid=""
+for _ in $(seq 1 1200); do
+  pid=$(pgrep -f "callgrind-out-file=$work/" | head -1 || true)
+  [[ -n "$pid" ]] && compgen -G "/dev/shm/tandem-*/plugins/tandem.dev/dra.sock" >/dev/null && break
+  sleep 0.5
+done
+[[ -n "$pid" ]] || { cat "$work/bench.out" >&2; echo "hot-functions: the plugin did not start" >&2; exit 1; }
+# The bench waits 2 s after the socket listens before its first prepare.
+sleep 1
+while kill -0 "$pid" 2>/dev/null; do
+  callgrind_control -d "$pid" >/dev/null 2>&1 || true
+  sleep 0.5
+done
+wait "$bench" || { cat "$work/bench.out" >&2; echo "hot-functions: the bench failed" >&2; exit 1; }
+
+# Functions of the tandem binary in one callgrind dump, without recursion marks ('2) and hashes.
+functions() {
+  awk -v binary="$binary" '
+    /^ob=/ { object = substr($0, 4) }
+    /^fn=/ && object == binary { name = substr($0, 4); sub(/\047[0-9]+$/, "", name); print name }
+  ' "$@" | grep -v '^(below main)$' | grep -v '^0x' | hack/link-hot-first.sh --unhashed | sort -u
+}
+dumps=("$work"/out.*.*)
+[[ -f "${dumps[0]}" ]] || { echo "hot-functions: callgrind dumped nothing" >&2; exit 1; }
+# The first dump is start-up to idle; the later ones (numbered on) are the cycles'.
+first=("$work"/out.*.1)
+functions "${first[0]}" >"$work/start"
+later=()
+for dump in "${dumps[@]}"; do [[ "$dump" == "${first[0]}" ]] || later+=("$dump"); done
+if [[ ${#later[@]} -gt 0 ]]; then functions "${later[@]}"; fi | comm -13 "$work/start" - >"$work/cycles"
+{
+  echo "# Written by hack/hot-functions.sh on $(date -u +%Y-%m-%d) (rustc $(rustc --version | cut -d' ' -f2), $(git rev-parse --short HEAD))."
+  echo "# Read by hack/link-hot-first.sh. Symbol names without their hashes, in link order:"
+  echo "# start-up to idle on dgx-h100 ($(wc -l <"$work/start") functions)"
+  cat "$work/start"
+  echo "# then what $cycles prepare/unprepare cycles add ($(wc -l <"$work/cycles") functions)"
+  cat "$work/cycles"
+} >hack/hot-functions.txt
+echo "hack/hot-functions.txt: $(wc -l <"$work/start") start-up and $(wc -l <"$work/cycles") prepare/unprepare functions"
