@@ -459,6 +459,7 @@ async fn flushes(apiserver: &FakeApiServer) {
     let config = PrepareConfig {
         cdi_dir: scratch.path().join("cdi"),
         state_dir: state.path().to_path_buf(),
+        topology_dir: scratch.path().join("run"),
         proc_root: roots.proc.clone(),
         ..PrepareConfig::new(names::DEFAULT_DRIVER_NAME, node_name)
     };
@@ -561,10 +562,11 @@ async fn footprint(apiserver: &FakeApiServer, cycles: usize) {
     }
     println!("| peak RSS (VmHWM) | {hwm} |");
     println!();
-    println!("| idle RSS by part (`/proc/<pid>/smaps`) | KiB |");
-    println!("|---|---:|");
-    for (part, kib) in idle_parts {
-        println!("| {part} | {kib} |");
+    let after_parts = rss_parts(pid);
+    println!("| RSS by part (`/proc/<pid>/smaps`), KiB | idle | after {cycles} cycles |");
+    println!("|---|---:|---:|");
+    for ((part, idle), (_, after)) in idle_parts.into_iter().zip(after_parts) {
+        println!("| {part} | {idle} | {after} |");
     }
     node.child.kill().await.ok();
 }

@@ -63,6 +63,7 @@ async fn a_claim_gets_kfd_and_only_its_gpus_render_and_card_nodes() {
     let config = PrepareConfig {
         cdi_dir: dir.path().join("cdi"),
         state_dir: dir.path().join("state"),
+        topology_dir: dir.path().join("run"),
         proc_root: roots.proc.clone(),
         ..PrepareConfig::new(tandem::names::DEFAULT_DRIVER_NAME, "node-a")
     };

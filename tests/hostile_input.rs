@@ -226,20 +226,25 @@ async fn the_same_claim_twice_in_one_call_is_prepared_once() {
     assert!(node.spec_files().is_empty());
 }
 
-/// An operator (or a tmpfs remount) removes the CDI and state directories under the running
-/// plugin: the next prepare makes them again, with their modes, and commits its claim.
+/// An operator (or a tmpfs remount) removes the CDI, state and topology directories under
+/// the running plugin: the next prepare makes them again, with their modes, and commits its
+/// claim.
 #[tokio::test]
 async fn cdi_and_state_directories_removed_while_running_are_made_again() {
     let node = InProcessNode::start(NODE).await;
     let claim = node.claim("after-rm", 0).await;
+    let topology_dir = node.dir.path().join("run");
     std::fs::remove_dir_all(&node.cdi_dir).unwrap();
     std::fs::remove_dir_all(&node.state_dir).unwrap();
+    std::fs::remove_dir_all(&topology_dir).unwrap();
     let answer = node.prepare(vec![claim.clone()]).await;
     assert_eq!(answer.claims[&claim.uid].error, "");
     node.assert_prepared(&claim);
     let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&node.cdi_dir), 0o755);
     assert_eq!(mode(&node.state_dir), 0o700);
+    assert_eq!(mode(&topology_dir), 0o700);
+    assert_eq!(std::fs::read_dir(&topology_dir).unwrap().count(), 1);
     assert_eq!(
         node.unprepare(vec![claim.clone()]).await,
         vec![String::new()]
@@ -400,18 +405,17 @@ async fn full_state_directory_gives_clear_errors_and_loses_nothing() {
     );
 
     let filler = state_dir.join("filler");
-    let claims_dir = state_dir.join("claims");
-    let moved_claims = state_dir.with_extension("moved");
+    let moved_state = state_dir.with_extension("moved");
     if mounted {
         eprintln!("state directory filled: 256 KiB tmpfs");
         let chunk = vec![0u8; 4096];
         let mut file = std::fs::File::create(&filler).unwrap();
         while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
     } else {
-        // The per-claim directory replaced by a file: as unwritable as a full disk.
-        eprintln!("state directory 'full': a file stands where {claims_dir:?} should be");
-        std::fs::rename(&claims_dir, &moved_claims).unwrap();
-        std::fs::write(&claims_dir, b"not a directory").unwrap();
+        // The state directory replaced by a file: as unwritable as a full disk.
+        eprintln!("state directory 'full': a file stands where {state_dir:?} should be");
+        std::fs::rename(&state_dir, &moved_state).unwrap();
+        std::fs::write(&state_dir, b"not a directory").unwrap();
     }
     let answer = node.prepare(vec![before.clone(), after.clone()]).await;
     assert_eq!(answer.claims[&before.uid].error, "", "prepared claim lost");
@@ -430,8 +434,8 @@ async fn full_state_directory_gives_clear_errors_and_loses_nothing() {
     if mounted {
         std::fs::remove_file(&filler).unwrap();
     } else {
-        std::fs::remove_file(&claims_dir).unwrap();
-        std::fs::rename(&moved_claims, &claims_dir).unwrap();
+        std::fs::remove_file(&state_dir).unwrap();
+        std::fs::rename(&moved_state, &state_dir).unwrap();
     }
     assert_eq!(
         node.prepare(vec![after.clone()]).await.claims[&after.uid].error,
@@ -480,6 +484,7 @@ async fn cdi_directory_symlink_is_resolved_and_dangling_one_refused() {
     let mut config = PrepareConfig::new(names::DEFAULT_DRIVER_NAME, NODE);
     config.cdi_dir = dangling.clone();
     config.state_dir = node.dir.path().join("state2");
+    config.topology_dir = node.dir.path().join("run2");
     let error = Preparer::new(config, node.apiserver.client(), rx)
         .err()
         .expect("a dangling CDI directory link must be refused")

@@ -397,6 +397,7 @@ fn node_plugin_mounts_the_kubelet_cdi_and_state_directories_at_their_host_paths(
         names::DEFAULT_KUBELET_REGISTRY_DIR.to_string(),
         prepare.cdi_dir.display().to_string(),
         prepare.state_dir.display().to_string(),
+        prepare.topology_dir.display().to_string(),
     ];
     for r in overlays {
         let (_, pod, container) = r.node_plugin();
@@ -1405,6 +1406,8 @@ fn host_cleanup_removes_exactly_what_the_node_plugin_leaves_on_a_node() {
     let ours: Vec<PathBuf> = vec![
         prepare.state_dir.join("checkpoint.json"),
         prepare.state_dir.join("claims/u1.topology.json"),
+        prepare.topology_dir.join("u2.topology.json"),
+        prepare.topology_dir.join(".u3.topology.json.Xy12Zw.tmp"),
         hook.to_path_buf(),
         shared.registration.clone(),
         shared.dra.clone(),
@@ -1423,6 +1426,7 @@ fn host_cleanup_removes_exactly_what_the_node_plugin_leaves_on_a_node() {
         "/var/lib/tandem-backup/checkpoint.json",
         "/var/run/cdi/gpu.example.com-claim_u1.json",
         "/var/run/cdi/nvidia.yaml",
+        "/var/run/tandem/other-tool.json",
         "/opt/tandem-tools/bin/tool",
         "/opt/cni/bin/bridge",
     ];
@@ -1454,6 +1458,8 @@ fn host_cleanup_removes_exactly_what_the_node_plugin_leaves_on_a_node() {
         per_pod.registration.clone(),
         spec.clone(),
         spec_temp.clone(),
+        prepare.topology_dir.join("u2.topology.json"),
+        prepare.topology_dir.join(".u3.topology.json.Xy12Zw.tmp"),
     ];
     let expected_gone: BTreeSet<String> = before
         .iter()

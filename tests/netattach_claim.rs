@@ -188,6 +188,7 @@ impl Node {
         let config = PrepareConfig {
             cdi_dir: dir.path().join("cdi"),
             state_dir: dir.path().join("state"),
+            topology_dir: dir.path().join("run"),
             proc_root: roots.proc.clone(),
             hook_path: Some(PathBuf::from(env!("CARGO_BIN_EXE_tandem"))),
             host_netns: lab.ns_path(&lab.host_ns),

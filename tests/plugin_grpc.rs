@@ -77,6 +77,7 @@ impl Node {
         let mut prepare_config = PrepareConfig::new(names::DEFAULT_DRIVER_NAME, NODE);
         prepare_config.cdi_dir = self.cdi_dir();
         prepare_config.state_dir = self.state_dir();
+        prepare_config.topology_dir = self.dir.path().join("run");
         prepare_config.proc_root = self.dir.path().join("machine/proc");
         let preparer = Preparer::new(
             prepare_config,

@@ -40,6 +40,7 @@ impl Harness {
         let config = PrepareConfig {
             cdi_dir: dir.path().join("cdi"),
             state_dir: dir.path().join("state"),
+            topology_dir: dir.path().join("run"),
             proc_root: roots.proc.clone(),
             ..PrepareConfig::new(DRIVER, NODE)
         };
@@ -127,8 +128,7 @@ impl Harness {
 
     fn topology_path(&self, claim: &ClaimRef) -> PathBuf {
         self.config
-            .state_dir
-            .join("claims")
+            .topology_dir
             .join(format!("{}.topology.json", claim.uid))
     }
 
@@ -422,6 +422,10 @@ async fn unprepare_removes_everything_works_without_the_apiserver_and_is_idempot
         assert!(!h.topology_path(&claim).exists());
         let claims_dir = h.config.state_dir.join("claims");
         assert_eq!(std::fs::read_dir(&claims_dir).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(&h.config.topology_dir).unwrap().count(),
+            0
+        );
         let (cp, _) = checkpoint::load(&h.config.state_dir).unwrap();
         assert!(cp.claims.is_empty());
     }
@@ -878,6 +882,14 @@ async fn recover_deletes_only_our_orphan_specs_and_leftovers() {
     std::fs::write(&orphan_topology, "{}").unwrap();
     let owned_topology_temp = claims_dir.join(format!(".{}.topology.json.x1y2z3.tmp", claim.uid));
     std::fs::write(&owned_topology_temp, "{").unwrap();
+    // The topology directory (tmpfs) may hold what is not ours: only our names go.
+    let run = &h.config.topology_dir;
+    let orphan_run_topology = run.join("11111111-2222-4333-8444-777777777777.topology.json");
+    std::fs::write(&orphan_run_topology, "{}").unwrap();
+    let owned_run_temp = run.join(format!(".{}.topology.json.q9w8e7.tmp", claim.uid));
+    std::fs::write(&owned_run_temp, "{").unwrap();
+    let foreign_run = run.join("other-tool.json");
+    std::fs::write(&foreign_run, "{}").unwrap();
 
     let report = h.restarted().recover().await.unwrap();
     assert_eq!(report.orphan_specs_removed, vec![orphan.clone()]);
@@ -888,11 +900,15 @@ async fn recover_deletes_only_our_orphan_specs_and_leftovers() {
         orphan_dir.clone(),
         orphan_topology.clone(),
         owned_topology_temp.clone(),
+        orphan_run_topology.clone(),
+        owned_run_temp.clone(),
     ];
     expected.sort();
     assert_eq!(removed, expected);
     assert!(!orphan.exists() && !temp.exists() && !orphan_dir.exists());
     assert!(!orphan_topology.exists() && !owned_topology_temp.exists());
+    assert!(!orphan_run_topology.exists() && !owned_run_temp.exists());
+    assert!(foreign_run.exists(), "a file not named as ours stays");
     assert!(
         h.topology_path(&claim).exists(),
         "an owned topology file stays"

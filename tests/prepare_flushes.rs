@@ -45,6 +45,7 @@ async fn prepare_and_unprepare_flush_at_most_once_per_call_and_survive_cancellat
     let config = PrepareConfig {
         cdi_dir: dir.path().join("cdi"),
         state_dir: dir.path().join("state"),
+        topology_dir: dir.path().join("run"),
         proc_root: roots.proc.clone(),
         ..PrepareConfig::new("tandem.dev", NODE)
     };

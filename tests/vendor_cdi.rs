@@ -259,6 +259,7 @@ impl Node {
         PrepareConfig {
             cdi_dir: self.dir.path().join("cdi"),
             state_dir: self.dir.path().join("state"),
+            topology_dir: self.dir.path().join("run"),
             proc_root: self.dir.path().join("machine/proc"),
             ..PrepareConfig::new(tandem::names::DEFAULT_DRIVER_NAME, "node-a")
         }

@@ -369,6 +369,7 @@ async fn demo(fixture_name: &str) -> anyhow::Result<()> {
     let mut prepare_config = PrepareConfig::new(driver, DEMO_NODE);
     prepare_config.cdi_dir = cdi_dir.clone();
     prepare_config.state_dir = state_dir.clone();
+    prepare_config.topology_dir = work.path().join("run");
     prepare_config.proc_root = roots.proc.clone();
     // As on a production node: NICs of the claim get the attach hook in their CDI devices.
     // The demo shows it; running it needs root and a pod's network namespace.

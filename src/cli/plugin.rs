@@ -42,9 +42,13 @@ pub struct PluginArgs {
     /// Where CDI spec files are written (the container runtime reads them from here).
     #[arg(long, default_value = "/var/run/cdi")]
     pub cdi_dir: PathBuf,
-    /// Where the claim checkpoint and per-claim files live; must survive plugin restarts.
+    /// Where the claim checkpoint and per-claim records live; must survive plugin restarts.
     #[arg(long, default_value = "/var/lib/tandem")]
     pub state_dir: PathBuf,
+    /// Where the claims' topology files are written (tmpfs; containers mount them from the
+    /// same host path).
+    #[arg(long, default_value = crate::prepare::DEFAULT_TOPOLOGY_DIR)]
+    pub topology_dir: PathBuf,
     #[command(flatten)]
     pub machine: MachineArgs,
     /// Where device nodes appear inside containers (the paths written into CDI specs).
@@ -185,6 +189,7 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
     let prepare_config = PrepareConfig {
         cdi_dir: args.cdi_dir.clone(),
         state_dir: args.state_dir.clone(),
+        topology_dir: args.topology_dir.clone(),
         dev_root_in_container: args.container_dev_root.clone(),
         hook_path: args.hook_path.clone(),
         netdev_attach: args.netdev_attach,

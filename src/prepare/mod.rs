@@ -35,6 +35,9 @@ pub struct RecordedDevice {
     pub admin_access: bool,
 }
 
+/// Where the claims' topology files go by default: tmpfs on a systemd host.
+pub const DEFAULT_TOPOLOGY_DIR: &str = "/var/run/tandem";
+
 /// Where preparation writes and what it calls itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PrepareConfig {
@@ -44,9 +47,13 @@ pub struct PrepareConfig {
     pub node_name: String,
     /// Where CDI specs go (`/var/run/cdi`); the runtime reads them from the same path.
     pub cdi_dir: PathBuf,
-    /// The checkpoint and per-claim files; must be the same path on the host, because the
-    /// topology file is bind-mounted into containers from there.
+    /// The checkpoint and per-claim records (hook records, older topology files): on disk,
+    /// to survive restarts.
     pub state_dir: PathBuf,
+    /// The claims' topology files (`<uid>.topology.json`), which CDI bind-mounts into
+    /// containers: a tmpfs directory (`/var/run/tandem`), the same path on the host. A reboot
+    /// empties it, and the kubelet prepares every claim again after one.
+    pub topology_dir: PathBuf,
     /// Where device nodes appear in containers (`/dev`).
     pub dev_root_in_container: PathBuf,
     /// Host path of the `tandem` binary that runtimes run as the `tandem hook attach` OCI
@@ -102,14 +109,15 @@ impl std::str::FromStr for NetdevAttach {
 }
 
 impl PrepareConfig {
-    /// The defaults a DaemonSet pod uses: `/var/run/cdi`, `/var/lib/tandem`, `/dev`, `/proc`,
-    /// no hook, no vendor specs, no driver root.
+    /// The defaults a DaemonSet pod uses: `/var/run/cdi`, `/var/lib/tandem`,
+    /// `/var/run/tandem`, `/dev`, `/proc`, no hook, no vendor specs, no driver root.
     pub fn new(driver_name: impl Into<String>, node_name: impl Into<String>) -> Self {
         Self {
             driver_name: driver_name.into(),
             node_name: node_name.into(),
             cdi_dir: PathBuf::from("/var/run/cdi"),
             state_dir: PathBuf::from("/var/lib/tandem"),
+            topology_dir: PathBuf::from(DEFAULT_TOPOLOGY_DIR),
             dev_root_in_container: PathBuf::from("/dev"),
             hook_path: None,
             netdev_attach: NetdevAttach::Hook,

@@ -65,6 +65,7 @@ impl InProcessNode {
         let mut prepare_config = PrepareConfig::new(names::DEFAULT_DRIVER_NAME, node);
         prepare_config.cdi_dir = cdi_dir.clone();
         prepare_config.state_dir = state_dir.clone();
+        prepare_config.topology_dir = dir.path().join("run");
         prepare_config.proc_root = roots.proc.clone();
         let client = client.unwrap_or_else(|| apiserver.client());
         let preparer =

@@ -33,6 +33,8 @@ pub fn plugin_command(
         .arg(dir.join("cdi"))
         .arg("--state-dir")
         .arg(state_dir)
+        .arg("--topology-dir")
+        .arg(dir.join("run"))
         .arg("--sysfs-root")
         .arg(&roots.sys)
         .arg("--proc-root")

@@ -148,17 +148,36 @@ impl Inner {
         Ok(())
     }
 
-    /// Deletes what no entry owns under `claims/`: per-claim directories (hook records, the
-    /// older layout's topology files), topology files, and temp files of interrupted writes.
+    /// Deletes what no entry owns under `claims/` (per-claim directories, i.e. hook records
+    /// and the older layouts' topology files, and temp files of interrupted writes), and the
+    /// topology files and their temp files in the topology directory that no entry owns.
     fn remove_orphan_claim_state(&self, cp: &Checkpoint) -> Result<Vec<PathBuf>, PrepareError> {
         let mut orphan_claim_state_removed = Vec::new();
-        for path in list_dir(&self.config.state_dir.join(CLAIMS_SUBDIR))? {
+        let owned = |name: &str| {
+            let uid = name.strip_suffix(TOPOLOGY_FILE_SUFFIX).unwrap_or(name);
+            let temp = name.starts_with('.') && name.ends_with(fsutil::TEMP_SUFFIX);
+            cp.claims.contains_key(uid) && !temp
+        };
+        let claims_dir = self.config.state_dir.join(CLAIMS_SUBDIR);
+        let mut candidates = list_dir(&claims_dir)?;
+        if self.config.topology_dir != claims_dir {
+            // The topology directory may be shared (it is the operator's choice): only
+            // names of ours go.
+            candidates.extend(
+                list_dir(&self.config.topology_dir)?
+                    .into_iter()
+                    .filter(|path| {
+                        path.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.contains(TOPOLOGY_FILE_SUFFIX))
+                    }),
+            );
+        }
+        for path in candidates {
             let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
-            let uid = name.strip_suffix(TOPOLOGY_FILE_SUFFIX).unwrap_or(name);
-            let temp = name.starts_with('.') && name.ends_with(fsutil::TEMP_SUFFIX);
-            if cp.claims.contains_key(uid) && !temp {
+            if owned(name) {
                 continue;
             }
             let removed = if path.is_dir() {

@@ -170,6 +170,11 @@ fn config_check_names_the_field_at_fault() {
         ..good.clone()
     };
     assert_eq!(field_of(&relative_cdi), Some("cdi_dir"));
+    let relative_topology = PrepareConfig {
+        topology_dir: PathBuf::from("run/tandem"),
+        ..good.clone()
+    };
+    assert_eq!(field_of(&relative_topology), Some("topology_dir"));
     let relative_dev = PrepareConfig {
         dev_root_in_container: PathBuf::from("dev"),
         ..good.clone()
