@@ -10,8 +10,8 @@
 # ~2.6 MB (BENCHMARKS.md).
 #
 # The list holds names without their hashes (the `17h…E` of legacy symbols, the crate
-# disambiguators of v0 ones, LLVM's `.llvm.N` suffixes), which change with the compiler and
-# any dependency; this script maps them to the link's symbols. A name that is gone only stays
+# disambiguators of v0 ones, LLVM's `.llvm.N` and `.N` suffixes), which change with the
+# compiler and any dependency; this script maps them to the link's symbols. A name that is gone only stays
 # where the linker puts it. Without lld (whose --symbol-ordering-file this needs) or nm, it
 # links as `cc` would and says so. It leaves `<output>.hot-order` (the order given to lld, and
 # a count on its first line) beside the output.
@@ -22,6 +22,7 @@ set -euo pipefail
 unhashed='
   function unhashed(name) {
     sub(/\.llvm\.[0-9]+$/, "", name)
+    sub(/\.[0-9]+$/, "", name)
     if (name ~ /^_ZN/) sub(/17h[0-9a-f]+E$/, "E", name)
     else if (name ~ /^_R/) gsub(/Cs[0-9A-Za-z]*_/, "C", name)
     return name

@@ -191,6 +191,8 @@ fn names_lose_their_hashes_and_nothing_else() {
         .write_all(
             b"_ZN5tokio7runtime4task3raw4poll17h0123456789abcdefE\n\
               _ZN6tandem4main17hfedcba9876543210E.llvm.12345678\n\
+              _ZN4http6header4name10HeaderName6as_str17hf1e3d0a223fc0c97E.696\n\
+              _RNvMs5_NtNtCs1a_3std2io5errorNtB5_5Error4kind.1042\n\
               _RNvNtCsgEmfK2I1SDS_4core3fmt5write\n\
               _RINvNtCs1234_5alloc3vec8from_elemCsabc_3stdE\n\
               memcpy\n",
@@ -201,6 +203,8 @@ fn names_lose_their_hashes_and_nothing_else() {
         String::from_utf8_lossy(&out.stdout),
         "_ZN5tokio7runtime4task3raw4pollE\n\
          _ZN6tandem4mainE\n\
+         _ZN4http6header4name10HeaderName6as_strE\n\
+         _RNvMs5_NtNtC3std2io5errorNtB5_5Error4kind\n\
          _RNvNtC4core3fmt5write\n\
          _RINvNtC5alloc3vec8from_elemC3stdE\n\
          memcpy\n"
