@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Writes hack/hot-functions.txt, the functions hack/link-hot-first.sh puts first in the node
 # binary: those the plugin runs from start to idle on the dgx-h100 fixture, then those that
-# prepare/unprepare cycles add. It builds the binary as hack/footprint.sh does but with its
-# symbols, runs the footprint bench with the plugin under valgrind's callgrind, and asks
-# callgrind for a dump once the plugin is idle and every half second after. Run it after
-# changes that move start-up or prepare work; a stale list only costs resident pages.
+# prepare/unprepare cycles add (1200 by default: under valgrind they last long enough for the
+# periodic work too, the 10 s netattach reconcile and the 30 s rescan). It builds the binary
+# as hack/footprint.sh does but with its symbols, runs the footprint bench with the plugin
+# under valgrind's callgrind, and asks callgrind for a dump once the plugin is idle and every
+# half second after. Run it after changes that move start-up or prepare work; a stale list
+# only costs resident pages.
 # Needs valgrind (installed with apt-get when missing and root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cycles="${1:-300}"
+cycles="${1:-1200}"
 if ! command -v valgrind >/dev/null 2>&1; then
   [[ "$(id -u)" == 0 ]] || { echo "hot-functions: needs valgrind (apt-get install valgrind)" >&2; exit 1; }
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind >/dev/null
