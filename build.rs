@@ -21,6 +21,10 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
+    // Inputs of the node binary's link (hack/link-hot-first.sh, the linker .cargo/config.toml
+    // names): a new list must relink it, which cargo does not know on its own.
+    println!("cargo::rerun-if-changed=hack/link-hot-first.sh");
+    println!("cargo::rerun-if-changed=hack/hot-functions.txt");
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let mut names: Vec<u8> = Vec::new();
     let mut name = |text: &str| -> (u32, u16) {

@@ -269,6 +269,82 @@ fn dockerfile_version_is_the_crate_version() {
     );
 }
 
+/// What the builder stage copies from the context (`COPY` without `--from`, before the final
+/// stage): each source path as written.
+fn builder_copies(text: &str) -> Vec<String> {
+    let mut copies = Vec::new();
+    let mut stages = 0;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with("FROM ") {
+            stages += 1;
+        }
+        let Some(rest) = line.strip_prefix("COPY ") else {
+            continue;
+        };
+        let args = words(rest);
+        if stages != 1 || args.iter().any(|a| a.starts_with("--from")) {
+            continue;
+        }
+        if let Some((_, sources)) = args.split_last() {
+            copies.extend(sources.iter().cloned());
+        }
+    }
+    copies
+}
+
+/// The Docker build reads what a `cargo build` of the package reads: the build script, the
+/// cargo config and the linker it names with that linker's list. The first release of
+/// build.rs (the PCI name tables) was missing from the Dockerfile and its .dockerignore,
+/// which only a real `docker build` would have shown: hack/build-image.sh builds from the
+/// checkout.
+#[test]
+fn the_builder_stage_copies_every_input_of_the_build() {
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).expect("Dockerfile");
+    let copies = builder_copies(&dockerfile);
+    // .dockerignore excludes everything, then lets paths back in with `!path`.
+    let ignore = std::fs::read_to_string(repo().join(".dockerignore")).expect(".dockerignore");
+    let allowed: Vec<String> = ignore
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix('!'))
+        .map(|p| p.trim_end_matches('/').to_string())
+        .collect();
+    let mut needed: Vec<String> = ["Cargo.toml", "Cargo.lock", "src", "crates", "benches"]
+        .map(String::from)
+        .to_vec();
+    if repo().join("build.rs").exists() {
+        needed.push("build.rs".into());
+    }
+    let config = repo().join(".cargo/config.toml");
+    if let Ok(text) = std::fs::read_to_string(&config) {
+        needed.push(".cargo".into());
+        for line in text.lines() {
+            if let Some(value) = line.trim().strip_prefix("linker = ") {
+                let linker = value.trim_matches('"').to_string();
+                needed.push(linker);
+                needed.push("hack/hot-functions.txt".into());
+            }
+        }
+    }
+    let covered = |path: &str, by: &[String]| {
+        by.iter()
+            .any(|p| path == p || path.starts_with(&format!("{p}/")))
+    };
+    for path in &needed {
+        assert!(
+            repo().join(path).exists(),
+            "{path} is an input of the build but is not in the repository"
+        );
+        assert!(
+            covered(path, &copies),
+            "the Dockerfile's builder stage does not COPY {path} (copies {copies:?})"
+        );
+        assert!(
+            covered(path, &allowed),
+            ".dockerignore keeps {path} out of the build context (lets in {allowed:?})"
+        );
+    }
+}
+
 /// Sonames each Debian 12 package provides (the ones a Rust binary can link).
 fn package_sonames(package: &str) -> Option<&'static [&'static str]> {
     Some(match package {
