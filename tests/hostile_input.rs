@@ -639,6 +639,21 @@ fn dgx_machine() -> (tempfile::TempDir, tandem::sysfs::MachineRoots) {
     (dir, roots)
 }
 
+/// `tandem plugin` on a `dgx_machine()`, its state in `dir/state`.
+fn dgx_plugin(
+    dir: &tempfile::TempDir,
+    roots: &tandem::sysfs::MachineRoots,
+    kubeconfig: &Path,
+) -> tokio::process::Command {
+    plugin_command(
+        NODE,
+        dir.path(),
+        &dir.path().join("state"),
+        roots,
+        kubeconfig,
+    )
+}
+
 /// The apiserver drops every connection mid-watch, then someone deletes the node's slices: the
 /// plugin's publisher reconnects and puts them back, and the plugin keeps running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -660,17 +675,11 @@ async fn slice_publisher_survives_connections_dropped_mid_watch() {
         "current-context": "fake",
     });
     std::fs::write(&kubeconfig, serde_json::to_vec(&config).unwrap()).unwrap();
-    let mut plugin = plugin_command(
-        NODE,
-        dir.path(),
-        &dir.path().join("state"),
-        &roots,
-        &kubeconfig,
-    )
-    .args(["--rescan-period", "1s"])
-    .stderr(std::process::Stdio::null())
-    .spawn()
-    .unwrap();
+    let mut plugin = dgx_plugin(&dir, &roots, &kubeconfig)
+        .args(["--rescan-period", "1s"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
 
     // Slices are published once the kubelet has registered the plugin.
     register_as_kubelet(&dir.path().join("plugins_registry/tandem.dev-reg.sock")).await;
@@ -723,18 +732,12 @@ async fn many_cpus_do_not_multiply_the_plugins_threads() {
     let threads_of = async |extra: &[&str]| {
         // A killed plugin leaves its socket file: wait for this run's own.
         let _ = std::fs::remove_file(&socket);
-        let mut plugin = plugin_command(
-            NODE,
-            dir.path(),
-            &dir.path().join("state"),
-            &roots,
-            &kubeconfig,
-        )
-        .args(extra)
-        .env("TOKIO_WORKER_THREADS", "64")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        let mut plugin = dgx_plugin(&dir, &roots, &kubeconfig)
+            .args(extra)
+            .env("TOKIO_WORKER_THREADS", "64")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !socket.exists() {
             assert!(Instant::now() < deadline, "the plugin did not listen");
