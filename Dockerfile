@@ -7,7 +7,8 @@ WORKDIR /build
 # Packed relative relocations (DT_RELR; glibc >= 2.36, as in the distroless base): the
 # relocation table of the position-independent binary shrinks from 1.8 MB to 27 KB, which
 # the loader otherwise reads at every start (13.7 MB binary instead of 15.2, about 1.4 MiB
-# less idle RSS; BENCHMARKS.md). hack/build-image.sh and hack/footprint.sh read this line.
+# less idle RSS; BENCHMARKS.md). hack/dockerfile-rustflags.sh reads this line for the builds
+# outside Docker (hack/build-image.sh, hack/footprint.sh, hack/hot-functions.sh).
 ENV RUSTFLAGS="-C link-arg=-Wl,-z,pack-relative-relocs"
 
 # Dependencies and the workspace's library crates (crates/: the kubelet-plugin crate with

@@ -216,7 +216,7 @@ mkdir -p "${WORK}"
 # 1. The binary.
 if [[ -z "${BINARY}" ]]; then
   # The builder stage's RUSTFLAGS (packed relocations), so both builds link the same binary.
-  NODE_RUSTFLAGS=$(sed -n 's/^ENV RUSTFLAGS="\(.*\)"$/\1/p' "${DOCKERFILE}")
+  NODE_RUSTFLAGS=$(bash "${REPO_ROOT}/hack/dockerfile-rustflags.sh" "${DOCKERFILE}")
   log "RUSTFLAGS='${NODE_RUSTFLAGS}' cargo build --profile node --locked --no-default-features --bin tandem"
   (cd "${REPO_ROOT}" && RUSTFLAGS="${NODE_RUSTFLAGS}" \
     cargo build --profile node --locked --no-default-features --bin tandem)

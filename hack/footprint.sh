@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 cycles="${1:-10000}"
 echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r), $(date -u +%Y-%m-%d), load $(cut -d' ' -f1-3 /proc/loadavg)"
 flags=(--profile node --no-default-features)
-rustflags=$(sed -n 's/^ENV RUSTFLAGS="\(.*\)"$/\1/p' Dockerfile)
+rustflags=$(bash hack/dockerfile-rustflags.sh)
 # A target dir of its own: other RUSTFLAGS would rebuild the default target's dependencies.
 target=target/footprint
 what="node profile, --no-default-features (no test doubles), RUSTFLAGS='$rustflags'"

@@ -15,7 +15,7 @@ if ! command -v valgrind >/dev/null 2>&1; then
   [[ "$(id -u)" == 0 ]] || { echo "hot-functions: needs valgrind (apt-get install valgrind)" >&2; exit 1; }
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind >/dev/null
 fi
-rustflags=$(sed -n 's/^ENV RUSTFLAGS="\(.*\)"$/\1/p' Dockerfile)
+rustflags=$(bash hack/dockerfile-rustflags.sh)
 target=target/hot-functions
 RUSTFLAGS="$rustflags" CARGO_PROFILE_NODE_STRIP=false \
   cargo build --quiet --bin tandem --target-dir "$target" --profile node --no-default-features
