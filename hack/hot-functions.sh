@@ -33,12 +33,18 @@ TANDEM_PLUGIN_BIN="$work/plugin" TANDEM_BENCH_FOOTPRINT_CYCLES="$cycles" \
   cargo bench --quiet --bench plugin >"$work/bench.out" 2>&1 &
 bench=$!
 pid=""
+socket=""
 for _ in $(seq 1 1200); do
   pid=$(pgrep -f "callgrind-out-file=$work/" | head -1 || true)
-  [[ -n "$pid" ]] && compgen -G "/dev/shm/tandem-*/plugins/tandem.dev/dra.sock" >/dev/null && break
+  if [[ -n "$pid" && -z "$socket" ]]; then
+    # This run's DRA socket, under the plugin's own --kubelet-plugins-dir.
+    plugins=$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | sed -n '/^--kubelet-plugins-dir$/{n;p;}' || true)
+    [[ -n "$plugins" ]] && socket="$plugins/tandem.dev/dra.sock"
+  fi
+  [[ -n "$socket" && -S "$socket" ]] && break
   sleep 0.5
 done
-[[ -n "$pid" ]] || { cat "$work/bench.out" >&2; echo "hot-functions: the plugin did not start" >&2; exit 1; }
+[[ -n "$socket" && -S "$socket" ]] || { cat "$work/bench.out" >&2; echo "hot-functions: the plugin did not listen" >&2; exit 1; }
 # The bench waits 2 s after the socket listens before its first prepare.
 sleep 1
 while kill -0 "$pid" 2>/dev/null; do
