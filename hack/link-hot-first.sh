@@ -11,10 +11,10 @@
 #
 # The list holds names without their hashes (the `17h…E` of legacy symbols, the crate
 # disambiguators of v0 ones, LLVM's `.llvm.N` and `.N` suffixes), which change with the
-# compiler and any dependency; this script maps them to the link's symbols. A name that is gone only stays
-# where the linker puts it. Without lld (whose --symbol-ordering-file this needs) or nm, it
-# links as `cc` would and says so. It leaves `<output>.hot-order` (the order given to lld, and
-# a count on its first line) beside the output.
+# compiler and any dependency; this script maps them to the link's symbols. A name that is
+# gone only stays where the linker puts it. Without lld (whose --symbol-ordering-file this
+# needs) or nm, it links as `cc` would and says so. It leaves `<output>.hot-order` (the order
+# given to lld, and a count on its first line) beside the output.
 set -euo pipefail
 
 # A symbol's name without what changes between builds (see above), one per line on stdin;

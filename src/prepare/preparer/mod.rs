@@ -382,7 +382,8 @@ impl Inner {
     }
 
     /// The topology file an entry owns: the path it records (older entries name
-    /// `claims/<uid>/topology.json`), else where a claim prepared now has it.
+    /// `<state_dir>/claims/<uid>.topology.json` or `claims/<uid>/topology.json`), else where a
+    /// claim prepared now has it.
     pub(super) fn recorded_topology_path(&self, uid: &str, entry: &ClaimEntry) -> PathBuf {
         entry
             .files
@@ -456,15 +457,16 @@ impl Inner {
             .join(format!("{uid}{TOPOLOGY_FILE_SUFFIX}"))
     }
 
-    /// Writes the topology file at `path`; its directory (made at start) is made again only
-    /// if it went missing since, or, for an entry of the older layout, is the claim's own.
+    /// Writes the topology file at `path`; its directory (the topology directory, made at
+    /// start, or for an entry of an older layout the one it records) is made again only if it
+    /// went missing.
     pub(super) fn write_topology(
         &self,
         claim: &ClaimRef,
         path: &Path,
         topology: &ClaimTopology,
     ) -> Result<(), PrepareError> {
-        let dir = path.parent().unwrap_or(&self.config.state_dir);
+        let dir = path.parent().unwrap_or(&self.config.topology_dir);
         write_json(claim, path, topology, dir, PRIVATE_DIR_MODE)
     }
 
