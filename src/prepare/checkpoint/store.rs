@@ -7,39 +7,48 @@ use super::{
     write_bytes_flushed,
 };
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-/// How long a commit waits for calls that are between their change and their commit (writing
-/// their claim files) so that one flush covers them too. Only a call with such siblings
-/// waits; a lone call never does.
+/// How long a commit waits for the calls that announced a commit and have not reached it
+/// (fetching their claims, writing their files) so that one flush covers them too. Only a
+/// call with such siblings waits; a lone call never does.
 const GATHER_AT_MOST: Duration = Duration::from_millis(2);
 
 /// The checkpoint of one process, in memory, and its group commit.
 ///
 /// Changes are made to [`Mem`] under its lock (short, no I/O), each returning a version; then
-/// [`Store::commit`] makes that version durable. Commits queue on one I/O lock: the first in
+/// [`Store::commit`] makes that version durable. Commits take turns at the file: the first in
 /// line waits (at most [`GATHER_AT_MOST`]) for the calls that announced a commit with
 /// [`Store::will_commit`] and have not reached it yet, then writes whatever the memory holds,
-/// with one flush, and every caller whose version that covered returns without writing. So N
-/// concurrent calls cost between 1 and N flushes, never more than one each, and none waits on
-/// another's apiserver GET.
+/// with one flush; the callers waiting meanwhile all wake when it ends, and those whose
+/// version it covered return without writing. So N concurrent calls cost between 1 and N
+/// flushes, never more than one each. A prepare announces itself once it holds its claims'
+/// locks, before it fetches them: calls that arrive together (the kubelet starting several
+/// pods) then share one flush, instead of the first flushing alone while the others still
+/// wait for the apiserver; a commit waits for such a GET at most [`GATHER_AT_MOST`].
 pub struct Store {
     state_dir: PathBuf,
     mem: Mutex<Mem>,
     /// Signalled when a call announced with `will_commit` reaches its commit (or gives up).
     arrived: Condvar,
+    /// Locked only to look at or change [`IoState`], never across the I/O itself.
     io: Mutex<IoState>,
+    /// `IoState::durable`, for waiters to check without the lock when they wake.
+    durable: AtomicU64,
 }
 
 /// A call's announcement that it will commit; reaching [`Store::commit`] (or dropping it)
-/// withdraws it.
-pub struct WillCommit<'a> {
-    store: &'a Store,
+/// withdraws it. It owns its store, so it can travel from the async part of a call, where it
+/// is taken before the claims are fetched, to the blocking task that commits.
+pub struct WillCommit {
+    store: Arc<Store>,
     done: bool,
 }
 
-impl WillCommit<'_> {
+impl WillCommit {
     /// Makes `version` durable (see [`Store::commit`]).
     pub fn commit(mut self, version: u64) -> Result<(), CheckpointError> {
         self.withdraw();
@@ -55,7 +64,7 @@ impl WillCommit<'_> {
     }
 }
 
-impl Drop for WillCommit<'_> {
+impl Drop for WillCommit {
     fn drop(&mut self) {
         self.withdraw();
     }
@@ -80,6 +89,13 @@ impl Mem {
 struct IoState {
     /// The newest version on disk (flushed).
     durable: u64,
+    /// A commit or a read of the file is in progress (one at a time).
+    busy: bool,
+    /// Threads waiting for the turn to end, each for its own version. They are unparked
+    /// together when it ends and check the durable version without a lock: had they waited on
+    /// a condition variable, each would take the lock again in turn after the flush, one
+    /// context switch after another, before its call could answer.
+    waiters: Vec<Thread>,
     /// The file as this process last saw it; `None` before the first read.
     seen: Option<Option<FileId>>,
 }
@@ -103,8 +119,11 @@ impl Store {
             arrived: Condvar::new(),
             io: Mutex::new(IoState {
                 durable: 0,
+                busy: false,
+                waiters: Vec::new(),
                 seen: None,
             }),
+            durable: AtomicU64::new(0),
         }
     }
 
@@ -116,23 +135,58 @@ impl Store {
     /// serialize flock of rolling updates), and a commit of ours in progress means a call of
     /// ours is running, so then there is nothing to check and no call waits on the flush.
     pub fn refresh(&self) -> Result<Option<LoadOutcome>, CheckpointError> {
-        let mut io = match self.io.try_lock() {
-            Ok(io) => io,
-            Err(std::sync::TryLockError::WouldBlock) if self.loaded() => return Ok(None),
-            Err(_) => lock(&self.io),
+        // A turn in progress is a commit of ours: nothing to check (but the first read waits).
+        let (turn, seen_before) = match self.io_turn(None, !self.loaded()) {
+            Some((turn, io)) => (turn, io.seen),
+            None => return Ok(None),
         };
         let path = checkpoint_path(&self.state_dir);
-        if io.seen == Some(FileId::current(&path)?) {
+        if seen_before == Some(FileId::current(&path)?) {
             return Ok(None);
         }
         let (checkpoint, outcome) = load(&self.state_dir)?;
         // Loading may have set a bad file aside.
         let seen = FileId::current(&path)?;
-        let mut mem = lock(&self.mem);
-        mem.checkpoint = checkpoint;
-        io.durable = mem.changed();
-        io.seen = Some(seen);
+        let version = {
+            let mut mem = lock(&self.mem);
+            mem.checkpoint = checkpoint;
+            mem.changed()
+        };
+        turn.finish(version, seen);
         Ok(Some(outcome))
+    }
+
+    /// Takes the file's I/O turn, waiting (when `wait`) until no other commit or read is in
+    /// progress; `None` when `version` is durable by then, or the turn is taken and this call
+    /// does not wait. The turn ends when the returned [`IoTurn`] is finished or dropped (on
+    /// an error), and the waiters go.
+    fn io_turn(
+        &self,
+        version: Option<u64>,
+        wait: bool,
+    ) -> Option<(IoTurn<'_>, MutexGuard<'_, IoState>)> {
+        let covered = |durable: u64| version.is_some_and(|v| durable >= v);
+        loop {
+            let mut io = lock(&self.io);
+            if covered(io.durable) {
+                return None;
+            }
+            if !io.busy {
+                io.busy = true;
+                return Some((IoTurn { store: self }, io));
+            }
+            if !wait {
+                return None;
+            }
+            io.waiters.push(std::thread::current());
+            drop(io);
+            // An unpark that came before this park makes it return at once; a spurious
+            // return loops.
+            std::thread::park();
+            if covered(self.durable.load(Ordering::Acquire)) {
+                return None;
+            }
+        }
     }
 
     fn loaded(&self) -> bool {
@@ -141,7 +195,12 @@ impl Store {
 
     /// Reads the file whether or not it changed (start-up recovery reports how it went).
     pub fn reload(&self) -> Result<LoadOutcome, CheckpointError> {
-        lock(&self.io).seen = None;
+        if let Some((turn, mut io)) = self.io_turn(None, true) {
+            io.seen = None;
+            // The guard first: ending the turn locks the state again.
+            drop(io);
+            drop(turn);
+        }
         Ok(self
             .refresh()?
             .expect("a store that has not seen the file reads it"))
@@ -154,11 +213,13 @@ impl Store {
 
     /// Announces that this call will change the memory and commit: a commit in progress
     /// meanwhile waits a little for it (group commit). Take it before the work that precedes
-    /// the change (file writes), commit through it.
-    pub fn will_commit(&self) -> WillCommit<'_> {
+    /// the change (claim GETs, file writes) and commit through it; take it only once the call
+    /// holds whatever another committing call might be waiting for (its claims' locks), or
+    /// that call's commit waits the full [`GATHER_AT_MOST`] for nothing.
+    pub fn will_commit(self: &Arc<Self>) -> WillCommit {
         lock(&self.mem).coming += 1;
         WillCommit {
-            store: self,
+            store: self.clone(),
             done: false,
         }
     }
@@ -166,10 +227,11 @@ impl Store {
     /// Makes `version` (and whatever else the memory holds by now) durable: one write and one
     /// flush, or none when a commit that began after `version` already did it.
     pub fn commit(&self, version: u64) -> Result<(), CheckpointError> {
-        let mut io = lock(&self.io);
-        if io.durable >= version {
+        // Durable already, or made durable by the flush this call waited for.
+        let Some((turn, io)) = self.io_turn(Some(version), true) else {
             return Ok(());
-        }
+        };
+        drop(io);
         let (bytes, latest) = {
             let deadline = Instant::now() + GATHER_AT_MOST;
             let mut mem = lock(&self.mem);
@@ -187,8 +249,36 @@ impl Store {
             (encode_for(&self.state_dir, &mem.checkpoint)?, mem.version)
         };
         let written = write_bytes_flushed(&self.state_dir, bytes)?;
-        io.seen = Some(Some(written));
-        io.durable = latest;
+        turn.finish(latest, Some(written));
         Ok(())
+    }
+}
+
+/// The I/O turn of one commit or read; dropping it unfinished (an error) hands the turn on
+/// with nothing made durable, so the next waiter whose version is not covered tries itself.
+struct IoTurn<'a> {
+    store: &'a Store,
+}
+
+impl IoTurn<'_> {
+    /// `version` is on disk, as the file `seen`.
+    fn finish(self, version: u64, seen: Option<FileId>) {
+        let mut io = lock(&self.store.io);
+        io.durable = io.durable.max(version);
+        self.store.durable.store(io.durable, Ordering::Release);
+        io.seen = Some(seen);
+    }
+}
+
+impl Drop for IoTurn<'_> {
+    fn drop(&mut self) {
+        let waiters = {
+            let mut io = lock(&self.store.io);
+            io.busy = false;
+            std::mem::take(&mut io.waiters)
+        };
+        for waiter in waiters {
+            waiter.unpark();
+        }
     }
 }

@@ -191,3 +191,87 @@ fn encoding_splices_the_checksum_exactly_where_the_file_layout_has_it() {
         assert_eq!(load(dir.path()).unwrap().0, checkpoint);
     }
 }
+
+/// Runs `f` on a thread and fails the test if it has not returned within `secs`: a store
+/// whose I/O turn is never handed on hangs instead of failing.
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .expect("the store hung: an I/O turn was not handed on")
+}
+
+#[test]
+fn concurrent_commits_all_return_durable_and_the_file_holds_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().to_path_buf();
+    let store = std::sync::Arc::new(Store::new(&state_dir));
+    store.refresh().unwrap();
+    let calls = 8;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(calls));
+    let threads: Vec<_> = (0..calls)
+        .map(|i| {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let ticket = store.will_commit();
+                barrier.wait();
+                let version = {
+                    let mut mem = store.mem();
+                    let e = entry(ClaimState::PrepareCompleted);
+                    mem.checkpoint.claims.insert(format!("u{i}"), e);
+                    mem.changed()
+                };
+                ticket.commit(version)
+            })
+        })
+        .collect();
+    within(30, move || {
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+    });
+    let (on_disk, _) = load(&state_dir).unwrap();
+    assert_eq!(on_disk.claims.len(), calls, "every call's entry is on disk");
+    assert_eq!(on_disk, store.mem().checkpoint);
+    // Nothing changed since: a commit of an older version writes nothing.
+    let modified = std::fs::metadata(checkpoint_path(&state_dir))
+        .unwrap()
+        .modified()
+        .unwrap();
+    store.commit(1).unwrap();
+    let after = std::fs::metadata(checkpoint_path(&state_dir))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(modified, after);
+}
+
+#[test]
+fn a_failed_flush_hands_the_turn_on_and_the_retry_makes_the_change_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    std::fs::create_dir(&state_dir).unwrap();
+    let store = std::sync::Arc::new(Store::new(&state_dir));
+    store.refresh().unwrap();
+    let version = {
+        let mut mem = store.mem();
+        let e = entry(ClaimState::PrepareCompleted);
+        mem.checkpoint.claims.insert("u1".into(), e);
+        mem.changed()
+    };
+    // The state directory replaced by a file: the write fails, naming the checkpoint.
+    std::fs::remove_dir(&state_dir).unwrap();
+    std::fs::write(&state_dir, b"not a directory").unwrap();
+    let failing = store.clone();
+    let err = within(30, move || failing.commit(version)).unwrap_err();
+    assert_eq!(err.path, checkpoint_path(&state_dir));
+    // Nothing became durable, and the turn is free: the retry writes.
+    std::fs::remove_file(&state_dir).unwrap();
+    std::fs::create_dir(&state_dir).unwrap();
+    let retry = store.clone();
+    within(30, move || retry.commit(version)).unwrap();
+    let (on_disk, _) = load(&state_dir).unwrap();
+    assert!(on_disk.claims.contains_key("u1"));
+}

@@ -99,7 +99,7 @@ struct Inner {
     inventory: InventoryWatch,
     /// The checkpoint in memory. Another process (rolling update) is kept out by the
     /// caller's file lock, and its writes are read back before the next call.
-    store: checkpoint::Store,
+    store: Arc<checkpoint::Store>,
     /// One lock per claim UID with a call in flight: the same claim is prepared or unprepared
     /// by one call at a time, different claims in parallel.
     claim_locks: ClaimLocks,
@@ -131,7 +131,7 @@ impl Preparer {
         Ok(Self {
             inner: Arc::new(Inner {
                 cdi_kind: crate::names::cdi_claim_kind(&config.driver_name),
-                store: checkpoint::Store::new(&config.state_dir),
+                store: Arc::new(checkpoint::Store::new(&config.state_dir)),
                 claim_locks: ClaimLocks::default(),
                 boot_id: checkpoint::read_boot_id(&config.proc_root),
                 config,
@@ -196,12 +196,15 @@ impl Preparer {
                 return results;
             }
         };
+        // Announced before the GETs, so that a commit starting meanwhile waits (briefly) for
+        // this call and one flush covers both.
+        let ticket = self.inner.store.will_commit();
         let work = self.fetch_claims(unique, current).await;
         let uids = claim_names(work.iter().map(|(c, _)| c));
         let inner = self.inner.clone();
         let job = move || {
             let _guards = guards;
-            inner.prepare_claims(work)
+            inner.prepare_claims(work, ticket)
         };
         run_blocking(job, uids, &mut results).await;
         results
@@ -242,10 +245,13 @@ impl Preparer {
         }
         let uids = claim_names(&unique);
         let guards = self.inner.claim_locks.lock_all(&unique).await;
+        // Announced before the blocking pool picks the call up, so that calls arriving
+        // together share one flush.
+        let ticket = self.inner.store.will_commit();
         let inner = self.inner.clone();
         let job = move || {
             let _guards = guards;
-            inner.unprepare_claims(unique)
+            inner.unprepare_claims(unique, ticket)
         };
         run_blocking(job, uids, &mut results).await;
         results

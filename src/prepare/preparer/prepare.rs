@@ -5,7 +5,7 @@
 
 use super::{Fetched, Inner, PrepareResults, is_current};
 use crate::prepare::PreparedDevice;
-use crate::prepare::checkpoint::{Checkpoint, CheckpointError, ClaimEntry, ClaimState};
+use crate::prepare::checkpoint::{Checkpoint, CheckpointError, ClaimEntry, ClaimState, WillCommit};
 use crate::prepare::error::PrepareError;
 use crate::prepare::plan::{self, ClaimPlan, DeviceHolders, PlanContext};
 use crate::prepare::vendor_cdi::VendorMatches;
@@ -107,13 +107,12 @@ struct Batch {
 type Failed = Vec<(ClaimRef, PrepareError)>;
 
 impl Inner {
-    pub(super) fn prepare_claims(&self, work: Vec<Fetched>) -> PrepareResults {
+    pub(super) fn prepare_claims(&self, work: Vec<Fetched>, ticket: WillCommit) -> PrepareResults {
         let inventory = self.inventory.borrow().clone();
         let vendor = self.vendor_matches(&inventory);
         // Plan under the memory lock (no I/O but the rare pending-release retry), so that two
         // calls never plan the same device: a planned claim enters the checkpoint at once, as
         // PrepareStarted, and holds its devices from then on.
-        let ticket = self.store.will_commit();
         let (batch, version) = self.plan_batch(work, &inventory, vendor.as_ref());
         // A call with nothing to commit must not hold up the commits of others.
         let ticket = version.map(|_| ticket);

@@ -8,7 +8,7 @@ use super::{
 use crate::fsutil;
 use crate::netattach::record::{self, AttachedInterface, NetAttachRecord, RecordError};
 use crate::netattach::{DEFAULT_NETLINK_TIMEOUT, Netns};
-use crate::prepare::checkpoint::{Checkpoint, ClaimEntry, ClaimState, PendingRelease};
+use crate::prepare::checkpoint::{Checkpoint, ClaimEntry, ClaimState, PendingRelease, WillCommit};
 use crate::prepare::error::PrepareError;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -19,7 +19,11 @@ use tandem_kubelet_plugin::ClaimRef;
 type Forgotten = Vec<(ClaimRef, Option<ClaimEntry>)>;
 
 impl Inner {
-    pub(super) fn unprepare_claims(&self, claims: Vec<ClaimRef>) -> UnprepareResults {
+    pub(super) fn unprepare_claims(
+        &self,
+        claims: Vec<ClaimRef>,
+        ticket: WillCommit,
+    ) -> UnprepareResults {
         let mut answers = UnprepareResults::new();
         if let Err(e) = self.refresh() {
             for claim in claims {
@@ -28,7 +32,6 @@ impl Inner {
             return answers;
         }
         // Files go first, then the entries, in one commit for the whole call.
-        let ticket = self.store.will_commit();
         let removed = self.release_and_remove(claims, &mut answers);
         let (version, forgotten) = self.forget(removed);
         let result = version.map_or(Ok(()), |v| ticket.commit(v));
