@@ -66,8 +66,8 @@ fn temp_with(path: &Path, contents: &[u8], mode: u32) -> io::Result<tempfile::Na
         .tempfile_in(dir)?;
     // The process umask must not decide who can read a CDI spec (the runtime) or the
     // checkpoint (root only): when it would have cleared bits of `mode` (or is unknown), the
-    // mode is set again with fchmod. Under the usual 022 the create mode is exact, and three
-    // of the four files a prepare and unprepare write save a system call each.
+    // mode is set again with fchmod. Under the usual 022 the create mode is exact, and every
+    // file a prepare or an unprepare writes saves that system call.
     if umask_clears(process_umask(), mode) {
         temp.as_file()
             .set_permissions(Permissions::from_mode(mode))?;

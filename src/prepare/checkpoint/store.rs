@@ -36,7 +36,8 @@ pub struct Store {
     arrived: Condvar,
     /// Locked only to look at or change [`IoState`], never across the I/O itself.
     io: Mutex<IoState>,
-    /// `IoState::durable`, for waiters to check without the lock when they wake.
+    /// The newest version on disk (flushed). Raised only by the holder of the I/O turn;
+    /// waiters read it without the lock when they wake.
     durable: AtomicU64,
 }
 
@@ -87,8 +88,6 @@ impl Mem {
 }
 
 struct IoState {
-    /// The newest version on disk (flushed).
-    durable: u64,
     /// A commit or a read of the file is in progress (one at a time).
     busy: bool,
     /// Threads waiting for the turn to end, each for its own version. They are unparked
@@ -118,7 +117,6 @@ impl Store {
             }),
             arrived: Condvar::new(),
             io: Mutex::new(IoState {
-                durable: 0,
                 busy: false,
                 waiters: Vec::new(),
                 seen: None,
@@ -165,10 +163,10 @@ impl Store {
         version: Option<u64>,
         wait: bool,
     ) -> Option<(IoTurn<'_>, MutexGuard<'_, IoState>)> {
-        let covered = |durable: u64| version.is_some_and(|v| durable >= v);
+        let covered = || version.is_some_and(|v| self.durable.load(Ordering::Acquire) >= v);
         loop {
             let mut io = lock(&self.io);
-            if covered(io.durable) {
+            if covered() {
                 return None;
             }
             if !io.busy {
@@ -183,7 +181,7 @@ impl Store {
             // An unpark that came before this park makes it return at once; a spurious
             // return loops.
             std::thread::park();
-            if covered(self.durable.load(Ordering::Acquire)) {
+            if covered() {
                 return None;
             }
         }
@@ -264,8 +262,7 @@ impl IoTurn<'_> {
     /// `version` is on disk, as the file `seen`.
     fn finish(self, version: u64, seen: Option<FileId>) {
         let mut io = lock(&self.store.io);
-        io.durable = io.durable.max(version);
-        self.store.durable.store(io.durable, Ordering::Release);
+        self.store.durable.fetch_max(version, Ordering::Release);
         io.seen = Some(seen);
     }
 }
