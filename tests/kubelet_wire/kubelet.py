@@ -209,12 +209,23 @@ def cdi_specs_of(cdi_dir, uid):
 
 
 def cancelled_prepares(registered, claim, cdi_dir, summary):
-    """Prepare cancelled at its deadline at many points of its run, each followed by a retry."""
+    """Prepare cancelled at its deadline at many points of its run, each followed by a retry.
+
+    The fixed deadlines suit a slow run; a fast one (a warm plugin can prepare in under a
+    millisecond) answers them all. So the sweep starts with deadlines at fractions of how long
+    an uncancelled prepare of this claim took here (the faster of two), which fall inside the
+    run however fast this machine is.
+    """
     uid = claim["uid"]
-    expected = devices_of(prepare(registered, [claim]), uid)
-    unprepare(registered, [claim])
+    took_ms = []
+    for _ in range(2):
+        started = time.monotonic()
+        expected = devices_of(prepare(registered, [claim]), uid)
+        took_ms.append((time.monotonic() - started) * 1000)
+        unprepare(registered, [claim])
+    inside_the_run = [min(took_ms) * fraction for fraction in (0.2, 0.4, 0.6, 0.8)]
     cancelled = 0
-    for deadline_ms in [1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 60]:
+    for deadline_ms in inside_the_run + [1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 60]:
         try:
             answer = prepare(registered, [claim], timeout=deadline_ms / 1000)
             got = devices_of(answer, uid)
@@ -225,20 +236,20 @@ def cancelled_prepares(registered, claim, cdi_dir, summary):
                 error.code() == grpc.StatusCode.CANCELLED and "Timeout" in (error.details() or "")
             )
             if not expired:
-                raise Failure(f"prepare with a {deadline_ms} ms deadline: {error.code()} {error.details()}")
+                raise Failure(f"prepare with a {deadline_ms:.3g} ms deadline: {error.code()} {error.details()}")
             cancelled += 1
             # The kubelet's retry after the deadline: same result, nothing half-written.
             got = devices_of(prepare(registered, [claim]), uid)
         if got != expected:
-            raise Failure(f"retry after a {deadline_ms} ms deadline returned {got}, first prepare {expected}")
+            raise Failure(f"retry after a {deadline_ms:.3g} ms deadline returned {got}, first prepare {expected}")
         specs = cdi_specs_of(cdi_dir, uid)
         if len(specs) != 1:
-            raise Failure(f"after a {deadline_ms} ms deadline and its retry, CDI specs for {uid}: {specs}")
+            raise Failure(f"after a {deadline_ms:.3g} ms deadline and its retry, CDI specs for {uid}: {specs}")
         with open(os.path.join(cdi_dir, specs[0])) as spec:
             json.load(spec)
         unprepare_answer = unprepare(registered, [claim]).claims[uid]
         if unprepare_answer.error:
-            raise Failure(f"unprepare after a {deadline_ms} ms deadline: {unprepare_answer.error}")
+            raise Failure(f"unprepare after a {deadline_ms:.3g} ms deadline: {unprepare_answer.error}")
         if cdi_specs_of(cdi_dir, uid):
             raise Failure(f"unprepare left CDI specs for {uid}: {cdi_specs_of(cdi_dir, uid)}")
     if cancelled == 0:
