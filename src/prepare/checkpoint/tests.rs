@@ -275,3 +275,46 @@ fn a_failed_flush_hands_the_turn_on_and_the_retry_makes_the_change_durable() {
     let (on_disk, _) = load(&state_dir).unwrap();
     assert!(on_disk.claims.contains_key("u1"));
 }
+
+#[test]
+fn an_early_commit_waits_for_the_other_announced_calls_but_not_for_its_own() {
+    let gather = std::time::Duration::from_secs(5);
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(Store::new(dir.path()).with_gather_at_most(gather));
+    store.refresh().unwrap();
+    let change = |store: &Store, uid: &str| {
+        let mut mem = store.mem();
+        let e = entry(ClaimState::PrepareCompleted);
+        mem.checkpoint.claims.insert(uid.into(), e);
+        mem.changed()
+    };
+    // Alone: the early commit returns without waiting for the call's own announcement,
+    // which would hold it the whole gather.
+    let ticket = store.will_commit();
+    let version = change(&store, "u1");
+    let started = std::time::Instant::now();
+    ticket.commit_early(version).unwrap();
+    assert!(
+        started.elapsed() < gather,
+        "the early commit waited for its own call"
+    );
+    assert!(load(dir.path()).unwrap().0.claims.contains_key("u1"));
+    // With another call announced, it waits for that one (its change is flushed too).
+    let other = store.will_commit();
+    let version = change(&store, "u2");
+    let sibling = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let v = change(&store, "u3");
+            other.commit(v)
+        })
+    };
+    ticket.commit_early(version).unwrap();
+    assert!(
+        load(dir.path()).unwrap().0.claims.contains_key("u3"),
+        "the early commit gathered the announced sibling's change"
+    );
+    sibling.join().unwrap().unwrap();
+    ticket.commit(version).unwrap();
+}

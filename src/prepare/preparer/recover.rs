@@ -69,7 +69,7 @@ impl Inner {
                 name: entry.name.clone(),
                 uid: uid.clone(),
             };
-            self.release_before_removal(&claim)?;
+            self.release_before_removal(&claim, None)?;
             self.remove_claim_files(&uid, &entry)
                 .map_err(|(path, source)| PrepareError::StateIo { path, source })?;
             tracing::warn!(claim_uid = %uid, namespace = %entry.namespace, name = %entry.name,

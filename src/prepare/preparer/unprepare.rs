@@ -32,7 +32,7 @@ impl Inner {
             return answers;
         }
         // Files go first, then the entries, in one commit for the whole call.
-        let removed = self.release_and_remove(claims, &mut answers);
+        let removed = self.release_and_remove(claims, &ticket, &mut answers);
         let (version, forgotten) = self.forget(removed);
         let result = version.map_or(Ok(()), |v| ticket.commit(v));
         if result.is_err() {
@@ -58,6 +58,7 @@ impl Inner {
     fn release_and_remove(
         &self,
         claims: Vec<ClaimRef>,
+        ticket: &WillCommit,
         answers: &mut UnprepareResults,
     ) -> Vec<ClaimRef> {
         let mut removed: Vec<ClaimRef> = Vec::new();
@@ -65,7 +66,7 @@ impl Inner {
             let uid = claim.uid.clone();
             let entry = self.store.mem().checkpoint.claims.get(&uid).cloned();
             let entry = entry.unwrap_or_else(|| unknown_entry(&claim));
-            if let Err(e) = self.release_before_removal(&claim) {
+            if let Err(e) = self.release_before_removal(&claim, Some(ticket)) {
                 answers.insert(uid, Err(e));
                 continue;
             }
@@ -181,8 +182,13 @@ impl Inner {
 
     /// Releases a claim's interfaces ahead of removing its files: what stays in the pod is
     /// committed to the checkpoint's pending releases first, so no crash can lose it (an
-    /// extra flush, only when an interface could not come back).
-    pub(super) fn release_before_removal(&self, claim: &ClaimRef) -> Result<(), PrepareError> {
+    /// extra flush, only when an interface could not come back). `ticket`: the call's own
+    /// announced commit, which that flush must not wait for.
+    pub(super) fn release_before_removal(
+        &self,
+        claim: &ClaimRef,
+        ticket: Option<&WillCommit>,
+    ) -> Result<(), PrepareError> {
         let leftover = self.release_claim_interfaces(claim)?;
         if leftover.is_empty() {
             return Ok(());
@@ -199,7 +205,11 @@ impl Inner {
             );
             (mem.changed(), previous)
         };
-        if let Err(e) = self.store.commit(version) {
+        let committed = match ticket {
+            Some(ticket) => ticket.commit_early(version),
+            None => self.store.commit(version),
+        };
+        if let Err(e) = committed {
             let mut mem = self.store.mem();
             match previous {
                 Some(previous) => mem
