@@ -35,13 +35,16 @@ struct Node {
 }
 
 /// Starts the plugin on `description` with `claims` claims of `per_claim` paired GPUs + NICs
-/// each.
+/// each; with `vendor_spec`, the GPUs also have the vendor's CDI spec, as `nvidia-ctk cdi
+/// generate` writes it on an NVIDIA node, in a directory of their own (otherwise the plugin
+/// looks in its default /etc/cdi and /var/run/cdi, empty on a bench machine).
 async fn start(
     apiserver: &FakeApiServer,
     node_name: &str,
     description: &MachineDescription,
     claims: usize,
     per_claim: usize,
+    vendor_spec: bool,
 ) -> Node {
     let scratch = fixture::scratch_dir().expect("scratch dir");
     // The checkpoint lives on disk as it does on a node (/var/lib/tandem); CDI specs on tmpfs
@@ -99,7 +102,15 @@ async fn start(
     }
     assert_eq!(made.len(), claims);
 
-    let child = plugin_command(node_name, scratch.path(), state.path(), &roots, &kubeconfig)
+    let mut command = plugin_command(node_name, scratch.path(), state.path(), &roots, &kubeconfig);
+    if vendor_spec {
+        let vendor_dir = scratch.path().join("vendor-cdi");
+        std::fs::create_dir_all(&vendor_dir).expect("vendor dir");
+        let spec = fixture::nvidia_ctk_spec(&inventory, fixture::NvidiaNaming::IndexAndUuid);
+        std::fs::write(vendor_dir.join("nvidia.yaml"), spec).expect("vendor spec");
+        command.arg("--vendor-cdi-dirs").arg(&vendor_dir);
+    }
+    let child = command
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("spawn tandem plugin");
@@ -302,6 +313,7 @@ async fn main() {
         &fixture::builtin("dgx-h100").expect("fixture"),
         1,
         8,
+        false,
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -330,6 +342,7 @@ async fn main() {
         &fixture::synthetic(128, 128),
         16,
         8,
+        false,
     )
     .await;
     let (prep, unprep, _, _) = parallel_rounds(&node, (ROUNDS / 16).max(4), 16).await;
@@ -362,6 +375,7 @@ async fn small_claims(apiserver: &FakeApiServer, rounds: usize) {
         &fixture::builtin("dgx-h100").expect("fixture"),
         8,
         1,
+        false,
     )
     .await;
     let claims = node.claims.clone();
@@ -417,6 +431,49 @@ async fn small_claims(apiserver: &FakeApiServer, rounds: usize) {
     println!("| prepare, 8 claims in one call | one call | {p50:.2} | {p99:.2} | {rounds} |");
     let (p50, p99) = percentiles(unprep);
     println!("| unprepare, 8 claims in one call | one call | {p50:.2} | {p99:.2} | {rounds} |");
+    node.child.kill().await.ok();
+
+    // The same sequential calls on a node whose GPUs have the vendor's CDI spec, which every
+    // prepare checks for changes and matches against the inventory.
+    let mut node = start(
+        apiserver,
+        "dgx-h100-vendor",
+        &fixture::builtin("dgx-h100").expect("fixture"),
+        8,
+        1,
+        true,
+    )
+    .await;
+    let claims = node.claims.clone();
+    // The vendor's device is matched: the GPU's answer lists it before ours.
+    let answer = node
+        .client
+        .node_prepare_resources(NodePrepareResourcesRequest {
+            claims: vec![claims[0].clone()],
+        })
+        .await
+        .expect("prepare rpc")
+        .into_inner();
+    let ids: Vec<&String> = answer.claims[&claims[0].uid]
+        .devices
+        .iter()
+        .flat_map(|d| &d.cdi_device_ids)
+        .collect();
+    assert!(
+        ids.iter().any(|id| id.starts_with("nvidia.com/gpu=")),
+        "no vendor device in {ids:?}"
+    );
+    unprepare_all(&mut node.client, &claims[..1]).await;
+    let mut prep = Vec::new();
+    for round in 0..rounds {
+        let claim = &claims[round % claims.len()];
+        prep.push(prepare_all(&mut node.client, std::slice::from_ref(claim), 2).await);
+        unprepare_all(&mut node.client, std::slice::from_ref(claim)).await;
+    }
+    let (p50, p99) = percentiles(prep);
+    println!(
+        "| prepare, one claim per call, with the vendor's CDI spec (nvidia-ctk, 8 GPUs) | sequential | {p50:.2} | {p99:.2} | {rounds} |"
+    );
     node.child.kill().await.ok();
 }
 
@@ -538,6 +595,7 @@ async fn footprint(apiserver: &FakeApiServer, cycles: usize) {
         &fixture::builtin("dgx-h100").expect("fixture"),
         1,
         8,
+        false,
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;

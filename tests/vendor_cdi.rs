@@ -233,6 +233,47 @@ fn specs_are_re_read_when_they_change_and_our_own_specs_are_not_vendor_specs() {
     assert!(specs.refresh().specs.is_empty());
 }
 
+#[test]
+fn the_matching_is_kept_until_a_spec_or_the_inventory_changes() {
+    let (_d, inventory) = dgx();
+    let inventory = Arc::new(inventory);
+    let cdi = tempfile::tempdir().unwrap();
+    let mut specs = VendorSpecs::new(vec![cdi.path().to_path_buf()], "tandem.dev");
+    let none = specs.matches(&inventory);
+    assert!(chosen(&none).iter().all(Option::is_none));
+    let path = cdi.path().join("nvidia.yaml");
+    std::fs::write(&path, nvidia_ctk_spec(&inventory, NvidiaNaming::Index)).unwrap();
+    let first = specs.matches(&inventory);
+    assert!(
+        chosen(&first).iter().all(Option::is_some),
+        "a new spec is read"
+    );
+    // Nothing changed: the same matching, not made again.
+    assert!(Arc::ptr_eq(&first, &specs.matches(&inventory)));
+    // The spec rewritten with UUID names: matched again from the new text.
+    std::fs::write(&path, nvidia_ctk_spec(&inventory, NvidiaNaming::Uuid)).unwrap();
+    let rewritten = specs.matches(&inventory);
+    assert!(
+        chosen(&rewritten)
+            .iter()
+            .all(|id| id.as_deref().is_some_and(|id| id.contains("=GPU-"))),
+        "{:?}",
+        chosen(&rewritten)
+    );
+    // Another inventory (a rescan), even an equal one: matched again for it.
+    let rescanned = Arc::new((*inventory).clone());
+    let again = specs.matches(&rescanned);
+    assert!(!Arc::ptr_eq(&rewritten, &again));
+    assert_eq!(*rewritten, *again);
+    // The spec gone: no vendor device any more.
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        chosen(&specs.matches(&rescanned))
+            .iter()
+            .all(Option::is_none)
+    );
+}
+
 struct Node {
     dir: TempDir,
     api: FakeApiServer,

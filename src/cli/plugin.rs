@@ -211,7 +211,7 @@ async fn serve(args: PluginArgs) -> anyhow::Result<()> {
         .context("setting up claim preparation")?;
     if let Some(found) = preparer.vendor_devices() {
         metrics.observe_vendor_devices(&found);
-        for (address, vendor) in &found {
+        for (address, vendor) in found.iter() {
             match &vendor.device_id {
                 Some(id) => {
                     tracing::info!(device = %names::accelerator_device_name(address), vendor_device = %id, "GPU has a vendor CDI device")

@@ -8,6 +8,7 @@ use crate::topology::{Accelerator, AcceleratorKind, Inventory, PciAddress};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
 /// The CDI spec directories runtimes read by default: static, then dynamic.
@@ -121,6 +122,18 @@ pub struct VendorSpecs {
     own_kind: String,
     own_prefix: String,
     cache: BTreeMap<PathBuf, Cached>,
+    /// Raised whenever a spec is read anew or goes: what the matching depends on.
+    generation: u64,
+    /// The last matching, for the generation and the inventory it was made from.
+    matched: Option<Matched>,
+}
+
+#[derive(Debug)]
+struct Matched {
+    generation: u64,
+    /// Compared by address only; the weak reference keeps the address from being reused.
+    inventory: Weak<Inventory>,
+    matches: Arc<VendorMatches>,
 }
 
 #[derive(Debug)]
@@ -143,6 +156,8 @@ impl VendorSpecs {
             own_kind: crate::names::cdi_claim_kind(driver_name),
             own_prefix: super::cdi::spec_file_prefix(driver_name),
             cache: BTreeMap::new(),
+            generation: 0,
+            matched: None,
         }
     }
 
@@ -153,6 +168,34 @@ impl VendorSpecs {
     /// Re-reads what changed since the last call (a stat per file; files are parsed only
     /// when new or changed) and returns every spec. A missing directory is no spec.
     pub fn refresh(&mut self) -> SpecSnapshot {
+        self.rescan();
+        self.snapshot()
+    }
+
+    /// The vendor device of each accelerator of `inventory`, from the specs as they are now:
+    /// checked for changes (a stat per file) on every call, matched again only when a spec
+    /// was read anew or went, or the inventory is another one. Every prepare asks, so the
+    /// specs of a node (one per GPU vendor, tens of devices each) are not copied and matched
+    /// against every GPU each time.
+    pub fn matches(&mut self, inventory: &Arc<Inventory>) -> Arc<VendorMatches> {
+        self.rescan();
+        if let Some(m) = &self.matched
+            && m.generation == self.generation
+            && std::ptr::eq(m.inventory.as_ptr(), Arc::as_ptr(inventory))
+        {
+            return m.matches.clone();
+        }
+        let matches = Arc::new(match_inventory(&self.snapshot(), inventory));
+        self.matched = Some(Matched {
+            generation: self.generation,
+            inventory: Arc::downgrade(inventory),
+            matches: matches.clone(),
+        });
+        matches
+    }
+
+    /// Re-reads the specs that are new or changed and forgets those that went.
+    fn rescan(&mut self) {
         let mut seen = BTreeSet::new();
         for dir in &self.dirs {
             let Ok(entries) = std::fs::read_dir(dir) else {
@@ -187,9 +230,18 @@ impl VendorSpecs {
                     .map_err(|e| e.to_string())
                     .and_then(|text| parse_spec(&path, &text));
                 self.cache.insert(path, Cached { stamp, parsed });
+                self.generation += 1;
             }
         }
+        let before = self.cache.len();
         self.cache.retain(|path, _| seen.contains(path));
+        if self.cache.len() != before {
+            self.generation += 1;
+        }
+    }
+
+    /// Every spec read, and those that could not be.
+    fn snapshot(&self) -> SpecSnapshot {
         let mut snapshot = SpecSnapshot::default();
         for (path, cached) in &self.cache {
             match &cached.parsed {

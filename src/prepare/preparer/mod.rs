@@ -19,7 +19,7 @@ use super::checkpoint::{self, ClaimEntry, ClaimState, LoadOutcome};
 use super::error::PrepareError;
 use super::plan::{self, ClaimPlan};
 use super::topology_file::ClaimTopology;
-use super::vendor_cdi::{self, VendorMatches, VendorSpecs};
+use super::vendor_cdi::{VendorMatches, VendorSpecs};
 use super::{CLAIMS_SUBDIR, PrepareConfig, PreparedDevice};
 use crate::fsutil;
 use crate::netattach::record::AttachedInterface;
@@ -144,7 +144,7 @@ impl Preparer {
 
     /// The vendor CDI device of each accelerator of the current inventory (for `/metrics`);
     /// `None` when no vendor directory is configured.
-    pub fn vendor_devices(&self) -> Option<VendorMatches> {
+    pub fn vendor_devices(&self) -> Option<Arc<VendorMatches>> {
         let inventory = self.inner.inventory.borrow().clone();
         self.inner.vendor_matches(&inventory)
     }
@@ -371,16 +371,19 @@ impl Inner {
 
     /// The vendor devices of the inventory's accelerators, from specs re-read where they
     /// changed; `None` when no vendor directory is configured.
-    fn vendor_matches(&self, inventory: &crate::topology::Inventory) -> Option<VendorMatches> {
+    fn vendor_matches(
+        &self,
+        inventory: &Arc<crate::topology::Inventory>,
+    ) -> Option<Arc<VendorMatches>> {
         if self.config.vendor_cdi_dirs.is_empty() {
             return None;
         }
-        let snapshot = self
+        let matches = self
             .vendor_specs
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .refresh();
-        Some(vendor_cdi::match_inventory(&snapshot, inventory))
+            .matches(inventory);
+        Some(matches)
     }
 
     pub(super) fn claim_dir(&self, uid: &str) -> PathBuf {

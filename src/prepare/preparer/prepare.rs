@@ -113,7 +113,7 @@ impl Inner {
         // Plan under the memory lock (no I/O but the rare pending-release retry), so that two
         // calls never plan the same device: a planned claim enters the checkpoint at once, as
         // PrepareStarted, and holds its devices from then on.
-        let (batch, version) = self.plan_batch(work, &inventory, vendor.as_ref());
+        let (batch, version) = self.plan_batch(work, &inventory, vendor.as_deref());
         // A call with nothing to commit must not hold up the commits of others.
         let ticket = version.map(|_| ticket);
         let Batch {
