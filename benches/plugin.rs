@@ -200,7 +200,8 @@ async fn unprepare_all(client: &mut DraPluginClient<Channel>, claims: &[Claim]) 
 }
 
 /// Per-call latencies of `rounds` rounds: all claims prepared in parallel calls (one claim
-/// each, own connection), then all unprepared the same way; and each round's wall time.
+/// each, all on the one connection, as the kubelet sends the calls of different pods), then
+/// all unprepared the same way; and each round's wall time.
 async fn parallel_rounds(
     node: &Node,
     rounds: usize,
@@ -334,8 +335,8 @@ async fn main() {
     println!("| unprepare | sequential | {p50:.2} | {p99:.2} | {ROUNDS} |");
     node.child.kill().await.ok();
 
-    // 16 in parallel: 16 claims of 8 + 8 on a 128-GPU synthetic node, each on its own
-    // connection as concurrent pod starts would be.
+    // 16 in parallel: 16 claims of 8 + 8 on a 128-GPU synthetic node, each in a call of its
+    // own on the one connection, as the kubelet sends concurrent pod starts.
     let node = start(
         &apiserver,
         "synthetic-256",
@@ -608,23 +609,32 @@ async fn footprint(apiserver: &FakeApiServer, cycles: usize) {
         prepare(&mut node.client, &claim).await;
         unprepare(&mut node.client, &claim).await;
         if cycle % (cycles / 4).max(1) == 0 {
-            samples.push((cycle, rss_kib(pid).0));
+            samples.push((cycle, rss_kib(pid).0, rss_parts(pid)));
         }
     }
     let (_, hwm) = rss_kib(pid);
     println!("| plugin memory (dgx-h100) | KiB |");
     println!("|---|---:|");
     println!("| idle RSS after start | {idle_rss} |");
-    for (cycle, rss) in samples {
+    for (cycle, rss, _) in &samples {
         println!("| RSS after {cycle} prepare/unprepare cycles | {rss} |");
     }
     println!("| peak RSS (VmHWM) | {hwm} |");
     println!();
-    let after_parts = rss_parts(pid);
-    println!("| RSS by part (`/proc/<pid>/smaps`), KiB | idle | after {cycles} cycles |");
-    println!("|---|---:|---:|");
-    for ((part, idle), (_, after)) in idle_parts.into_iter().zip(after_parts) {
-        println!("| {part} | {idle} | {after} |");
+    // Each part at each sample: a leak grows the anonymous part without end; the binary's
+    // own file pages grow only until every path taken has been paged in.
+    print!("| RSS by part (`/proc/<pid>/smaps`), KiB | idle |");
+    for (cycle, _, _) in &samples {
+        print!(" after {cycle} cycles |");
+    }
+    println!();
+    println!("|---|---:|{}", "---:|".repeat(samples.len()));
+    for (i, (part, idle)) in idle_parts.into_iter().enumerate() {
+        print!("| {part} | {idle} |");
+        for (_, _, parts) in &samples {
+            print!(" {} |", parts[i].1);
+        }
+        println!();
     }
     node.child.kill().await.ok();
 }
