@@ -127,11 +127,15 @@ pub fn run(args: PluginArgs) -> anyhow::Result<()> {
     super::runtime(args.worker_threads)?.block_on(serve(args))
 }
 
+/// The apiserver client of the node agent and the controller: its requests share one
+/// HTTP/2 connection (`tandem_kubelet_plugin::apiserver`).
 pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
     let Some(path) = kubeconfig else {
-        return kube::Client::try_default()
+        let config = kube::Config::infer()
             .await
-            .context("no --kubeconfig and no in-cluster or $KUBECONFIG configuration");
+            .context("no --kubeconfig and no in-cluster or $KUBECONFIG configuration")?;
+        return tandem_kubelet_plugin::apiserver::client(config)
+            .context("building a client from the in-cluster or $KUBECONFIG configuration");
     };
     let file = kube::config::Kubeconfig::read_from(path)
         .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -139,7 +143,7 @@ pub async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::C
         kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
             .await
             .with_context(|| format!("loading kubeconfig {}", path.display()))?;
-    kube::Client::try_from(config)
+    tandem_kubelet_plugin::apiserver::client(config)
         .with_context(|| format!("building a client from kubeconfig {}", path.display()))
 }
 

@@ -10,6 +10,7 @@
 //!   cancellation, graceful drain on shutdown;
 //! - the **device health stream** `v1alpha1.DRAResourceHealth` ([`health`]);
 //! - **socket naming** and the **rolling-update lock** ([`sockets`]);
+//! - an **apiserver client** whose requests share one HTTP/2 connection ([`apiserver`]);
 //! - **claim fetching** and reading the driver's part of an allocation ([`claim`]);
 //! - **ResourceSlice publishing** with the fewest apiserver writes ([`publish`]);
 //! - a client for tests and tools that talks to the sockets as the kubelet does ([`client`]).
@@ -64,6 +65,7 @@
 
 #![deny(missing_docs)]
 
+pub mod apiserver;
 pub mod authority;
 pub mod claim;
 pub mod client;

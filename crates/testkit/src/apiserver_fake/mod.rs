@@ -1,6 +1,8 @@
 //! An in-process Kubernetes apiserver on loopback HTTP, faithful enough to test against:
 //! resourceVersions, conflicts, status subresources, selectors, watches and the real validation
 //! of resource.k8s.io/v1 objects. Used by every test that talks to Kubernetes and by `tandem demo`.
+//! [`FakeApiServer::start_tls`] serves HTTPS instead, offering HTTP/2 and HTTP/1.1 by ALPN as
+//! a real apiserver does, for the tests of how clients use their connections.
 
 mod kinds;
 mod managed;
@@ -18,7 +20,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use kinds::KINDS;
 use request::{Query, parse_target};
 use selectors::{FieldSelector, LabelSelector};
@@ -33,6 +35,9 @@ use store::{ObjectRef, PatchType, Store, WriteContext};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 use watches::{WatchRequest, watch_response};
 
@@ -41,6 +46,11 @@ const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 const MAX_REQUEST_LOG: usize = 100_000;
 /// The real apiserver picks a random watch timeout around `--min-request-timeout` (1800 s).
 const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
+/// The test CA that signed [`SERVER_CERT_PEM`] (`tls/README.md`), for clients to trust.
+pub const TEST_CA_PEM: &str = include_str!("tls/ca.pem");
+/// The HTTPS server's certificate (127.0.0.1, localhost) and its key, public test material.
+const SERVER_CERT_PEM: &str = include_str!("tls/server.pem");
+const SERVER_KEY_PEM: &str = include_str!("tls/server.key");
 
 type ResponseBody = BoxBody<Bytes, Infallible>;
 
@@ -67,6 +77,9 @@ struct Shared {
     writes: AtomicU64,
     failures: Mutex<Vec<FailureRule>>,
     requests: Mutex<Vec<String>>,
+    /// Connections accepted, and requests that came over HTTP/2.
+    connections: AtomicU64,
+    http2_requests: AtomicU64,
     shutdown: CancellationToken,
 }
 
@@ -78,15 +91,28 @@ impl Shared {
     }
 }
 
-/// The fake apiserver: a hyper HTTP/1 server on `127.0.0.1:<ephemeral>` in its own task.
+/// The fake apiserver: a hyper HTTP/1 server on `127.0.0.1:<ephemeral>` in its own task (or
+/// HTTPS with HTTP/2, [`FakeApiServer::start_tls`]).
 pub struct FakeApiServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
     server: JoinHandle<()>,
+    tls: bool,
 }
 
 impl FakeApiServer {
+    /// Plain HTTP/1.1.
     pub async fn start() -> std::io::Result<FakeApiServer> {
+        Self::start_with(None).await
+    }
+
+    /// HTTPS with the test certificate (trust [`TEST_CA_PEM`]), offering `h2` and
+    /// `http/1.1` by ALPN, as a real apiserver does.
+    pub async fn start_tls() -> std::io::Result<FakeApiServer> {
+        Self::start_with(Some(tls_acceptor()?)).await
+    }
+
+    async fn start_with(tls: Option<TlsAcceptor>) -> std::io::Result<FakeApiServer> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (changes, _) = watch::channel(0);
@@ -96,29 +122,53 @@ impl FakeApiServer {
             writes: AtomicU64::new(0),
             failures: Mutex::new(Vec::new()),
             requests: Mutex::new(Vec::new()),
+            connections: AtomicU64::new(0),
+            http2_requests: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
         });
-        let server = tokio::spawn(serve(listener, shared.clone()));
-        tracing::debug!(%addr, "fake apiserver listening");
+        let tls_on = tls.is_some();
+        let server = tokio::spawn(serve(listener, shared.clone(), tls));
+        tracing::debug!(%addr, tls = tls_on, "fake apiserver listening");
         Ok(FakeApiServer {
             addr,
             shared,
             server,
+            tls: tls_on,
         })
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`, or `https://` for [`FakeApiServer::start_tls`].
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Connections accepted so far.
+    pub fn connection_count(&self) -> u64 {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Requests so far that came over HTTP/2.
+    pub fn http2_request_count(&self) -> u64 {
+        self.shared.http2_requests.load(Ordering::SeqCst)
     }
 
     /// Writes a kubeconfig pointing at this server, for a child process (`tandem plugin
     /// --kubeconfig`, `tandem controller --kubeconfig`) to talk to it as it would to a cluster.
+    /// Over HTTPS the test CA goes beside it, as `<file name>.ca.pem`.
     pub fn write_kubeconfig(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let mut cluster = serde_json::json!({ "server": self.url() });
+        if self.tls {
+            let mut name = path.file_name().unwrap_or_default().to_os_string();
+            name.push(".ca.pem");
+            let ca = path.with_file_name(name);
+            std::fs::write(&ca, TEST_CA_PEM)?;
+            cluster["certificate-authority"] = Value::String(ca.display().to_string());
+        }
         let config = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{ "name": "fake", "cluster": { "server": self.url() } }],
+            "clusters": [{ "name": "fake", "cluster": cluster }],
             "users": [{ "name": "fake", "user": {} }],
             "contexts": [{ "name": "fake", "context": { "cluster": "fake", "user": "fake" } }],
             "current-context": "fake",
@@ -133,10 +183,15 @@ impl FakeApiServer {
             // A SocketAddr always prints as a valid authority.
             Err(e) => unreachable!("loopback url does not parse: {e}"),
         };
-        match kube::Client::try_from(kube::Config::new(uri)) {
+        let mut config = kube::Config::new(uri);
+        if self.tls {
+            config.root_cert = Some(vec![test_ca_der()]);
+        }
+        // kube's own stack: the tests' client is not the one under test.
+        match kube::Client::try_from(config) {
             Ok(client) => client,
-            // Only TLS or auth settings can fail, and a plain-http config has none.
-            Err(e) => unreachable!("plain-http kube config rejected: {e}"),
+            // Only TLS or auth settings can fail: none, or the test CA, which parses.
+            Err(e) => unreachable!("the fake's kube config rejected: {e}"),
         }
     }
 
@@ -203,20 +258,39 @@ impl Drop for FakeApiServer {
     }
 }
 
-async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+async fn serve(listener: TcpListener, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    shared.connections.fetch_add(1, Ordering::SeqCst);
+                    // Go's net package, and so the real apiserver, sets TCP_NODELAY on every
+                    // connection; without it, answers to streams multiplexed on one HTTP/2
+                    // connection wait for the client's delayed ACK.
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "fake apiserver: TCP_NODELAY not set");
+                    }
                     let shared = shared.clone();
+                    let tls = tls.clone();
                     connections.spawn(async move {
                         let service = hyper::service::service_fn(move |req| handle(shared.clone(), req));
-                        if let Err(e) = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await
-                        {
+                        let served = match tls {
+                            None => hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await
+                                .map_err(|e| e.to_string()),
+                            Some(tls) => match tls.accept(stream).await {
+                                // HTTP/1.1 or HTTP/2, whichever the client speaks (ALPN).
+                                Ok(stream) => hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await
+                                    .map_err(|e| e.to_string()),
+                                Err(e) => Err(format!("TLS handshake: {e}")),
+                            },
+                        };
+                        if let Err(e) = served {
                             tracing::debug!(error = %e, "fake apiserver connection ended with an error");
                         }
                     });
@@ -271,6 +345,9 @@ async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    if request.version() == hyper::Version::HTTP_2 {
+        shared.http2_requests.fetch_add(1, Ordering::SeqCst);
+    }
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let raw_query = request.uri().query().unwrap_or("").to_string();
@@ -499,4 +576,28 @@ fn route(
         shared.changes.send_replace(rv);
     }
     Ok(reply)
+}
+
+/// The test CA's certificate, DER, as `kube::Config::root_cert` takes it.
+pub fn test_ca_der() -> Vec<u8> {
+    match CertificateDer::from_pem_slice(TEST_CA_PEM.as_bytes()) {
+        Ok(der) => der.to_vec(),
+        Err(e) => unreachable!("the built-in test CA does not parse: {e}"),
+    }
+}
+
+/// The HTTPS server side: the test certificate, `h2` then `http/1.1` by ALPN.
+fn tls_acceptor() -> std::io::Result<TlsAcceptor> {
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let certs = CertificateDer::pem_slice_iter(SERVER_CERT_PEM.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(format!("test server certificate: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(SERVER_KEY_PEM.as_bytes())
+        .map_err(|e| invalid(format!("test server key: {e}")))?;
+    let mut config = tokio_rustls::rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| invalid(format!("test server TLS config: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
