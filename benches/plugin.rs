@@ -32,6 +32,8 @@ struct Node {
     child: tokio::process::Child,
     client: DraPluginClient<Channel>,
     claims: Vec<Claim>,
+    /// Connections the apiserver fake had accepted before the plugin started.
+    connections_before: u64,
 }
 
 /// Starts the plugin on `description` with `claims` claims of `per_claim` paired GPUs + NICs
@@ -102,6 +104,7 @@ async fn start(
     }
     assert_eq!(made.len(), claims);
 
+    let connections_before = apiserver.connection_count();
     let mut command = plugin_command(node_name, scratch.path(), state.path(), &roots, &kubeconfig);
     if vendor_spec {
         let vendor_dir = scratch.path().join("vendor-cdi");
@@ -129,6 +132,7 @@ async fn start(
         child,
         client,
         claims: made,
+        connections_before,
     }
 }
 
@@ -288,7 +292,15 @@ async fn main() {
     if std::env::args().any(|a| a == "--test") {
         return;
     }
-    let apiserver = FakeApiServer::start().await.expect("apiserver");
+    // TANDEM_BENCH_APISERVER_TLS=1: the fake serves HTTPS with h2 offered by ALPN, as a real
+    // apiserver does (the claim GETs then go over TLS, multiplexed on one HTTP/2 connection);
+    // otherwise plain HTTP/1.1, as in the earlier rows of BENCHMARKS.md.
+    let apiserver = if std::env::var("TANDEM_BENCH_APISERVER_TLS").as_deref() == Ok("1") {
+        FakeApiServer::start_tls().await
+    } else {
+        FakeApiServer::start().await
+    }
+    .expect("apiserver");
     if let Some(cycles) = std::env::var("TANDEM_BENCH_FOOTPRINT_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -432,6 +444,11 @@ async fn small_claims(apiserver: &FakeApiServer, rounds: usize) {
     println!("| prepare, 8 claims in one call | one call | {p50:.2} | {p99:.2} | {rounds} |");
     let (p50, p99) = percentiles(unprep);
     println!("| unprepare, 8 claims in one call | one call | {p50:.2} | {p99:.2} | {rounds} |");
+    // Each one a TCP (and, over HTTPS, TLS) handshake with the apiserver.
+    println!(
+        "| connections the plugin opened to the apiserver, all modes | count | {} | | |",
+        apiserver.connection_count() - node.connections_before
+    );
     node.child.kill().await.ok();
 
     // The same sequential calls on a node whose GPUs have the vendor's CDI spec, which every
