@@ -34,5 +34,10 @@ else
   echo "| hot functions placed first (hack/hot-functions.txt) | none: linked without order |"
 fi
 echo
+# The apiserver fake over HTTPS with HTTP/2, as a node's apiserver (TANDEM_BENCH_APISERVER_TLS=0:
+# plain HTTP/1.1, as the figures before the seventh session in BENCHMARKS.md).
+export TANDEM_BENCH_APISERVER_TLS="${TANDEM_BENCH_APISERVER_TLS:-1}"
+echo "Apiserver fake: $([[ $TANDEM_BENCH_APISERVER_TLS == 1 ]] && echo "HTTPS, HTTP/2" || echo "plain HTTP/1.1")"
+echo
 TANDEM_PLUGIN_BIN="$(pwd)/$binary" TANDEM_BENCH_FOOTPRINT_CYCLES="$cycles" \
   cargo bench --quiet --bench plugin 2>/dev/null

@@ -29,6 +29,9 @@ exec valgrind --tool=callgrind --dump-instr=no --demangle=no --compress-strings=
   --compress-pos=no --callgrind-out-file="$work/out.%p" "$binary" "\$@"
 EOF
 chmod +x "$work/plugin"
+# Against the fake serving HTTPS with HTTP/2, as a node's apiserver does: the TLS and HTTP/2
+# client code a node runs is then in the list (TANDEM_BENCH_APISERVER_TLS=0: plain HTTP/1.1).
+export TANDEM_BENCH_APISERVER_TLS="${TANDEM_BENCH_APISERVER_TLS:-1}"
 TANDEM_PLUGIN_BIN="$work/plugin" TANDEM_BENCH_FOOTPRINT_CYCLES="$cycles" \
   cargo bench --quiet --bench plugin >"$work/bench.out" 2>&1 &
 bench=$!
@@ -71,7 +74,7 @@ if [[ ${#later[@]} -gt 0 ]]; then functions "${later[@]}"; fi | comm -13 "$work/
 {
   echo "# Written by hack/hot-functions.sh on $(date -u +%Y-%m-%d) (rustc $(rustc --version | cut -d' ' -f2), $(git rev-parse --short HEAD))."
   echo "# Read by hack/link-hot-first.sh. Symbol names without their hashes, in link order:"
-  echo "# start-up to idle on dgx-h100 ($(wc -l <"$work/start") functions)"
+  echo "# start-up to idle on dgx-h100, apiserver over $([[ $TANDEM_BENCH_APISERVER_TLS == 1 ]] && echo "HTTPS (HTTP/2)" || echo "plain HTTP/1.1") ($(wc -l <"$work/start") functions)"
   cat "$work/start"
   echo "# then what $cycles prepare/unprepare cycles add ($(wc -l <"$work/cycles") functions)"
   cat "$work/cycles"
