@@ -658,18 +658,44 @@ fn dgx_plugin(
 /// plugin's publisher reconnects and puts them back, and the plugin keeps running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slice_publisher_survives_connections_dropped_mid_watch() {
+    publisher_survives_a_cut(false).await;
+}
+
+/// The same over HTTPS, where the plugin's watch and its other requests share one HTTP/2
+/// connection: the cut ends them all at once, and the next request opens a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slice_publisher_survives_its_http2_connection_dropped_mid_watch() {
+    publisher_survives_a_cut(true).await;
+}
+
+async fn publisher_survives_a_cut(tls: bool) {
     use k8s_openapi::api::resource::v1::ResourceSlice;
     use kube::api::{Api, DeleteParams, ListParams};
 
     let (dir, roots) = dgx_machine();
-    let apiserver = FakeApiServer::start().await.unwrap();
-    let upstream = apiserver.url().trim_start_matches("http://").to_string();
+    let apiserver = if tls {
+        FakeApiServer::start_tls().await.unwrap()
+    } else {
+        FakeApiServer::start().await.unwrap()
+    };
+    let scheme = if tls { "https" } else { "http" };
+    let upstream = apiserver
+        .url()
+        .trim_start_matches(&format!("{scheme}://"))
+        .to_string();
     let proxy = CuttableProxy::start(upstream).await;
     let kubeconfig = dir.path().join("kubeconfig");
+    let mut cluster = serde_json::json!({ "server": format!("{scheme}://{}", proxy.address) });
+    if tls {
+        // The proxy listens on 127.0.0.1 too, which the test certificate names.
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, tandem::apiserver_fake::TEST_CA_PEM).unwrap();
+        cluster["certificate-authority"] = serde_json::Value::String(ca.display().to_string());
+    }
     let config = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{ "name": "fake", "cluster": { "server": format!("http://{}", proxy.address) } }],
+        "clusters": [{ "name": "fake", "cluster": cluster }],
         "users": [{ "name": "fake", "user": {} }],
         "contexts": [{ "name": "fake", "context": { "cluster": "fake", "user": "fake" } }],
         "current-context": "fake",
@@ -699,6 +725,7 @@ async fn slice_publisher_survives_connections_dropped_mid_watch() {
     let published = wait_for_slices("published at start").await;
     // Let the publisher's watch settle on its connection before cutting it.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let connections = apiserver.connection_count();
     let cut = proxy.cut();
     assert!(cut > 0, "no open connection to cut");
     for slice in slices.list(&ours).await.unwrap() {
@@ -710,6 +737,16 @@ async fn slice_publisher_survives_connections_dropped_mid_watch() {
     }
     let republished = wait_for_slices("republished after the cut").await;
     assert_eq!(republished, published);
+    assert!(
+        apiserver.connection_count() > connections,
+        "the plugin did not reconnect"
+    );
+    if tls {
+        assert!(
+            apiserver.http2_request_count() > 0,
+            "the plugin did not speak HTTP/2"
+        );
+    }
     assert!(
         plugin.try_wait().unwrap().is_none(),
         "plugin exited after the connections dropped"
