@@ -3,19 +3,19 @@
 //! of prepares fetching their claims) share one HTTP/2 connection instead of opening one TLS
 //! connection each, as kube's own HTTP/1.1 client does.
 
+#[path = "support/claims.rs"]
+mod claims;
 #[path = "support/plugin_process.rs"]
 mod plugin_process;
 
+use claims::create_gpu_nic_claims;
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use plugin_process::plugin_command;
 use std::time::{Duration, Instant};
 use tandem::apiserver_fake::FakeApiServer;
-use tandem::cli::demo::{ClaimRequest, create_allocated_claim};
 use tandem::fixture;
-use tandem::names;
 use tandem::sysfs::discover;
-use tandem::topology::pair_node;
 use tandem_kubelet_plugin::client::unix_channel;
 use tandem_kubelet_plugin::proto::dra_v1::{
     Claim, NodePrepareResourcesRequest, dra_plugin_client::DraPluginClient,
@@ -29,6 +29,19 @@ async fn create_node(apiserver: &FakeApiServer) {
     let node: Node = serde_json::from_value(serde_json::json!({ "metadata": { "name": NODE } }))
         .expect("node object");
     nodes.create(&Default::default(), &node).await.unwrap();
+}
+
+/// `count` GETs of the node at once.
+async fn concurrent_gets(nodes: &Api<Node>, count: usize) {
+    let calls: Vec<_> = (0..count)
+        .map(|_| {
+            let nodes = nodes.clone();
+            tokio::spawn(async move { nodes.get(NODE).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
 }
 
 #[tokio::test]
@@ -46,15 +59,7 @@ async fn the_node_agents_client_sends_concurrent_requests_over_one_http2_connect
     let before = apiserver.connection_count();
     nodes.get(NODE).await.unwrap();
     assert_eq!(apiserver.connection_count(), before + 1);
-    let burst: Vec<_> = (0..16)
-        .map(|_| {
-            let nodes = nodes.clone();
-            tokio::spawn(async move { nodes.get(NODE).await })
-        })
-        .collect();
-    for request in burst {
-        request.await.unwrap().unwrap();
-    }
+    concurrent_gets(&nodes, 16).await;
     assert_eq!(
         apiserver.connection_count(),
         before + 1,
@@ -69,15 +74,7 @@ async fn kubes_own_client_opens_a_connection_per_concurrent_request() {
     let apiserver = FakeApiServer::start_tls().await.unwrap();
     create_node(&apiserver).await;
     let nodes: Api<Node> = Api::all(apiserver.client());
-    let burst: Vec<_> = (0..8)
-        .map(|_| {
-            let nodes = nodes.clone();
-            tokio::spawn(async move { nodes.get(NODE).await })
-        })
-        .collect();
-    for request in burst {
-        request.await.unwrap().unwrap();
-    }
+    concurrent_gets(&nodes, 8).await;
     assert!(
         apiserver.connection_count() > 2,
         "kube's client shared connections: {}",
@@ -99,38 +96,10 @@ async fn a_burst_of_prepares_fetches_its_claims_over_the_plugins_one_http2_conne
         &scratch.path().join("machine"),
     )
     .unwrap();
-    let pairs = pair_node(&discover(&roots).unwrap()).pairs;
-    let mut claims = Vec::new();
-    for (i, pair) in pairs.iter().take(8).enumerate() {
-        let name = format!("claim-{i}");
-        let requests = [
-            ClaimRequest {
-                name: "gpus".into(),
-                device_class: names::DEVICE_CLASS_GPU.into(),
-                devices: vec![names::accelerator_device_name(&pair.accelerator)],
-            },
-            ClaimRequest {
-                name: "nics".into(),
-                device_class: names::DEVICE_CLASS_NIC.into(),
-                devices: vec![names::nic_device_name(&pair.nic)],
-            },
-        ];
-        let created = create_allocated_claim(
-            &apiserver.client(),
-            NAMESPACE,
-            &name,
-            names::DEFAULT_DRIVER_NAME,
-            NODE,
-            &requests,
-        )
-        .await
-        .unwrap();
-        claims.push(Claim {
-            namespace: NAMESPACE.into(),
-            name,
-            uid: created.metadata.uid.unwrap(),
-        });
-    }
+    let inventory = discover(&roots).unwrap();
+    let claims =
+        create_gpu_nic_claims(&apiserver.client(), &inventory, NAMESPACE, NODE, "claim", 8).await;
+    assert_eq!(claims.len(), 8);
     let kubeconfig = scratch.path().join("kubeconfig");
     apiserver.write_kubeconfig(&kubeconfig).unwrap();
     let mut plugin = plugin_command(NODE, scratch.path(), state.path(), &roots, &kubeconfig)

@@ -7,35 +7,20 @@
 //! Needs python3 with h2 (`.ci/run` installs tests/kubelet_wire/requirements.txt). Without it
 //! each test prints why it skipped, unless TANDEM_REQUIRE_KUBELET_WIRE=1 (CI) makes it fail.
 
+#[path = "support/python.rs"]
+mod python;
+
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use tandem::apiserver_fake::{TEST_CA_PEM, test_ca_der};
+use tandem::apiserver_fake::{test_ca_der, write_kubeconfig_for};
 
 fn tls_file(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("crates/testkit/src/apiserver_fake/tls")
         .join(name)
-}
-
-/// None when the Python side can run; else why not (or a panic, where CI requires it).
-fn python_missing() -> Option<String> {
-    let probe = Command::new("python3").args(["-c", "import h2"]).output();
-    let reason = match probe {
-        Ok(out) if out.status.success() => return None,
-        Ok(out) => format!(
-            "python3 lacks h2: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
-        Err(e) => format!("no python3: {e}"),
-    };
-    if std::env::var("TANDEM_REQUIRE_KUBELET_WIRE").as_deref() == Ok("1") {
-        panic!("TANDEM_REQUIRE_KUBELET_WIRE=1 but {reason}");
-    }
-    eprintln!("SKIPPED: {reason} (pip install h2)");
-    Some(reason)
 }
 
 /// The stand-in, offering `alpn`; killed when dropped.
@@ -73,20 +58,9 @@ impl StandIn {
 
     /// The client under test, from a kubeconfig as `tandem plugin --kubeconfig` reads it.
     async fn client(&self, dir: &Path) -> kube::Client {
-        std::fs::write(dir.join("ca.pem"), TEST_CA_PEM).unwrap();
         let kubeconfig = dir.join("kubeconfig");
-        let config = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{ "name": "standin", "cluster": {
-                "server": format!("https://127.0.0.1:{}", self.port),
-                "certificate-authority": dir.join("ca.pem"),
-            } }],
-            "users": [{ "name": "standin", "user": {} }],
-            "contexts": [{ "name": "standin", "context": { "cluster": "standin", "user": "standin" } }],
-            "current-context": "standin",
-        });
-        std::fs::write(&kubeconfig, config.to_string()).unwrap();
+        let server = format!("https://127.0.0.1:{}", self.port);
+        write_kubeconfig_for(&kubeconfig, &server, true).unwrap();
         tandem::cli::plugin::kube_client(Some(&kubeconfig))
             .await
             .unwrap()
@@ -123,8 +97,15 @@ impl Drop for StandIn {
     }
 }
 
-/// A GET, then 16 at once.
-async fn burst(nodes: &Api<Node>) {
+/// Our client, offered `alpn` by the stand-in: a GET, then 16 at once. Returns each
+/// connection's protocol and request count; `None` when Python cannot run here.
+async fn burst_offered(alpn: &str) -> Option<Vec<(String, u64)>> {
+    if python::python_missing(&["h2"], "h2").is_some() {
+        return None;
+    }
+    let standin = StandIn::start(alpn);
+    let dir = tempfile::tempdir().unwrap();
+    let nodes: Api<Node> = Api::all(standin.client(dir.path()).await);
     assert_eq!(
         nodes.get("node-a").await.unwrap().metadata.name.as_deref(),
         Some("node-a")
@@ -138,30 +119,22 @@ async fn burst(nodes: &Api<Node>) {
     for call in calls {
         call.await.unwrap().unwrap();
     }
+    Some(standin.stats().await)
 }
 
 #[tokio::test]
 async fn offered_h2_the_client_sends_a_burst_over_one_http2_connection() {
-    if python_missing().is_some() {
+    let Some(stats) = burst_offered("h2,http/1.1").await else {
         return;
-    }
-    let standin = StandIn::start("h2,http/1.1");
-    let dir = tempfile::tempdir().unwrap();
-    let nodes: Api<Node> = Api::all(standin.client(dir.path()).await);
-    burst(&nodes).await;
-    assert_eq!(standin.stats().await, vec![("h2".to_string(), 17)]);
+    };
+    assert_eq!(stats, vec![("h2".to_string(), 17)]);
 }
 
 #[tokio::test]
 async fn offered_only_http1_the_client_still_works_over_http1() {
-    if python_missing().is_some() {
+    let Some(stats) = burst_offered("http/1.1").await else {
         return;
-    }
-    let standin = StandIn::start("http/1.1");
-    let dir = tempfile::tempdir().unwrap();
-    let nodes: Api<Node> = Api::all(standin.client(dir.path()).await);
-    burst(&nodes).await;
-    let stats = standin.stats().await;
+    };
     assert!(
         stats.iter().all(|(alpn, _)| alpn == "http/1.1"),
         "{stats:?}"

@@ -678,29 +678,12 @@ async fn publisher_survives_a_cut(tls: bool) {
     } else {
         FakeApiServer::start().await.unwrap()
     };
-    let scheme = if tls { "https" } else { "http" };
-    let upstream = apiserver
-        .url()
-        .trim_start_matches(&format!("{scheme}://"))
-        .to_string();
-    let proxy = CuttableProxy::start(upstream).await;
+    let proxy = CuttableProxy::start(apiserver.address().to_string()).await;
     let kubeconfig = dir.path().join("kubeconfig");
-    let mut cluster = serde_json::json!({ "server": format!("{scheme}://{}", proxy.address) });
-    if tls {
-        // The proxy listens on 127.0.0.1 too, which the test certificate names.
-        let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, tandem::apiserver_fake::TEST_CA_PEM).unwrap();
-        cluster["certificate-authority"] = serde_json::Value::String(ca.display().to_string());
-    }
-    let config = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{ "name": "fake", "cluster": cluster }],
-        "users": [{ "name": "fake", "user": {} }],
-        "contexts": [{ "name": "fake", "context": { "cluster": "fake", "user": "fake" } }],
-        "current-context": "fake",
-    });
-    std::fs::write(&kubeconfig, serde_json::to_vec(&config).unwrap()).unwrap();
+    // The proxy listens on 127.0.0.1 too, which the test certificate names.
+    let scheme = if tls { "https" } else { "http" };
+    let server = format!("{scheme}://{}", proxy.address);
+    tandem::apiserver_fake::write_kubeconfig_for(&kubeconfig, &server, tls).unwrap();
     let mut plugin = dgx_plugin(&dir, &roots, &kubeconfig)
         .args(["--rescan-period", "1s"])
         .stderr(std::process::Stdio::null())

@@ -21,6 +21,8 @@ mod claims;
 )]
 #[path = "support/plugin_harness.rs"]
 mod plugin_harness;
+#[path = "support/python.rs"]
+mod python;
 
 use claims::create_gpu_nic_claims;
 use k8s_openapi::api::resource::v1::ResourceSlice;
@@ -37,22 +39,10 @@ fn script(name: &str) -> PathBuf {
 
 /// None when the Python side can run; else why not (or a panic, where CI requires it).
 fn python_missing() -> Option<String> {
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import grpc, grpc_tools, hpack"])
-        .output();
-    let reason = match probe {
-        Ok(out) if out.status.success() => return None,
-        Ok(out) => format!(
-            "python3 lacks grpcio/grpcio-tools/hpack: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
-        Err(e) => format!("no python3: {e}"),
-    };
-    if std::env::var("TANDEM_REQUIRE_KUBELET_WIRE").as_deref() == Ok("1") {
-        panic!("TANDEM_REQUIRE_KUBELET_WIRE=1 but {reason}");
-    }
-    eprintln!("SKIPPED: {reason} (pip install grpcio grpcio-tools hpack)");
-    Some(reason)
+    python::python_missing(
+        &["grpc", "grpc_tools", "hpack"],
+        "grpcio grpcio-tools hpack",
+    )
 }
 
 async fn run_python(args: &[&str]) -> (bool, String, String) {

@@ -155,25 +155,14 @@ impl FakeApiServer {
 
     /// Writes a kubeconfig pointing at this server, for a child process (`tandem plugin
     /// --kubeconfig`, `tandem controller --kubeconfig`) to talk to it as it would to a cluster.
-    /// Over HTTPS the test CA goes beside it, as `<file name>.ca.pem`.
+    /// Over HTTPS the test CA goes beside it (see [`write_kubeconfig_for`]).
     pub fn write_kubeconfig(&self, path: &std::path::Path) -> std::io::Result<()> {
-        let mut cluster = serde_json::json!({ "server": self.url() });
-        if self.tls {
-            let mut name = path.file_name().unwrap_or_default().to_os_string();
-            name.push(".ca.pem");
-            let ca = path.with_file_name(name);
-            std::fs::write(&ca, TEST_CA_PEM)?;
-            cluster["certificate-authority"] = Value::String(ca.display().to_string());
-        }
-        let config = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{ "name": "fake", "cluster": cluster }],
-            "users": [{ "name": "fake", "user": {} }],
-            "contexts": [{ "name": "fake", "context": { "cluster": "fake", "user": "fake" } }],
-            "current-context": "fake",
-        });
-        std::fs::write(path, config.to_string())
+        write_kubeconfig_for(path, &self.url(), self.tls)
+    }
+
+    /// Where this server listens: `127.0.0.1:PORT`.
+    pub fn address(&self) -> SocketAddr {
+        self.addr
     }
 
     /// A kube client for this server (namespace `default`, no auth). Needs a tokio runtime.
@@ -576,6 +565,33 @@ fn route(
         shared.changes.send_replace(rv);
     }
     Ok(reply)
+}
+
+/// Writes a kubeconfig for `server` (no user credentials). With `trust_test_ca`, the test CA
+/// goes beside it, as `<file name>.ca.pem`, and the kubeconfig trusts it: for this fake over
+/// HTTPS, or anything serving its test certificate (a proxy in front of it, a stand-in).
+pub fn write_kubeconfig_for(
+    path: &std::path::Path,
+    server: &str,
+    trust_test_ca: bool,
+) -> std::io::Result<()> {
+    let mut cluster = serde_json::json!({ "server": server });
+    if trust_test_ca {
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".ca.pem");
+        let ca = path.with_file_name(name);
+        std::fs::write(&ca, TEST_CA_PEM)?;
+        cluster["certificate-authority"] = Value::String(ca.display().to_string());
+    }
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{ "name": "fake", "cluster": cluster }],
+        "users": [{ "name": "fake", "user": {} }],
+        "contexts": [{ "name": "fake", "context": { "cluster": "fake", "user": "fake" } }],
+        "current-context": "fake",
+    });
+    std::fs::write(path, config.to_string())
 }
 
 /// The test CA's certificate, DER, as `kube::Config::root_cert` takes it.
