@@ -642,6 +642,56 @@ async fn a_device_prepared_for_another_claim_is_refused() {
     assert_eq!(h.cdi_files().len(), 1);
 }
 
+/// Claims are planned outside the checkpoint's lock, in parallel, and entered under it: of
+/// claims that race for one device in parallel calls, exactly one gets it, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_racing_for_one_device_in_parallel_calls_get_it_once() {
+    let h = Arc::new(Harness::new().await);
+    let gpu = "gpu-0000-1b-00-0";
+    let mut claims = Vec::new();
+    for i in 0..8 {
+        let name = format!("rival-{i}");
+        claims.push(
+            h.claim(&name, Some(&[("gpus", DRIVER, gpu)]), json!([]))
+                .await,
+        );
+    }
+    for round in 0..20 {
+        let calls = claims.iter().map(|c| {
+            let h = h.clone();
+            let c = c.clone();
+            tokio::spawn(async move {
+                let result = h.prepare_one(&c).await;
+                (c, result)
+            })
+        });
+        let mut winners = Vec::new();
+        let mut refusals = Vec::new();
+        for joined in futures::future::join_all(calls).await {
+            match joined.unwrap() {
+                (claim, Ok(_)) => winners.push(claim),
+                (claim, Err(e)) => refusals.push((claim, e)),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?} {refusals:?}");
+        let winner = &winners[0];
+        for (claim, e) in &refusals {
+            assert!(matches!(e, PrepareError::DeviceInUse { .. }), "{e}");
+            assert!(e.to_string().contains(&winner.uid), "{e}");
+            assert!(!h.topology_path(claim).exists());
+        }
+        assert_eq!(
+            h.cdi_files(),
+            vec![format!("tandem.dev-claim_{}.json", winner.uid)]
+        );
+        let (cp, _) = checkpoint::load(&h.config.state_dir).unwrap();
+        assert_eq!(cp.claims.keys().collect::<Vec<_>>(), vec![&winner.uid]);
+
+        let results = h.preparer.unprepare(std::slice::from_ref(winner)).await;
+        assert!(results[&winner.uid].is_ok(), "{results:?}");
+    }
+}
+
 #[tokio::test]
 async fn malformed_opaque_config_names_the_field() {
     let h = Harness::new().await;

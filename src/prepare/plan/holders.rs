@@ -1,9 +1,10 @@
-//! Who already holds each device: the claims of the checkpoint, the claims planned earlier in
+//! Who already holds each device: the claims of the checkpoint, the claims entered earlier in
 //! the same call, and NICs whose netdev has not come back from an unprepared claim's pod.
 
 use crate::prepare::RecordedDevice;
+use crate::prepare::error::PrepareError;
 use std::collections::BTreeMap;
-use tandem_kubelet_plugin::claim::{AllocatedDevice, ClaimRef};
+use tandem_kubelet_plugin::claim::ClaimRef;
 
 /// Who already holds a device, from the checkpoint and from claims prepared earlier in the same
 /// call.
@@ -46,17 +47,36 @@ impl DeviceHolders {
         });
     }
 
-    /// Another claim whose hold on `device` excludes this allocation. Admin access coexists
-    /// with anything (it is for monitoring and repair); shares coexist with shares.
-    pub(super) fn conflicting(&self, claim_uid: &str, device: &AllocatedDevice) -> Option<&str> {
+    /// Refuses `claim` when another claim's hold on one of its planned `devices` excludes it,
+    /// naming the first such device and its holder. Admin access coexists with anything (it is
+    /// for monitoring and repair); shares coexist with shares.
+    pub fn refuse_conflicts(
+        &self,
+        claim: &ClaimRef,
+        devices: &[RecordedDevice],
+    ) -> Result<(), PrepareError> {
+        for d in devices {
+            if let Some(other) = self.conflicting(&claim.uid, d) {
+                return Err(PrepareError::DeviceInUse {
+                    claim: claim.to_string(),
+                    device: d.device.device_name.clone(),
+                    other: other.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Another claim whose hold on `device` excludes this claim's.
+    fn conflicting(&self, claim_uid: &str, device: &RecordedDevice) -> Option<&str> {
         self.holders
-            .get(&device.device)?
+            .get(&device.device.device_name)?
             .iter()
             .filter(|h| h.claim_uid != claim_uid)
             .find(|h| {
                 let compatible = device.admin_access
                     || h.admin_access
-                    || (device.share_id.is_some() && h.share_id);
+                    || (device.device.share_id.is_some() && h.share_id);
                 !compatible
             })
             .map(|h| h.claim.as_str())

@@ -1,10 +1,12 @@
 //! What preparing one claim means, computed without side effects: checks each allocated device
-//! against the inventory and the other prepared claims, pairs GPUs with NICs, and builds the
-//! CDI spec, environment and topology file. The preparer only writes what this returns.
+//! against the inventory, pairs GPUs with NICs, and builds the CDI spec, environment and
+//! topology file. The preparer only writes what this returns.
 //!
-//! [`plan_claim`] runs the steps in order; each concern has its own file: who holds a device
-//! (`holders`), pairing and the topology file (`topology`), the CDI edits of each device
-//! (`edits`), the claim-wide environment (`env_vars`) and the NIC moves (`netattach`).
+//! [`plan_claim`] runs the steps in order; each concern has its own file: pairing and the
+//! topology file (`topology`), the CDI edits of each device (`edits`), the claim-wide
+//! environment (`env_vars`) and the NIC moves (`netattach`). Whether another claim holds a
+//! planned device (`holders`) is checked apart, by the preparer under its checkpoint's memory
+//! lock, so that claims of different calls are planned in parallel.
 
 mod edits;
 mod env_vars;
@@ -69,9 +71,8 @@ pub fn plan_claim(
     ctx: &PlanContext<'_>,
     claim: &ClaimRef,
     allocation: &OurAllocation,
-    holders: &DeviceHolders,
 ) -> Result<ClaimPlan, PrepareError> {
-    let (accelerators, nics) = claim_devices(ctx.inventory, claim, allocation, holders)?;
+    let (accelerators, nics) = claim_devices(ctx.inventory, claim, allocation)?;
     let per_request = request_configs(ctx, claim, allocation)?;
     let flavour = env_vars::claim_flavour(claim, &per_request)?;
     let (pairing, shared_nics) =
@@ -119,13 +120,12 @@ pub fn plan_claim(
 }
 
 /// Finds each allocated device in the inventory and checks that it may be prepared: healthy
-/// (unless the allocation has admin access) and not held by another claim. Returns the
-/// accelerators and the NICs, each sorted by PCI address.
+/// (unless the allocation has admin access). Returns the accelerators and the NICs, each
+/// sorted by PCI address.
 fn claim_devices<'a>(
     inventory: &'a Inventory,
     claim: &ClaimRef,
     allocation: &'a OurAllocation,
-    holders: &DeviceHolders,
 ) -> Result<(Accelerators<'a>, Nics<'a>), PrepareError> {
     let mut accelerators: Accelerators<'a> = Vec::new();
     let mut nics: Nics<'a> = Vec::new();
@@ -144,13 +144,6 @@ fn claim_devices<'a>(
                 claim: claim.to_string(),
                 device: allocated.device.clone(),
                 issues: issues.join(", "),
-            });
-        }
-        if let Some(other) = holders.conflicting(&claim.uid, allocated) {
-            return Err(PrepareError::DeviceInUse {
-                claim: claim.to_string(),
-                device: allocated.device.clone(),
-                other: other.to_string(),
             });
         }
         match found {

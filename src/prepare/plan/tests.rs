@@ -53,7 +53,9 @@ fn plan(
         driver_root: None,
         nvidia_legacy_env: false,
     };
-    plan_claim(&ctx, &claim(uid), allocation, holders)
+    let plan = plan_claim(&ctx, &claim(uid), allocation)?;
+    holders.refuse_conflicts(&claim(uid), &plan.devices)?;
+    Ok(plan)
 }
 
 fn recorded(device: &AllocatedDevice) -> RecordedDevice {
@@ -200,7 +202,7 @@ fn plan_with_mover(
         driver_root: None,
         nvidia_legacy_env: false,
     };
-    plan_claim(&ctx, &claim("u"), allocation, &DeviceHolders::default())
+    plan_claim(&ctx, &claim("u"), allocation)
 }
 
 fn plan_with_hook(

@@ -1,7 +1,9 @@
-//! The prepare path of a call: every claim is sorted by its checkpoint entry and planned under
-//! the memory lock (so two calls never plan the same device), its files are written outside
-//! it, and the entries of all written claims are committed in one flush shared with the other
-//! calls in flight. [`Inner::prepare_claims`] runs these steps in order.
+//! The prepare path of a call: every claim is sorted by its checkpoint entry under the memory
+//! lock, planned outside it (in parallel with the claims of other calls), and entered under it
+//! again, where a device another claim took meanwhile refuses it (so two claims never hold the
+//! same device); its files are written outside the lock, and the entries of all written claims
+//! are committed in one flush shared with the other calls in flight. [`Inner::prepare_claims`]
+//! runs these steps in order.
 
 use super::{Fetched, Inner, PrepareResults, is_current};
 use crate::prepare::PreparedDevice;
@@ -90,17 +92,23 @@ pub(super) fn device_holders(cp: &Checkpoint) -> DeviceHolders {
 #[derive(Default)]
 struct Batch {
     answers: PrepareResults,
-    /// Devices held, by the checkpoint and by the claims planned so far in this call.
-    holders: DeviceHolders,
     /// Completed in this boot: answered from their entries.
     current: Vec<(ClaimRef, ClaimEntry)>,
     /// Entries of interrupted attempts, dropped from the checkpoint: their files go.
     stale: Vec<(ClaimRef, ClaimEntry)>,
+    /// To plan, each with its ResourceClaim (or why it has none).
+    to_plan: Vec<Fetched>,
     /// Planned and entered as PrepareStarted: their files are written next.
     planned: Vec<Planned>,
     /// The checkpoint changed besides the planned entries (stale entries dropped, pending
     /// releases done).
     dirty: bool,
+}
+
+/// A claim planned outside the lock, with the entry that will hold its devices.
+struct Unentered {
+    planned: Planned,
+    entry: ClaimEntry,
 }
 
 /// Claims whose files could not be written, with the reason.
@@ -110,10 +118,12 @@ impl Inner {
     pub(super) fn prepare_claims(&self, work: Vec<Fetched>, ticket: WillCommit) -> PrepareResults {
         let inventory = self.inventory.borrow().clone();
         let vendor = self.vendor_matches(&inventory);
-        // Plan under the memory lock (no I/O but the rare pending-release retry), so that two
-        // calls never plan the same device: a planned claim enters the checkpoint at once, as
-        // PrepareStarted, and holds its devices from then on.
-        let (batch, version) = self.plan_batch(work, &inventory, vendor.as_deref());
+        // Sort under the memory lock (no I/O but the rare pending-release retry); plan outside
+        // it; enter the plans under it again. A planned claim enters the checkpoint as
+        // PrepareStarted and holds its devices from then on.
+        let mut batch = self.sort_batch(work);
+        let plans = self.plan_sorted(&mut batch, &inventory, vendor.as_deref());
+        let version = self.enter_plans(&mut batch, plans);
         // A call with nothing to commit must not hold up the commits of others.
         let ticket = version.map(|_| ticket);
         let Batch {
@@ -148,82 +158,103 @@ impl Inner {
         answers
     }
 
-    /// Sorts and plans every claim of the call under the memory lock; returns the checkpoint
-    /// version to commit, if the call changed it.
-    fn plan_batch(
-        &self,
-        work: Vec<Fetched>,
-        inventory: &Inventory,
-        vendor: Option<&VendorMatches>,
-    ) -> (Batch, Option<u64>) {
+    /// Sorts every claim of the call by its checkpoint entry, under the memory lock: answered
+    /// from the entry, rolled back, refused, or to plan.
+    fn sort_batch(&self, work: Vec<Fetched>) -> Batch {
         let mut mem = self.store.mem();
         let cp = &mut mem.checkpoint;
         // A NIC whose netdev has not come back from an earlier pod cannot be attached
         // again; one more try now, and what stays is refused with the reason.
-        let dirty = self.retry_pending_releases(cp) > 0;
         let mut batch = Batch {
-            holders: device_holders(cp),
-            dirty,
+            dirty: self.retry_pending_releases(cp) > 0,
             ..Batch::default()
         };
         for (claim, fetched) in work {
-            self.sort_claim(cp, &mut batch, claim, fetched, inventory, vendor);
+            let uid = claim.uid.clone();
+            match reuse(cp.claims.get(&uid), &claim, &self.boot_id) {
+                Reuse::IdentityMismatch { recorded } => {
+                    let claim = claim.to_string();
+                    let error = PrepareError::ClaimIdentityMismatch { claim, recorded };
+                    batch.answers.insert(uid, Err(error));
+                }
+                Reuse::Current => {
+                    if let Some(entry) = cp.claims.get(&uid) {
+                        batch.current.push((claim, entry.clone()));
+                    }
+                }
+                Reuse::RollBack => {
+                    if let Some(entry) = cp.claims.remove(&uid) {
+                        batch.stale.push((claim.clone(), entry));
+                    }
+                    batch.dirty = true;
+                    batch.to_plan.push((claim, fetched));
+                }
+                Reuse::Plan => batch.to_plan.push((claim, fetched)),
+            }
+        }
+        batch
+    }
+
+    /// Plans the claims to plan, outside every lock but the claims' own (planning reads the
+    /// ResourceClaim, the inventory and the configuration, nothing else); answers those that
+    /// cannot be prepared, or hold nothing of ours.
+    fn plan_sorted(
+        &self,
+        batch: &mut Batch,
+        inventory: &Inventory,
+        vendor: Option<&VendorMatches>,
+    ) -> Vec<Unentered> {
+        let mut plans = Vec::new();
+        for (claim, fetched) in std::mem::take(&mut batch.to_plan) {
+            let uid = claim.uid.clone();
+            match self.plan_one(&claim, fetched, inventory, vendor) {
+                Err(e) => {
+                    tracing::warn!(claim = %claim, error = %e, "claim not prepared");
+                    batch.answers.insert(uid, Err(e));
+                }
+                Ok(plan) if plan.spec.is_none() => {
+                    // Nothing of ours in the claim: nothing to write or remember.
+                    batch.answers.insert(uid, Ok(Vec::new()));
+                }
+                Ok(plan) => {
+                    let entry = self.started_entry(&claim, &plan);
+                    plans.push(Unentered {
+                        planned: Planned { claim, plan },
+                        entry,
+                    });
+                }
+            }
+        }
+        plans
+    }
+
+    /// Enters the planned claims into the checkpoint as PrepareStarted, under the memory lock,
+    /// each unless a device of it is held by another claim: one of the checkpoint (entered by
+    /// another call meanwhile, or still waiting for its NIC to come back from a pod) or one
+    /// entered before it in this call. Returns the checkpoint version to commit, if the call
+    /// changed it.
+    fn enter_plans(&self, batch: &mut Batch, plans: Vec<Unentered>) -> Option<u64> {
+        if plans.is_empty() && !batch.dirty {
+            return None;
+        }
+        let mut mem = self.store.mem();
+        let cp = &mut mem.checkpoint;
+        let mut holders = device_holders(cp);
+        for Unentered { planned, entry } in plans {
+            let claim = &planned.claim;
+            if let Err(e) = holders.refuse_conflicts(claim, &planned.plan.devices) {
+                tracing::warn!(claim = %claim, error = %e, "claim not prepared");
+                batch.answers.insert(claim.uid.clone(), Err(e));
+                continue;
+            }
+            holders.add(claim, &planned.plan.devices);
+            cp.claims.insert(claim.uid.clone(), entry);
+            batch.planned.push(planned);
         }
         if !batch.planned.is_empty() {
             cp.boot_id = self.boot_id.clone();
         }
-        let version = (batch.dirty || !batch.planned.is_empty()).then(|| mem.changed());
-        (batch, version)
-    }
-
-    /// Sorts one claim by its checkpoint entry and, unless the entry answers it, plans it and
-    /// enters it as PrepareStarted.
-    fn sort_claim(
-        &self,
-        cp: &mut Checkpoint,
-        batch: &mut Batch,
-        claim: ClaimRef,
-        fetched: Option<Result<ResourceClaim, PrepareError>>,
-        inventory: &Inventory,
-        vendor: Option<&VendorMatches>,
-    ) {
-        let uid = claim.uid.clone();
-        match reuse(cp.claims.get(&uid), &claim, &self.boot_id) {
-            Reuse::IdentityMismatch { recorded } => {
-                let claim = claim.to_string();
-                let error = PrepareError::ClaimIdentityMismatch { claim, recorded };
-                batch.answers.insert(uid, Err(error));
-                return;
-            }
-            Reuse::Current => {
-                if let Some(entry) = cp.claims.get(&uid) {
-                    batch.current.push((claim, entry.clone()));
-                }
-                return;
-            }
-            Reuse::RollBack => {
-                if let Some(entry) = cp.claims.remove(&uid) {
-                    batch.stale.push((claim.clone(), entry));
-                }
-                batch.dirty = true;
-            }
-            Reuse::Plan => {}
-        }
-        match self.plan_one(&claim, fetched, inventory, vendor, &batch.holders) {
-            Err(e) => {
-                tracing::warn!(claim = %claim, error = %e, "claim not prepared");
-                batch.answers.insert(uid, Err(e));
-            }
-            Ok(plan) if plan.spec.is_none() => {
-                // Nothing of ours in the claim: nothing to write or remember.
-                batch.answers.insert(uid, Ok(Vec::new()));
-            }
-            Ok(plan) => {
-                batch.holders.add(&claim, &plan.devices);
-                cp.claims.insert(uid, self.started_entry(&claim, &plan));
-                batch.planned.push(Planned { claim, plan });
-            }
-        }
+        (batch.dirty || !batch.planned.is_empty()).then(|| mem.changed())
     }
 
     /// Plans a claim from its ResourceClaim. A claim that was not fetched (its entry was
@@ -234,7 +265,6 @@ impl Inner {
         fetched: Option<Result<ResourceClaim, PrepareError>>,
         inventory: &Inventory,
         vendor: Option<&VendorMatches>,
-        holders: &DeviceHolders,
     ) -> Result<ClaimPlan, PrepareError> {
         let resource = fetched.unwrap_or_else(|| {
             Err(PrepareError::Retry {
@@ -261,7 +291,7 @@ impl Inner {
         if let Some(vendor) = vendor {
             log_vendor_warnings(claim, &allocation, inventory, vendor);
         }
-        plan::plan_claim(&ctx, claim, &allocation, holders)
+        plan::plan_claim(&ctx, claim, &allocation)
     }
 
     /// The PrepareStarted entry of a planned claim: it owns the files about to be written.
