@@ -70,8 +70,17 @@ impl WillCommit {
     fn withdraw(&mut self) {
         if !self.done {
             self.done = true;
-            lock(&self.store.mem).coming -= 1;
-            self.store.arrived.notify_all();
+            let coming = {
+                let mut mem = lock(&self.store.mem);
+                mem.coming -= 1;
+                mem.coming
+            };
+            // A gathering commit waits for the count to fall to its own announcements, none
+            // or one (`commit_early`): waking it at every arrival of a burst would only put
+            // it back to sleep.
+            if coming <= 1 {
+                self.store.arrived.notify_all();
+            }
         }
     }
 }
