@@ -274,6 +274,26 @@ fn cpu_ms(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) * 10.0
 }
 
+/// Context switches of all the process's threads so far, voluntary (a thread waited: a futex,
+/// a socket, a flush) and not.
+fn context_switches(pid: u32) -> u64 {
+    let tasks = Path::new("/proc").join(pid.to_string()).join("task");
+    let Ok(entries) = std::fs::read_dir(tasks) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status"))
         .unwrap_or_default();
@@ -392,6 +412,8 @@ async fn small_claims(apiserver: &FakeApiServer, rounds: usize) {
     )
     .await;
     let claims = node.claims.clone();
+    let pid = node.child.id().expect("pid");
+    let switches_before = context_switches(pid);
     let (mut prep, mut unprep) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let claim = &claims[round % claims.len()];
@@ -405,9 +427,11 @@ async fn small_claims(apiserver: &FakeApiServer, rounds: usize) {
     println!("| prepare, one claim per call | sequential | {p50:.2} | {p99:.2} | {rounds} |");
     let (p50, p99) = percentiles(unprep);
     println!("| unprepare, one claim per call | sequential | {p50:.2} | {p99:.2} | {rounds} |");
-    let pid = node.child.id().expect("pid");
+    let sequential_switches = context_switches(pid) - switches_before;
     let cpu_before = (cpu_ms(pid), cpu_ms(std::process::id()));
+    let switches_before = context_switches(pid);
     let (prep, unprep, prep_rounds, unprep_rounds) = parallel_rounds(&node, rounds, 2).await;
+    let parallel_switches = context_switches(pid) - switches_before;
     let cpu_after = (cpu_ms(pid), cpu_ms(std::process::id()));
     let calls = prep.len();
     let (p50, p99) = percentiles(prep);
@@ -434,6 +458,13 @@ async fn small_claims(apiserver: &FakeApiServer, rounds: usize) {
         "| CPU per round of 8 parallel prepares + 8 unprepares: plugin / client + apiserver fake | ms | {:.2} / {:.2} | | {rounds} |",
         per_round(cpu_before.0, cpu_after.0),
         per_round(cpu_before.1, cpu_after.1)
+    );
+    // Each one a futex wait or a wait for I/O of some thread of the plugin, and its wake-up:
+    // on this VM a hand-off between threads costs more than most steps of a prepare.
+    println!(
+        "| plugin context switches per prepare + unprepare: sequential / 8 parallel calls | count | {:.1} / {:.1} | | {rounds} |",
+        sequential_switches as f64 / rounds as f64,
+        parallel_switches as f64 / (rounds * claims.len()) as f64
     );
     let (mut prep, mut unprep) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
