@@ -274,8 +274,18 @@ fn cpu_ms(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) * 10.0
 }
 
-/// Context switches of all the process's threads so far, voluntary (a thread waited: a futex,
-/// a socket, a flush) and not.
+/// The number after `name` in a `/proc/.../status` text, 0 when absent.
+fn status_field(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Context switches of the process's live threads so far, voluntary (a thread waited: a
+/// futex, a socket, a flush) and not. A thread that exits takes its count with it, so take
+/// differences with `saturating_sub`.
 fn context_switches(pid: u32) -> u64 {
     let tasks = Path::new("/proc").join(pid.to_string()).join("task");
     let Ok(entries) = std::fs::read_dir(tasks) else {
@@ -284,12 +294,9 @@ fn context_switches(pid: u32) -> u64 {
     entries
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .flat_map(|status| {
-            status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
+        .map(|status| {
+            status_field(&status, "voluntary_ctxt_switches:")
+                + status_field(&status, "nonvoluntary_ctxt_switches:")
         })
         .sum()
 }
@@ -297,14 +304,10 @@ fn context_switches(pid: u32) -> u64 {
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status"))
         .unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    (
+        status_field(&status, "VmRSS:"),
+        status_field(&status, "VmHWM:"),
+    )
 }
 
 #[tokio::main]
@@ -427,11 +430,11 @@ async fn small_claims(apiserver: &FakeApiServer, rounds: usize) {
     println!("| prepare, one claim per call | sequential | {p50:.2} | {p99:.2} | {rounds} |");
     let (p50, p99) = percentiles(unprep);
     println!("| unprepare, one claim per call | sequential | {p50:.2} | {p99:.2} | {rounds} |");
-    let sequential_switches = context_switches(pid) - switches_before;
+    let sequential_switches = context_switches(pid).saturating_sub(switches_before);
     let cpu_before = (cpu_ms(pid), cpu_ms(std::process::id()));
     let switches_before = context_switches(pid);
     let (prep, unprep, prep_rounds, unprep_rounds) = parallel_rounds(&node, rounds, 2).await;
-    let parallel_switches = context_switches(pid) - switches_before;
+    let parallel_switches = context_switches(pid).saturating_sub(switches_before);
     let cpu_after = (cpu_ms(pid), cpu_ms(std::process::id()));
     let calls = prep.len();
     let (p50, p99) = percentiles(prep);
