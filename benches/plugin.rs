@@ -640,6 +640,9 @@ async fn flushes(apiserver: &FakeApiServer) {
 
 /// `hack/footprint.sh`: the plugin's resident memory idle on dgx-h100 and after `cycles`
 /// prepare/unprepare rounds of one 8 GPU + 8 NIC claim.
+/// How long the footprint run leaves the plugin idle after its cycles before the last sample.
+const IDLE_AFTER_CYCLES: Duration = Duration::from_secs(15);
+
 async fn footprint(apiserver: &FakeApiServer, cycles: usize) {
     let mut node = start(
         apiserver,
@@ -663,13 +666,21 @@ async fn footprint(apiserver: &FakeApiServer, cycles: usize) {
             samples.push((cycle, rss_kib(pid).0, rss_parts(pid)));
         }
     }
-    let (_, hwm) = rss_kib(pid);
+    // Then idle again, past the blocking pool's keep-alive (10 s), as a node between bursts
+    // of pod starts: what the agent keeps of the work it did.
+    tokio::time::sleep(IDLE_AFTER_CYCLES).await;
+    let (idle_after, hwm) = rss_kib(pid);
+    let idle_after_parts = rss_parts(pid);
     println!("| plugin memory (dgx-h100) | KiB |");
     println!("|---|---:|");
     println!("| idle RSS after start | {idle_rss} |");
     for (cycle, rss, _) in &samples {
         println!("| RSS after {cycle} prepare/unprepare cycles | {rss} |");
     }
+    println!(
+        "| idle RSS {} s after the last cycle | {idle_after} |",
+        IDLE_AFTER_CYCLES.as_secs()
+    );
     println!("| peak RSS (VmHWM) | {hwm} |");
     println!();
     // Each part at each sample: a leak grows the anonymous part without end; the binary's
@@ -678,14 +689,14 @@ async fn footprint(apiserver: &FakeApiServer, cycles: usize) {
     for (cycle, _, _) in &samples {
         print!(" after {cycle} cycles |");
     }
-    println!();
-    println!("|---|---:|{}", "---:|".repeat(samples.len()));
+    println!(" idle after |");
+    println!("|---|---:|{}", "---:|".repeat(samples.len() + 1));
     for (i, (part, idle)) in idle_parts.into_iter().enumerate() {
         print!("| {part} | {idle} |");
         for (_, _, parts) in &samples {
             print!(" {} |", parts[i].1);
         }
-        println!();
+        println!(" {} |", idle_after_parts[i].1);
     }
     node.child.kill().await.ok();
 }
