@@ -9,7 +9,11 @@ WORKDIR /build
 # the loader otherwise reads at every start (13.7 MB binary instead of 15.2, about 1.4 MiB
 # less idle RSS; BENCHMARKS.md). hack/dockerfile-rustflags.sh reads this line for the builds
 # outside Docker (hack/build-image.sh, hack/footprint.sh, hack/hot-functions.sh).
-ENV RUSTFLAGS="-C link-arg=-Wl,-z,pack-relative-relocs"
+# glibc linked statically (a static-pie binary): no libc.so, libm.so, libgcc_s.so or ld.so to
+# map, so 1.3-1.7 MiB less RSS, idle and after work (BENCHMARKS.md); and the copy `hook
+# install` puts on the host runs whatever glibc the host has. With this flag cargo needs
+# --target (else it would apply to proc-macros too), so the binary is target/<host>/node/tandem.
+ENV RUSTFLAGS="-C link-arg=-Wl,-z,pack-relative-relocs -C target-feature=+crt-static"
 
 # Dependencies and the workspace's library crates (crates/: the kubelet-plugin crate with
 # its protos) first, against placeholder sources for the `tandem` package, so that a change
@@ -22,23 +26,26 @@ COPY .cargo ./.cargo
 COPY hack/link-hot-first.sh hack/hot-functions.txt ./hack/
 COPY crates ./crates
 COPY benches ./benches
-RUN mkdir -p src \
+RUN host=$(rustc --print host-tuple) \
+    && mkdir -p src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && cargo build --profile node --locked --no-default-features --bin tandem \
+    && cargo build --profile node --locked --no-default-features --bin tandem --target "$host" \
     && rm -rf src \
-        target/node/tandem target/node/.fingerprint/tandem-[0-9a-f]* \
-        target/node/deps/tandem-[0-9a-f]* target/node/deps/libtandem-[0-9a-f]*
+        target/"$host"/node/tandem target/"$host"/node/.fingerprint/tandem-[0-9a-f]* \
+        target/"$host"/node/deps/tandem-[0-9a-f]* target/"$host"/node/deps/libtandem-[0-9a-f]*
 
 # The placeholder fingerprints are gone above, so cargo rebuilds this crate from the real
 # sources whatever their timestamps.
 COPY src ./src
 # Without the default `demo` feature: no fixtures, no apiserver fake, no `demo` subcommand.
 # The `node` profile (Cargo.toml): release with whole-program LTO and one codegen unit.
-RUN cargo build --profile node --locked --no-default-features --bin tandem \
-    && install -m 0755 target/node/tandem /tandem
+RUN host=$(rustc --print host-tuple) \
+    && cargo build --profile node --locked --no-default-features --bin tandem --target "$host" \
+    && install -m 0755 target/"$host"/node/tandem /tandem
 
-# glibc + libgcc and nothing else: the binary links rustls, not OpenSSL.
+# The binary needs no library of the image (glibc is linked in; rustls, not OpenSSL); the base
+# gives CA certificates, zoneinfo and /etc/passwd with `nonroot`.
 # hack/build-image.sh builds the same image without a container engine (CI runs it) from
 # Debian bookworm packages. It reads this stage, ENTRYPOINT, USER and LABELs included, and
 # stops at an instruction it does not replicate: see docs/image.md before adding one.

@@ -215,12 +215,14 @@ mkdir -p "${WORK}"
 
 # 1. The binary.
 if [[ -z "${BINARY}" ]]; then
-  # The builder stage's RUSTFLAGS (packed relocations), so both builds link the same binary.
+  # The builder stage's RUSTFLAGS (packed relocations, glibc linked statically) and --target,
+  # so both builds link the same binary.
   NODE_RUSTFLAGS=$(bash "${REPO_ROOT}/hack/dockerfile-rustflags.sh" "${DOCKERFILE}")
-  log "RUSTFLAGS='${NODE_RUSTFLAGS}' cargo build --profile node --locked --no-default-features --bin tandem"
+  HOST=$(rustc --print host-tuple)
+  log "RUSTFLAGS='${NODE_RUSTFLAGS}' cargo build --profile node --locked --no-default-features --bin tandem --target ${HOST}"
   (cd "${REPO_ROOT}" && RUSTFLAGS="${NODE_RUSTFLAGS}" \
-    cargo build --profile node --locked --no-default-features --bin tandem)
-  BINARY="${REPO_ROOT}/target/node/tandem"
+    cargo build --profile node --locked --no-default-features --bin tandem --target "${HOST}")
+  BINARY="${REPO_ROOT}/target/${HOST}/node/tandem"
 fi
 [[ -f "${BINARY}" && -x "${BINARY}" ]] || die "binary ${BINARY} missing or not executable"
 log "binary ${BINARY} ($(du -h "${BINARY}" | cut -f1))"
@@ -407,18 +409,24 @@ PY
   [[ -f "${bin}" && -x "${bin}" ]] || die "${BINARY_PATH} missing or not executable in the image"
   [[ "$(sha256sum < "${bin}")" == "$(sha256sum < "${BINARY}")" ]] || die "${BINARY_PATH} differs from ${BINARY}"
 
-  # Every library the binary links, and its loader, come from the image itself.
+  # Every library the binary links, and its loader, come from the image itself. The node
+  # build (the Dockerfile's RUSTFLAGS) is a static-pie with neither; a debug build (CI) has both.
   interp=$(readelf -lW "${bin}" | sed -n 's/.*Requesting program interpreter: \(.*\)]$/\1/p')
-  # Follow the loader's symlinks inside the image (/lib64/ld-linux-x86-64.so.2 is an absolute
-  # link), not on the host.
-  loader="${interp}"
-  for _ in 1 2 3 4 5 6 7 8; do
-    [[ -L "${root}${loader}" ]] || break
-    target=$(readlink "${root}${loader}")
-    if [[ "${target}" == /* ]]; then loader="${target}"; else loader="$(dirname "${loader}")/${target}"; fi
-  done
-  [[ -f "${root}${loader}" && ! -L "${root}${loader}" ]] || die "the loader ${interp} is not in the image"
   mapfile -t needed < <(objdump -p "${bin}" | awk '$1 == "NEEDED" {print $2}')
+  loader=""
+  if [[ -n "${interp}" ]]; then
+    # Follow the loader's symlinks inside the image (/lib64/ld-linux-x86-64.so.2 is an
+    # absolute link), not on the host.
+    loader="${interp}"
+    for _ in 1 2 3 4 5 6 7 8; do
+      [[ -L "${root}${loader}" ]] || break
+      target=$(readlink "${root}${loader}")
+      if [[ "${target}" == /* ]]; then loader="${target}"; else loader="$(dirname "${loader}")/${target}"; fi
+    done
+    [[ -f "${root}${loader}" && ! -L "${root}${loader}" ]] || die "the loader ${interp} is not in the image"
+  elif [[ ${#needed[@]} -gt 0 ]]; then
+    die "the binary needs ${needed[*]} but names no loader"
+  fi
   for lib in "${needed[@]}"; do
     found=false
     for dir in "lib/${MULTIARCH}" "usr/lib/${MULTIARCH}" lib usr/lib; do
@@ -426,7 +434,11 @@ PY
     done
     [[ "${found}" == true ]] || die "the binary needs ${lib}, which no package in LIBRARY_PACKAGES provides"
   done
-  echo "   libraries: ${interp} ${needed[*]} (all from the image)"
+  if [[ -n "${interp}" ]]; then
+    echo "   libraries: ${interp} ${needed[*]} (all from the image)"
+  else
+    echo "   libraries: none (statically linked)"
+  fi
 
   user_spec="${USER_SPEC}"; [[ "${user_spec}" == *:* ]] || user_spec="${user_spec}:${user_spec}"
   # The hook binary the DaemonSet's init container installs: it runs this image's entrypoint
@@ -456,8 +468,12 @@ PY
     run_in_image 0:0 "${BINARY_PATH}" hook install --to "${hook_to}" > "${WORK}/hook.log" 2>&1 \
       || { cat "${WORK}/hook.log" >&2; die "hook install failed in the image"; }
   else
-    version=$(env -i "${root}${loader}" --inhibit-cache --library-path \
-      "${root}/lib/${MULTIARCH}:${root}/usr/lib/${MULTIARCH}" "${bin}" version)
+    if [[ -z "${loader}" ]]; then
+      version=$(env -i "${bin}" version)
+    else
+      version=$(env -i "${root}${loader}" --inhibit-cache --library-path \
+        "${root}/lib/${MULTIARCH}:${root}/usr/lib/${MULTIARCH}" "${bin}" version)
+    fi
     hook_dest="${WORK}/hook-root${hook_to}"
     "${bin}" hook install --to "${hook_dest}" > "${WORK}/hook.log" 2>&1 \
       || { cat "${WORK}/hook.log" >&2; die "hook install failed"; }

@@ -17,9 +17,11 @@ if ! command -v valgrind >/dev/null 2>&1; then
 fi
 rustflags=$(bash hack/dockerfile-rustflags.sh)
 target=target/hot-functions
+# --target as the Dockerfile passes it (see hack/footprint.sh).
+host=$(rustc --print host-tuple)
 RUSTFLAGS="$rustflags" CARGO_PROFILE_NODE_STRIP=false \
-  cargo build --quiet --bin tandem --target-dir "$target" --profile node --no-default-features
-binary="$(pwd)/$target/node/tandem"
+  cargo build --quiet --bin tandem --target-dir "$target" --profile node --no-default-features --target "$host"
+binary="$(pwd)/$target/$host/node/tandem"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
