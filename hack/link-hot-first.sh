@@ -66,6 +66,7 @@ nm --defined-only "${objects[@]}" 2>/dev/null | awk -v list="${list}" "${unhashe
       if (line == "" || line ~ /^#/) continue
       wanted++
       rank[line] = wanted
+      name[wanted] = line
     }
   }
   NF == 3 && $2 ~ /^[tTwW]$/ {
@@ -77,7 +78,13 @@ nm --defined-only "${objects[@]}" 2>/dev/null | awk -v list="${list}" "${unhashe
   }
   END {
     printf "# %d of %d hot functions found in this link\n", hits, wanted
-    for (i = 1; i <= wanted; i++) if (i in symbols) printf "%s", symbols[i]
+    # A plain C name (no Rust mangling, so nothing was stripped from it) not in the objects may
+    # still come from a library given as -l (glibc, when linked statically): lld orders it
+    # under that name if it is there and ignores it if not.
+    for (i = 1; i <= wanted; i++) {
+      if (i in symbols) printf "%s", symbols[i]
+      else if (name[i] !~ /^_(ZN|R)/) print name[i]
+    }
   }
 ' >"${order}" || {
   echo "link-hot-first: could not read the symbols of ${output##*/}; linking without order" >&2

@@ -155,6 +155,79 @@ fn the_node_binary_is_linked_with_the_listed_functions_first() {
 }
 
 #[test]
+fn listed_functions_of_a_library_given_as_l_come_first_too() {
+    let Some(gcc_ld) = tools_or_skip("listed_functions_of_a_library_given_as_l_come_first_too")
+    else {
+        return;
+    };
+    // As glibc in the static node build: the library is `-lc`, not a path on the link line,
+    // so the script cannot read its symbols; a plain C name of the list goes to lld as it is.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cc = |source: &str, name: &str| {
+        let path = dir.path().join(format!("{name}.c"));
+        std::fs::write(&path, source).expect("write source");
+        let object = dir.path().join(format!("{name}.o"));
+        let status = Command::new("cc")
+            .args(["-c", "-O0", "-ffunction-sections", "-fPIE", "-o"])
+            .arg(&object)
+            .arg(&path)
+            .status()
+            .expect("cc");
+        assert!(status.success(), "cc -c {name}.c failed");
+        object
+    };
+    let main = cc(
+        "void from_library(void);\nvoid local(void) { __asm__ volatile(\"nop\"); }\n\
+         int main(void) { local(); from_library(); return 0; }\n",
+        "main",
+    );
+    let member = cc(
+        "void from_library(void) { __asm__ volatile(\"nop; nop\"); }\n",
+        "member",
+    );
+    let archive = dir.path().join("libextra.a");
+    let status = Command::new("ar")
+        .arg("rcs")
+        .arg(&archive)
+        .arg(&member)
+        .status()
+        .expect("ar");
+    assert!(status.success(), "ar failed");
+    let list = dir.path().join("hot-functions.txt");
+    std::fs::write(&list, "from_library\n_ZN4demo4goneE\n").expect("list");
+    let output = dir.path().join("target/node/deps/tandem-0123");
+    std::fs::create_dir_all(output.parent().expect("parent")).expect("mkdir");
+    let linked = Command::new("bash")
+        .arg(script())
+        .arg("-fuse-ld=lld")
+        .arg(format!("-B{}", gcc_ld.display()))
+        .arg("-pie")
+        .arg(&main)
+        .arg(format!("-L{}", dir.path().display()))
+        .arg("-lextra")
+        .arg("-o")
+        .arg(&output)
+        .env("TANDEM_HOT_FUNCTIONS", &list)
+        .output()
+        .expect("run hack/link-hot-first.sh");
+    assert!(
+        linked.status.success(),
+        "link failed: {}",
+        String::from_utf8_lossy(&linked.stderr)
+    );
+    // Unlisted, `local` would come first: its object is before the library on the link line.
+    assert_eq!(
+        in_address_order(&output, &["from_library", "local"]),
+        ["from_library", "local"]
+    );
+    let order = std::fs::read_to_string(output.with_extension("hot-order")).expect("order file");
+    assert_eq!(
+        order, "# 0 of 2 hot functions found in this link\nfrom_library\n",
+        "a mangled name not found stays out"
+    );
+}
+
+#[test]
 fn other_links_go_through_unchanged() {
     let Some(gcc_ld) = tools_or_skip("other_links_go_through_unchanged") else {
         return;
