@@ -10,7 +10,7 @@ WORKDIR /build
 # less idle RSS; BENCHMARKS.md). hack/dockerfile-rustflags.sh reads this line for the builds
 # outside Docker (hack/build-image.sh, hack/footprint.sh, hack/hot-functions.sh).
 # glibc linked statically (a static-pie binary): no libc.so, libm.so, libgcc_s.so or ld.so to
-# map, so 1.3-1.7 MiB less RSS, idle and after work (BENCHMARKS.md); and the copy `hook
+# map, so 1.2-1.9 MiB less RSS, idle and after work (BENCHMARKS.md); and the copy `hook
 # install` puts on the host runs whatever glibc the host has. With this flag cargo needs
 # --target (else it would apply to proc-macros too), so the binary is target/<host>/node/tandem.
 ENV RUSTFLAGS="-C link-arg=-Wl,-z,pack-relative-relocs -C target-feature=+crt-static"
