@@ -638,11 +638,11 @@ async fn flushes(apiserver: &FakeApiServer) {
     );
 }
 
-/// `hack/footprint.sh`: the plugin's resident memory idle on dgx-h100 and after `cycles`
-/// prepare/unprepare rounds of one 8 GPU + 8 NIC claim.
 /// How long the footprint run leaves the plugin idle after its cycles before the last sample.
 const IDLE_AFTER_CYCLES: Duration = Duration::from_secs(15);
 
+/// `hack/footprint.sh`: the plugin's resident memory idle on dgx-h100, after `cycles`
+/// prepare/unprepare rounds of one 8 GPU + 8 NIC claim, and idle again after them.
 async fn footprint(apiserver: &FakeApiServer, cycles: usize) {
     let mut node = start(
         apiserver,

@@ -43,9 +43,9 @@ fn tools_or_skip(test: &str) -> Option<PathBuf> {
 /// Three functions, two under Rust-mangled names with hashes, in their own sections (as rustc
 /// emits them), compiled to an object in `dir`.
 fn object(dir: &Path) -> PathBuf {
-    let source = dir.join("functions.c");
-    std::fs::write(
-        &source,
+    compile(
+        dir,
+        "functions",
         r#"
 void cold(void) __asm__("_ZN4demo4cold17h00000000000000aaE");
 void cold(void) { __asm__ volatile("nop"); }
@@ -55,20 +55,37 @@ void hot(void) { __asm__ volatile("nop; nop; nop"); }
 int main(void) { cold(); warm(); hot(); return 0; }
 "#,
     )
-    .expect("write source");
-    let object = dir.join("functions.o");
+}
+
+/// `source` compiled to `<dir>/<name>.o`, each function in its own section (as rustc emits
+/// them).
+fn compile(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.c"));
+    std::fs::write(&path, source).expect("write source");
+    let object = dir.join(format!("{name}.o"));
     let status = Command::new("cc")
         .args(["-c", "-O0", "-ffunction-sections", "-fPIE", "-o"])
         .arg(&object)
-        .arg(&source)
+        .arg(&path)
         .status()
         .expect("cc");
-    assert!(status.success(), "cc -c failed");
+    assert!(status.success(), "cc -c {name}.c failed");
     object
 }
 
 /// Links `object` to `output` through the script with `list` as its hot functions.
 fn link(gcc_ld: &Path, object: &Path, output: &Path, list: &Path) -> std::process::Output {
+    link_with(gcc_ld, object, &[], output, list)
+}
+
+/// As [`link`], with `libraries` (`-L`/`-l` arguments) after the object on the link line.
+fn link_with(
+    gcc_ld: &Path,
+    object: &Path,
+    libraries: &[String],
+    output: &Path,
+    list: &Path,
+) -> std::process::Output {
     std::fs::create_dir_all(output.parent().expect("parent")).expect("mkdir");
     Command::new("bash")
         .arg(script())
@@ -76,6 +93,7 @@ fn link(gcc_ld: &Path, object: &Path, output: &Path, list: &Path) -> std::proces
         .arg(format!("-B{}", gcc_ld.display()))
         .arg("-pie")
         .arg(object)
+        .args(libraries)
         .arg("-o")
         .arg(output)
         .env("TANDEM_HOT_FUNCTIONS", list)
@@ -163,27 +181,16 @@ fn listed_functions_of_a_library_given_as_l_come_first_too() {
     // As glibc in the static node build: the library is `-lc`, not a path on the link line,
     // so the script cannot read its symbols; a plain C name of the list goes to lld as it is.
     let dir = tempfile::tempdir().expect("tempdir");
-    let cc = |source: &str, name: &str| {
-        let path = dir.path().join(format!("{name}.c"));
-        std::fs::write(&path, source).expect("write source");
-        let object = dir.path().join(format!("{name}.o"));
-        let status = Command::new("cc")
-            .args(["-c", "-O0", "-ffunction-sections", "-fPIE", "-o"])
-            .arg(&object)
-            .arg(&path)
-            .status()
-            .expect("cc");
-        assert!(status.success(), "cc -c {name}.c failed");
-        object
-    };
-    let main = cc(
+    let main = compile(
+        dir.path(),
+        "main",
         "void from_library(void);\nvoid local(void) { __asm__ volatile(\"nop\"); }\n\
          int main(void) { local(); from_library(); return 0; }\n",
-        "main",
     );
-    let member = cc(
-        "void from_library(void) { __asm__ volatile(\"nop; nop\"); }\n",
+    let member = compile(
+        dir.path(),
         "member",
+        "void from_library(void) { __asm__ volatile(\"nop; nop\"); }\n",
     );
     let archive = dir.path().join("libextra.a");
     let status = Command::new("ar")
@@ -196,20 +203,8 @@ fn listed_functions_of_a_library_given_as_l_come_first_too() {
     let list = dir.path().join("hot-functions.txt");
     std::fs::write(&list, "from_library\n_ZN4demo4goneE\n").expect("list");
     let output = dir.path().join("target/node/deps/tandem-0123");
-    std::fs::create_dir_all(output.parent().expect("parent")).expect("mkdir");
-    let linked = Command::new("bash")
-        .arg(script())
-        .arg("-fuse-ld=lld")
-        .arg(format!("-B{}", gcc_ld.display()))
-        .arg("-pie")
-        .arg(&main)
-        .arg(format!("-L{}", dir.path().display()))
-        .arg("-lextra")
-        .arg("-o")
-        .arg(&output)
-        .env("TANDEM_HOT_FUNCTIONS", &list)
-        .output()
-        .expect("run hack/link-hot-first.sh");
+    let libraries = [format!("-L{}", dir.path().display()), "-lextra".to_string()];
+    let linked = link_with(&gcc_ld, &main, &libraries, &output, &list);
     assert!(
         linked.status.success(),
         "link failed: {}",
